@@ -1,0 +1,332 @@
+// Typed run configuration: the seed's YAML layout (MindFormers `configs/blip2/*.yaml`) parsed
+// into structs with commented defaults, plus the presets registry (the support list).
+//
+// Every struct lists its fields once, in `visit`, which both the strict YAML reader (unknown
+// keys and wrong types are errors naming the file and key path) and the writer use.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace blip2 {
+
+// EVA ViT-g/14 as BLIP-2 uses it (39 of EVA-CLIP-g's 40 blocks, no final norm).
+struct VisionConfig {
+  std::string type = "ViTConfig";
+  int64_t image_size = 224;            // input side in pixels (364 for COCO-finetuned weights)
+  int64_t patch_size = 14;             // 224/14 = 16x16 patches + CLS = 257 tokens
+  int64_t num_channels = 3;
+  int64_t hidden_size = 1408;
+  int64_t num_hidden_layers = 39;
+  int64_t num_attention_heads = 16;    // head dim 88
+  int64_t intermediate_size = 6144;    // int(1408 * 4.3637)
+  double layer_norm_eps = 1e-6;        // inside the ViT
+  double post_layernorm_eps = 1e-5;    // ln_vision: LAVIS uses nn.LayerNorm's default (HF: 1e-6)
+  std::string hidden_act = "gelu";     // exact (erf) GELU
+  double initializer_range = 0.02;
+  std::string checkpoint_name_or_path; // ViT weights on their own (eva_vit_g.pth); "" = none
+
+  template <class V> void visit(V& v) {
+    v("type", type); v("image_size", image_size); v("patch_size", patch_size);
+    v("num_channels", num_channels); v("hidden_size", hidden_size);
+    v("num_hidden_layers", num_hidden_layers); v("num_attention_heads", num_attention_heads);
+    v("intermediate_size", intermediate_size); v("layer_norm_eps", layer_norm_eps);
+    v("post_layernorm_eps", post_layernorm_eps); v("hidden_act", hidden_act);
+    v("initializer_range", initializer_range);
+    v("checkpoint_name_or_path", checkpoint_name_or_path);
+  }
+  int64_t num_patches() const { return (image_size / patch_size) * (image_size / patch_size); }
+};
+
+// The Querying Transformer: BERT-base with cross-attention every `cross_attention_freq` layers.
+struct QFormerConfig {
+  std::string type = "QFormerConfig";
+  int64_t num_hidden_layers = 12;
+  int64_t num_attention_heads = 12;
+  int64_t hidden_size = 768;
+  int64_t intermediate_size = 3072;
+  int64_t query_length = 32;           // number of learned queries
+  int64_t cross_attention_freq = 2;    // cross-attention in layers 0, 2, 4, ...
+  int64_t encoder_width = 0;           // image feature width; 0 = vision_config.hidden_size
+  int64_t vocab_size = 30522;          // tokenizer vocabulary before the added [DEC]
+  int64_t special_token_nums = 1;      // tokens appended to the vocabulary ([DEC])
+  bool resize_token_embeddings = true; // embeddings sized vocab_size + special_token_nums
+  int64_t bos_token_id = 30522;        // [DEC]
+  int64_t sep_token_id = 102;          // [SEP], also EOS when generating
+  int64_t pad_token_id = 0;
+  int64_t max_position_embeddings = 512;
+  double layer_norm_eps = 1e-12;
+  double hidden_dropout_prob = 0.1;
+  double attention_probs_dropout_prob = 0.1;
+  std::string hidden_act = "gelu";     // exact GELU (MindFormers' tanh GELU is a known bug)
+  double initializer_range = 0.02;
+  int64_t head_embed_dim = 256;        // ITC projection size
+  std::string checkpoint_name_or_path; // BERT initialisation; "" = random
+
+  template <class V> void visit(V& v) {
+    v("type", type); v("num_hidden_layers", num_hidden_layers);
+    v("num_attention_heads", num_attention_heads); v("hidden_size", hidden_size);
+    v("intermediate_size", intermediate_size); v("query_length", query_length);
+    v("cross_attention_freq", cross_attention_freq); v("encoder_width", encoder_width);
+    v("vocab_size", vocab_size); v("special_token_nums", special_token_nums);
+    v("resize_token_embeddings", resize_token_embeddings); v("bos_token_id", bos_token_id);
+    v("sep_token_id", sep_token_id); v("pad_token_id", pad_token_id);
+    v("max_position_embeddings", max_position_embeddings); v("layer_norm_eps", layer_norm_eps);
+    v("hidden_dropout_prob", hidden_dropout_prob);
+    v("attention_probs_dropout_prob", attention_probs_dropout_prob);
+    v("hidden_act", hidden_act); v("initializer_range", initializer_range);
+    v("head_embed_dim", head_embed_dim);
+    v("checkpoint_name_or_path", checkpoint_name_or_path);
+  }
+  int64_t embedding_vocab_size() const {
+    return vocab_size + (resize_token_embeddings ? special_token_nums : 0);
+  }
+};
+
+// The frozen decoder LLM of stage 2 (LlamaConfig in the seed).
+struct TextConfig {
+  std::string type = "LlamaConfig";
+  int64_t seq_length = 64;             // must equal query_length + max_txt_len
+  int64_t hidden_size = 4096;
+  int64_t num_layers = 32;
+  int64_t num_heads = 32;
+  int64_t vocab_size = 32000;
+  double rms_norm_eps = 1e-6;
+  int64_t bos_token_id = 1;
+  int64_t eos_token_id = 2;
+  int64_t pad_token_id = 0;
+  std::string checkpoint_name_or_path;
+
+  template <class V> void visit(V& v) {
+    v("type", type); v("seq_length", seq_length); v("hidden_size", hidden_size);
+    v("num_layers", num_layers); v("num_heads", num_heads); v("vocab_size", vocab_size);
+    v("rms_norm_eps", rms_norm_eps); v("bos_token_id", bos_token_id);
+    v("eos_token_id", eos_token_id); v("pad_token_id", pad_token_id);
+    v("checkpoint_name_or_path", checkpoint_name_or_path);
+  }
+};
+
+// model.model_config (Blip2Config in the seed).
+struct Blip2Config {
+  std::string type = "Blip2Config";
+  int64_t max_txt_len = 32;            // text tokens per caption, [CLS] and [SEP] included
+  std::string checkpoint_name_or_path; // whole-model weights; "" = random init
+  bool prompt = false;                 // stage 2: a fixed prompt precedes the caption
+  int64_t prompt_length = 0;           // its token count
+  bool freeze_vision = true;           // ViT frozen: no grad, eval mode
+  bool freeze_text = true;             // stage-2 LLM frozen
+  double temperature = 0.07;           // initial ITC temperature (learnable `temp`)
+  VisionConfig vision_config;
+  QFormerConfig qformer_config;
+  std::optional<TextConfig> text_config;  // stage 2 only
+
+  template <class V> void visit(V& v) {
+    v("type", type); v("max_txt_len", max_txt_len);
+    v("checkpoint_name_or_path", checkpoint_name_or_path); v("prompt", prompt);
+    v("prompt_length", prompt_length); v("freeze_vision", freeze_vision);
+    v("freeze_text", freeze_text); v("temperature", temperature);
+    v("vision_config", vision_config); v("qformer_config", qformer_config);
+    v("text_config", text_config);
+  }
+  int64_t encoder_width() const {
+    return qformer_config.encoder_width > 0 ? qformer_config.encoder_width
+                                            : vision_config.hidden_size;
+  }
+};
+
+struct ArchConfig {
+  std::string type = "Blip2Qformer";
+  template <class V> void visit(V& v) { v("type", type); }
+};
+
+struct ModelSection {
+  Blip2Config model_config;
+  ArchConfig arch;
+  template <class V> void visit(V& v) { v("model_config", model_config); v("arch", arch); }
+};
+
+struct DataLoaderConfig {
+  std::string type = "SyntheticShapes";  // or MultiImgCapDataLoader
+  std::string dataset_dir;               // root of annotation_files / image_dirs
+  std::vector<std::string> annotation_files;
+  std::vector<std::string> image_dirs;
+  std::string stage = "train";           // train | eval (synthetic: train | heldout)
+  bool shuffle = true;
+  int64_t num_samples = 0;               // synthetic: images in the split (0 = its default)
+
+  template <class V> void visit(V& v) {
+    v("type", type); v("dataset_dir", dataset_dir); v("annotation_files", annotation_files);
+    v("image_dirs", image_dirs); v("stage", stage); v("shuffle", shuffle);
+    v("num_samples", num_samples);
+  }
+};
+
+// CaptionTransform: LAVIS' caption cleaning, then tokenisation.
+struct TextTransformConfig {
+  std::string type = "CaptionTransform";
+  std::string prompt;                  // prepended after cleaning
+  int64_t max_words = 50;
+  int64_t max_length = 32;             // tokens, padded and truncated to this
+  std::string padding = "max_length";
+  template <class V> void visit(V& v) {
+    v("type", type); v("prompt", prompt); v("max_words", max_words);
+    v("max_length", max_length); v("padding", padding);
+  }
+};
+
+struct TokenizerConfig {
+  std::string type = "BertTokenizer";
+  int64_t max_length = 32;
+  std::string vocab_file;              // "" = the built-in synthetic vocabulary
+  std::string pad_token = "[PAD]";
+  std::string bos_token = "[DEC]";
+  bool do_lower_case = true;
+  template <class V> void visit(V& v) {
+    v("type", type); v("max_length", max_length); v("vocab_file", vocab_file);
+    v("pad_token", pad_token); v("bos_token", bos_token); v("do_lower_case", do_lower_case);
+  }
+};
+
+struct DatasetConfig {
+  DataLoaderConfig data_loader;
+  TextTransformConfig text_transforms;
+  TokenizerConfig tokenizer;
+  int64_t batch_size = 0;              // 0 = runner_config.batch_size
+  bool drop_remainder = true;
+  int64_t num_parallel_workers = 2;
+  template <class V> void visit(V& v) {
+    v("data_loader", data_loader); v("text_transforms", text_transforms);
+    v("tokenizer", tokenizer); v("batch_size", batch_size);
+    v("drop_remainder", drop_remainder); v("num_parallel_workers", num_parallel_workers);
+  }
+};
+
+struct RunnerConfig {
+  int64_t epochs = 10;
+  int64_t batch_size = 80;             // per card
+  int64_t log_interval = 10;           // steps between log lines (non-terminal output)
+  int64_t save_steps = 0;              // checkpoint every N steps; 0 = at each epoch end
+  int64_t max_steps = -1;              // stop after this many steps (schedule unchanged); -1 = all
+  double max_grad_norm = 0.0;          // gradient clipping; 0 = off
+  bool bf16_autocast = false;          // CUDA only: Q-Former in fp32 under bf16 autocast
+  bool save_frozen_weights = true;     // include the frozen ViT in checkpoints
+  template <class V> void visit(V& v) {
+    v("epochs", epochs); v("batch_size", batch_size); v("log_interval", log_interval);
+    v("save_steps", save_steps); v("max_steps", max_steps); v("max_grad_norm", max_grad_norm);
+    v("bf16_autocast", bf16_autocast); v("save_frozen_weights", save_frozen_weights);
+  }
+};
+
+struct OptimizerConfig {
+  std::string type = "adamw";
+  std::vector<double> betas{0.9, 0.98};
+  double eps = 1e-8;
+  double weight_decay = 0.05;          // not applied to biases and 1-D (norm) parameters
+  template <class V> void visit(V& v) {
+    v("type", type); v("betas", betas); v("eps", eps); v("weight_decay", weight_decay);
+  }
+};
+
+// Linear warmup from warmup_lr_init to learning_rate, then cosine down to lr_end.
+struct LrScheduleConfig {
+  std::string type = "cosine";
+  double learning_rate = 1e-4;
+  double lr_end = 1e-5;
+  double warmup_lr_init = 1e-6;
+  int64_t warmup_steps = 5000;
+  int64_t total_steps = -1;            // -1 = epochs x steps per epoch
+  template <class V> void visit(V& v) {
+    v("type", type); v("learning_rate", learning_rate); v("lr_end", lr_end);
+    v("warmup_lr_init", warmup_lr_init); v("warmup_steps", warmup_steps);
+    v("total_steps", total_steps);
+  }
+};
+
+struct ParallelConfig {
+  int64_t data_parallel = 1;
+  int64_t model_parallel = 1;
+  int64_t pipeline_stage = 1;
+  template <class V> void visit(V& v) {
+    v("data_parallel", data_parallel); v("model_parallel", model_parallel);
+    v("pipeline_stage", pipeline_stage);
+  }
+};
+
+struct ImageProcessorConfig {
+  std::string type = "Blip2ImageProcessor";
+  int64_t image_size = 224;
+  template <class V> void visit(V& v) { v("type", type); v("image_size", image_size); }
+};
+
+struct ProcessorConfig {
+  std::string type = "Blip2Processor";
+  ImageProcessorConfig image_processor;
+  TokenizerConfig tokenizer;
+  template <class V> void visit(V& v) {
+    v("type", type); v("image_processor", image_processor); v("tokenizer", tokenizer);
+  }
+};
+
+struct TrainerSection {
+  std::string type = "contrastive_language_image_pretrain";  // the task
+  std::string model_name = "tiny";     // a preset from the support list
+  template <class V> void visit(V& v) { v("type", type); v("model_name", model_name); }
+};
+
+// The whole file.
+struct RunConfig {
+  int64_t seed = 42;
+  std::string run_mode = "train";      // train | eval | predict
+  std::string output_dir = "./output";
+  std::string device_target = "cpu";   // cpu | cuda
+  std::string load_checkpoint;         // checkpoint directory or file; "" = none
+  bool resume_training = false;        // continue optimizer state, step and data position
+  bool use_parallel = false;
+  TrainerSection trainer;
+  RunnerConfig runner_config;
+  OptimizerConfig optimizer;
+  LrScheduleConfig lr_schedule;
+  DatasetConfig train_dataset;
+  DatasetConfig eval_dataset;
+  ModelSection model;
+  ProcessorConfig processor;
+  ParallelConfig parallel_config;
+
+  template <class V> void visit(V& v) {
+    v("seed", seed); v("run_mode", run_mode); v("output_dir", output_dir);
+    v("device_target", device_target); v("load_checkpoint", load_checkpoint);
+    v("resume_training", resume_training); v("use_parallel", use_parallel);
+    v("trainer", trainer); v("runner_config", runner_config); v("optimizer", optimizer);
+    v("lr_schedule", lr_schedule); v("train_dataset", train_dataset);
+    v("eval_dataset", eval_dataset); v("model", model); v("processor", processor);
+    v("parallel_config", parallel_config);
+  }
+};
+
+// Parses YAML text; `source` names the file in error messages. The model section starts from
+// the preset named by trainer.model_name (when it names one) and the file overrides its fields.
+RunConfig parse_run_config(const std::string& yaml_text, const std::string& source);
+RunConfig load_run_config(const std::string& path);
+// Checks cross-field constraints; errors name `source` and the key path.
+void validate(const RunConfig& cfg, const std::string& source);
+std::string to_yaml(const RunConfig& cfg);
+std::string to_yaml(const Blip2Config& cfg);
+Blip2Config parse_model_config(const std::string& yaml_text, const std::string& source);
+
+// The embedded default: configs/blip2/tiny_pretrain_stage_1.yaml compiled into the binary.
+const std::string& embedded_tiny_config();
+
+// ---- presets: the support list ----
+struct Preset {
+  std::string name;
+  std::string task;
+  std::string description;
+  Blip2Config config;
+};
+const std::vector<Preset>& presets();
+const Preset* find_preset(const std::string& name);  // nullptr if unknown
+std::vector<std::string> support_list();
+
+}  // namespace blip2

@@ -1,0 +1,73 @@
+// The dataset interface and the batch loader shared by every task.
+//
+// A dataset yields (image tensor, caption, image id, class label) samples; the loader orders
+// them deterministically from (seed, epoch), keeps this rank's shard, groups them into batches
+// and tokenises the captions. The samples of a batch are produced on worker threads.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "blip2/config/config.h"
+#include "blip2/text/text.h"
+
+namespace blip2 {
+
+struct ImageTextSample {
+  torch::Tensor image;    // [3, S, S] float, normalised
+  std::string caption;    // raw caption (cleaned by the loader)
+  int64_t image_id = 0;   // index of the image (several captions may share one)
+  int64_t label = -1;     // class, where the dataset has one
+};
+
+class ImageTextDataset {
+ public:
+  virtual ~ImageTextDataset() = default;
+  virtual int64_t size() const = 0;
+  virtual ImageTextSample get(int64_t index) const = 0;
+};
+
+struct Batch {
+  torch::Tensor images;    // [B, 3, S, S]
+  torch::Tensor ids;       // [B, L]
+  torch::Tensor mask;      // [B, L]
+  torch::Tensor image_ids; // [B]
+  torch::Tensor labels;    // [B]
+  std::vector<std::string> captions;  // cleaned
+  Batch to(const torch::Device& device) const;
+};
+
+struct LoaderOptions {
+  int64_t batch_size = 8;
+  bool shuffle = true;
+  bool drop_last = true;
+  uint64_t seed = 42;
+  int64_t num_workers = 2;
+  int rank = 0, world_size = 1;
+};
+
+class BatchLoader {
+ public:
+  BatchLoader(std::shared_ptr<const ImageTextDataset> dataset,
+              std::shared_ptr<const WordPieceTokenizer> tokenizer, TextTransformConfig text,
+              LoaderOptions options);
+  int64_t batches_per_epoch() const;
+  // This rank's sample indices for an epoch, in order (a permutation when shuffling).
+  std::vector<int64_t> epoch_order(int64_t epoch) const;
+  // Batch `index` of `epoch`, built on the worker threads.
+  Batch batch(int64_t epoch, int64_t index) const;
+  Batch collate(const std::vector<int64_t>& indices) const;
+  const ImageTextDataset& dataset() const { return *dataset_; }
+
+ private:
+  std::shared_ptr<const ImageTextDataset> dataset_;
+  std::shared_ptr<const WordPieceTokenizer> tokenizer_;
+  TextTransformConfig text_;
+  LoaderOptions opt_;
+};
+
+}  // namespace blip2

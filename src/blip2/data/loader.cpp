@@ -1,0 +1,92 @@
+#include <future>
+#include <numeric>
+#include <random>
+
+#include "blip2/data/dataset.h"
+#include "blip2/util/common.h"
+
+namespace blip2 {
+
+Batch Batch::to(const torch::Device& device) const {
+  Batch b = *this;
+  b.images = images.to(device);
+  b.ids = ids.to(device);
+  b.mask = mask.to(device);
+  b.image_ids = image_ids.to(device);
+  b.labels = labels.to(device);
+  return b;
+}
+
+BatchLoader::BatchLoader(std::shared_ptr<const ImageTextDataset> dataset,
+                         std::shared_ptr<const WordPieceTokenizer> tokenizer,
+                         TextTransformConfig text, LoaderOptions options)
+    : dataset_(std::move(dataset)),
+      tokenizer_(std::move(tokenizer)),
+      text_(std::move(text)),
+      opt_(options) {
+  check(opt_.batch_size > 0, "batch size must be positive");
+  check(batches_per_epoch() > 0,
+        "dataset of " + std::to_string(dataset_->size()) + " samples gives no batch of " +
+            std::to_string(opt_.batch_size) + " per rank (drop_remainder)");
+}
+
+int64_t BatchLoader::batches_per_epoch() const {
+  int64_t per_rank = dataset_->size() / opt_.world_size;
+  return opt_.drop_last ? per_rank / opt_.batch_size
+                        : (per_rank + opt_.batch_size - 1) / opt_.batch_size;
+}
+
+std::vector<int64_t> BatchLoader::epoch_order(int64_t epoch) const {
+  std::vector<int64_t> order(dataset_->size());
+  std::iota(order.begin(), order.end(), 0);
+  if (opt_.shuffle) {
+    std::mt19937_64 rng(opt_.seed * 1000003ULL + static_cast<uint64_t>(epoch));
+    std::shuffle(order.begin(), order.end(), rng);
+  }
+  // Rank r takes every world_size-th sample starting at r, after truncating to a multiple.
+  int64_t per_rank = static_cast<int64_t>(order.size()) / opt_.world_size;
+  std::vector<int64_t> mine;
+  mine.reserve(per_rank);
+  for (int64_t i = 0; i < per_rank; ++i) mine.push_back(order[i * opt_.world_size + opt_.rank]);
+  return mine;
+}
+
+Batch BatchLoader::batch(int64_t epoch, int64_t index) const {
+  check(index >= 0 && index < batches_per_epoch(), "batch index out of range");
+  auto order = epoch_order(epoch);
+  int64_t begin = index * opt_.batch_size;
+  int64_t end = std::min<int64_t>(begin + opt_.batch_size, static_cast<int64_t>(order.size()));
+  return collate(std::vector<int64_t>(order.begin() + begin, order.begin() + end));
+}
+
+Batch BatchLoader::collate(const std::vector<int64_t>& indices) const {
+  const int64_t n = static_cast<int64_t>(indices.size());
+  std::vector<ImageTextSample> samples(n);
+  // Decode/transform on up to num_workers threads.
+  int64_t workers = std::clamp<int64_t>(opt_.num_workers, 1, n);
+  std::vector<std::future<void>> jobs;
+  for (int64_t w = 0; w < workers; ++w)
+    jobs.push_back(std::async(std::launch::async, [&, w] {
+      for (int64_t i = w; i < n; i += workers) samples[i] = dataset_->get(indices[i]);
+    }));
+  for (auto& j : jobs) j.get();
+
+  Batch b;
+  std::vector<torch::Tensor> images;
+  std::vector<int64_t> ids, labels;
+  for (auto& s : samples) {
+    images.push_back(s.image);
+    b.captions.push_back(clean_caption(s.caption, text_.max_words, text_.prompt));
+    ids.push_back(s.image_id);
+    labels.push_back(s.label);
+  }
+  b.images = torch::stack(images);
+  auto enc = tokenizer_->encode_batch(b.captions, text_.max_length, text_.padding);
+  b.ids = enc.ids;
+  b.mask = enc.mask;
+  b.image_ids = torch::tensor(ids, torch::kLong);
+  b.labels = torch::tensor(labels, torch::kLong);
+  return b;
+}
+
+}  // namespace blip2

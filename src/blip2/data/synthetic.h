@@ -1,0 +1,56 @@
+// The built-in synthetic data: images of coloured shapes on noisy backgrounds with templated
+// captions and class labels. Deterministic from (split, seed, index); nothing is read from disk.
+//
+// Each image has one shape (circle, square, triangle, cross, ring) in one colour (6), size
+// (small, large) and position (left, right, top, bottom, center). Class = colour x shape (30
+// classes, "red circle"). Training captions use one of five phrasings chosen per sample; the
+// held-out split uses the canonical phrasing "a {size} {colour} {shape} {position}", which
+// names every attribute, so retrieval on it needs all of them.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "blip2/data/dataset.h"
+
+namespace blip2 {
+
+struct ShapeAttributes {
+  int shape = 0, color = 0, size = 0, position = 0;
+  int label() const;  // color * num_shapes + shape
+};
+
+class SyntheticShapes : public ImageTextDataset {
+ public:
+  // split: "train" (random phrasings) or "heldout"/"eval" (canonical captions, other images).
+  SyntheticShapes(std::string split, int64_t num_samples, int64_t image_size, uint64_t seed);
+  int64_t size() const override { return num_samples_; }
+  ImageTextSample get(int64_t index) const override;
+
+  ShapeAttributes attributes(int64_t index) const;
+  // Float image in [0, 1], [3, S, S], before normalisation.
+  torch::Tensor render(const ShapeAttributes& a, int64_t index) const;
+
+  static const std::vector<std::string>& vocabulary();   // WordPiece vocab, id order
+  static std::vector<std::string> class_names();          // "red circle", ... (label order)
+  static std::string canonical_caption(const ShapeAttributes& a);
+  static constexpr int64_t kDefaultTrainSize = 8192;
+  static constexpr int64_t kDefaultHeldoutSize = 256;
+
+ private:
+  std::string split_;
+  int64_t num_samples_, image_size_;
+  uint64_t seed_;
+  bool heldout_;
+};
+
+// OpenAI CLIP normalisation used by every BLIP-2 image processor.
+torch::Tensor normalize_image(const torch::Tensor& image01);
+
+// Builds the dataset a config section names (SyntheticShapes for now).
+std::shared_ptr<ImageTextDataset> make_dataset(const DatasetConfig& cfg, int64_t image_size,
+                                               uint64_t seed);
+// The tokenizer a config names: vocab_file, or the synthetic vocabulary when it is "".
+std::shared_ptr<WordPieceTokenizer> make_tokenizer(const TokenizerConfig& cfg);
+
+}  // namespace blip2

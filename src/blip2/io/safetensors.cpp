@@ -1,0 +1,173 @@
+#include "blip2/io/safetensors.h"
+
+#include <cstring>
+#include <set>
+#include <nlohmann/json.hpp>
+
+#include "blip2/util/common.h"
+
+namespace blip2 {
+namespace {
+
+struct DType {
+  const char* name;
+  torch::ScalarType type;
+  int64_t size;
+};
+const DType kDTypes[] = {
+    {"F64", torch::kFloat64, 8}, {"F32", torch::kFloat32, 4}, {"F16", torch::kFloat16, 2},
+    {"BF16", torch::kBFloat16, 2}, {"I64", torch::kInt64, 8}, {"I32", torch::kInt32, 4},
+    {"I16", torch::kInt16, 2}, {"I8", torch::kInt8, 1}, {"U8", torch::kUInt8, 1},
+    {"BOOL", torch::kBool, 1},
+};
+
+const DType* dtype_by_name(const std::string& n) {
+  for (const auto& d : kDTypes)
+    if (n == d.name) return &d;
+  return nullptr;
+}
+const DType* dtype_by_type(torch::ScalarType t) {
+  for (const auto& d : kDTypes)
+    if (t == d.type) return &d;
+  return nullptr;
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? "," : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+}  // namespace
+
+TensorMap load_safetensors(const std::string& path) {
+  const std::string bytes = read_file(path);
+  auto fail = [&](const std::string& what) { throw Error(path + ": " + what); };
+  if (bytes.size() < 8) fail("not a safetensors file (shorter than its 8-byte header length)");
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[i]);
+  if (n > bytes.size() - 8) fail("header length " + std::to_string(n) + " exceeds the file size");
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<long>(n));
+  } catch (const nlohmann::json::exception& e) {
+    fail(std::string("malformed header JSON: ") + e.what());
+  }
+  if (!header.is_object()) fail("header is not a JSON object");
+  const uint64_t data_size = bytes.size() - 8 - n;
+  const char* data = bytes.data() + 8 + n;
+  TensorMap out;
+  for (const auto& [name, info] : header.items()) {
+    if (name == "__metadata__") continue;
+    auto bad = [&](const std::string& what) { fail("tensor '" + name + "': " + what); };
+    if (!info.is_object() || !info.contains("dtype") || !info.contains("shape") ||
+        !info.contains("data_offsets"))
+      bad("entry needs dtype, shape and data_offsets");
+    const DType* dt = info["dtype"].is_string() ? dtype_by_name(info["dtype"]) : nullptr;
+    if (!dt) bad("unsupported dtype " + info["dtype"].dump());
+    std::vector<int64_t> shape;
+    int64_t numel = 1;
+    for (const auto& d : info["shape"]) {
+      if (!d.is_number_integer() || d.get<int64_t>() < 0) bad("bad shape " + info["shape"].dump());
+      shape.push_back(d.get<int64_t>());
+      numel *= shape.back();
+    }
+    const auto& off = info["data_offsets"];
+    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() ||
+        !off[1].is_number_unsigned())
+      bad("bad data_offsets " + off.dump());
+    uint64_t begin = off[0], end = off[1];
+    if (begin > end || end > data_size)
+      bad("data_offsets " + off.dump() + " outside the data section of " +
+          std::to_string(data_size) + " bytes");
+    if (end - begin != static_cast<uint64_t>(numel * dt->size))
+      bad("shape " + shape_str(shape) + " x " + dt->name + " needs " +
+          std::to_string(numel * dt->size) + " bytes but data_offsets span " +
+          std::to_string(end - begin));
+    auto t = torch::empty(shape, torch::TensorOptions().dtype(dt->type));
+    if (numel) std::memcpy(t.data_ptr(), data + begin, end - begin);
+    out.emplace(name, t);
+  }
+  return out;
+}
+
+void save_safetensors(const std::string& path, const TensorMap& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  nlohmann::json header = nlohmann::json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::vector<torch::Tensor> ordered;
+  uint64_t offset = 0;
+  for (const auto& [name, t] : tensors) {
+    const DType* dt = dtype_by_type(t.scalar_type());
+    check(dt != nullptr, "cannot save tensor '" + name + "' of dtype " +
+                             std::string(c10::toString(t.scalar_type())));
+    auto c = t.detach().to(torch::kCPU).contiguous();
+    uint64_t nbytes = static_cast<uint64_t>(c.numel()) * dt->size;
+    header[name] = {{"dtype", dt->name}, {"shape", c.sizes().vec()},
+                    {"data_offsets", {offset, offset + nbytes}}};
+    offset += nbytes;
+    ordered.push_back(c);
+  }
+  std::string head = header.dump();
+  head.append((8 - head.size() % 8) % 8, ' ');  // keep the data 8-byte aligned
+  std::string bytes(8, '\0');
+  uint64_t n = head.size();
+  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  bytes += head;
+  bytes.reserve(bytes.size() + offset);
+  for (const auto& c : ordered)
+    bytes.append(static_cast<const char*>(c.data_ptr()),
+                 static_cast<size_t>(c.numel() * c.element_size()));
+  atomic_write(path, bytes);
+}
+
+std::string LoadReport::summary() const {
+  std::string s = std::to_string(loaded.size()) + " tensors loaded, " +
+                  std::to_string(missing.size()) + " missing, " +
+                  std::to_string(unexpected.size()) + " unexpected";
+  auto list = [](const std::vector<std::string>& v) {
+    std::string out;
+    for (size_t i = 0; i < v.size() && i < 5; ++i) out += (i ? ", " : "") + v[i];
+    if (v.size() > 5) out += ", ...";
+    return out;
+  };
+  if (!missing.empty()) s += "; missing: " + list(missing);
+  if (!unexpected.empty()) s += "; unexpected: " + list(unexpected);
+  return s;
+}
+
+LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors,
+                     const std::string& source) {
+  LoadReport report;
+  torch::NoGradGuard no_grad;
+  std::set<std::string> known;
+  auto visit = [&](const std::string& name, torch::Tensor& target) {
+    known.insert(name);
+    auto it = tensors.find(name);
+    if (it == tensors.end()) {
+      report.missing.push_back(name);
+      return;
+    }
+    if (it->second.sizes() != target.sizes())
+      throw Error(source + ": tensor '" + name + "' has shape " +
+                  shape_str(it->second.sizes().vec()) + " but the model expects " +
+                  shape_str(target.sizes().vec()));
+    target.copy_(it->second);
+    report.loaded.push_back(name);
+  };
+  for (auto& p : module.named_parameters()) visit(p.key(), p.value());
+  for (auto& b : module.named_buffers()) visit(b.key(), b.value());
+  for (const auto& [name, t] : tensors)
+    if (!known.count(name)) report.unexpected.push_back(name);
+  return report;
+}
+
+TensorMap state_dict(const torch::nn::Module& module, bool trainable_only) {
+  TensorMap out;
+  for (const auto& p : module.named_parameters())
+    if (!trainable_only || p.value().requires_grad()) out.emplace(p.key(), p.value());
+  for (const auto& b : module.named_buffers()) out.emplace(b.key(), b.value());
+  return out;
+}
+
+}  // namespace blip2

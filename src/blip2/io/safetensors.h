@@ -1,0 +1,32 @@
+// safetensors: 8-byte little-endian header length, a JSON header mapping each name to
+// {dtype, shape, data_offsets}, then the raw little-endian tensor bytes.
+// https://github.com/huggingface/safetensors (format section). Our checkpoints use it.
+#pragma once
+
+#include <map>
+#include <string>
+
+#include <torch/torch.h>
+
+namespace blip2 {
+
+using TensorMap = std::map<std::string, torch::Tensor>;
+
+// Reads every tensor (CPU, contiguous). Errors name the file and the offending entry.
+TensorMap load_safetensors(const std::string& path);
+// Writes atomically (temporary name, then rename). `metadata` goes to __metadata__.
+void save_safetensors(const std::string& path, const TensorMap& tensors,
+                      const std::map<std::string, std::string>& metadata = {});
+
+// What loading a name -> tensor map into a module did (like load_state_dict(strict=False)).
+struct LoadReport {
+  std::vector<std::string> loaded, missing, unexpected;
+  std::string summary() const;
+};
+// Copies matching tensors into `module`'s parameters and buffers; a shape mismatch is an error
+// naming `source` and the key.
+LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors,
+                     const std::string& source);
+TensorMap state_dict(const torch::nn::Module& module, bool trainable_only = false);
+
+}  // namespace blip2

@@ -1,0 +1,189 @@
+#include "blip2/models/blip2_qformer.h"
+
+#include "blip2/dist/dist.h"
+
+namespace blip2 {
+namespace F = torch::nn::functional;
+
+Blip2QformerImpl::Blip2QformerImpl(const Blip2Config& c, const InitOptions& init) : config_(c) {
+  const auto& q = c.qformer_config;
+  InitOptions vit_init = init;
+  vit_init.std = c.vision_config.initializer_range;
+  InitOptions bert_init = init;
+  bert_init.std = q.initializer_range;
+  InitOptions head_init = init;
+  head_init.std = -1;  // torch.nn.Linear default, as LAVIS creates the heads
+
+  vision_model = register_module("vision_model", EvaVisionModel(c.vision_config, vit_init));
+  {
+    torch::NoGradGuard no_grad;
+    query_tokens = register_parameter(
+        "query_tokens", torch::empty({1, q.query_length, q.hidden_size}, init.options));
+    query_tokens.normal_(0.0, q.initializer_range);
+  }
+  embeddings = register_module("embeddings", TextEmbeddings(q, bert_init));
+  qformer = register_module("qformer", QFormerModel(q, c.encoder_width(), bert_init));
+  vision_projection = register_module(
+      "vision_projection", Linear(q.hidden_size, q.head_embed_dim, true, head_init));
+  text_projection = register_module(
+      "text_projection", Linear(q.hidden_size, q.head_embed_dim, true, head_init));
+  itm_head = register_module("itm_head", Linear(q.hidden_size, 2, true, head_init));
+  cls = register_module("cls", LMHead(q, bert_init));
+  temp = register_parameter("temp", torch::full({}, c.temperature, init.options));
+
+  if (c.freeze_vision) {
+    for (auto& p : vision_model->named_parameters())
+      if (p.key().rfind("post_layernorm.", 0) != 0) p.value().set_requires_grad(false);
+    vision_model->eval();
+  }
+}
+
+void Blip2QformerImpl::train(bool on) {
+  torch::nn::Module::train(on);
+  if (config_.freeze_vision) {
+    vision_model->eval();
+  }
+}
+
+torch::Tensor Blip2QformerImpl::encode_image(const torch::Tensor& images) {
+  torch::Tensor feats;
+  if (config_.freeze_vision) {
+    torch::NoGradGuard no_grad;
+    feats = vision_model->forward_features(images);
+  } else {
+    feats = vision_model->forward_features(images);
+  }
+  return vision_model->post_layernorm(feats.to(torch::kFloat32));
+}
+
+QueryOutput Blip2QformerImpl::query_pass(const torch::Tensor& image_embeds, bool use_cache) {
+  auto queries = query_tokens.expand({image_embeds.size(0), -1, -1});
+  auto out = qformer->forward(queries, /*mask: queries see each other*/ torch::Tensor(),
+                              queries.size(1), image_embeds,
+                     nullptr, use_cache);
+  return {out.last_hidden_state, std::move(out.past)};
+}
+
+torch::Tensor Blip2QformerImpl::text_pass(const torch::Tensor& ids, const torch::Tensor& mask) {
+  return qformer->forward(embeddings(ids), padding_mask(mask), 0).last_hidden_state;
+}
+
+torch::Tensor Blip2QformerImpl::image_features(const torch::Tensor& query_hidden) {
+  return F::normalize(vision_projection(query_hidden), F::NormalizeFuncOptions().dim(-1));
+}
+
+torch::Tensor Blip2QformerImpl::text_features(const torch::Tensor& text_hidden) {
+  return F::normalize(text_projection(text_hidden.select(1, 0)), F::NormalizeFuncOptions().dim(-1));
+}
+
+torch::Tensor Blip2QformerImpl::itm_logits(const torch::Tensor& image_embeds,
+                                           const torch::Tensor& ids, const torch::Tensor& mask) {
+  const int64_t n = ids.size(0), nq = query_tokens.size(1);
+  auto queries = query_tokens.expand({n, -1, -1});
+  auto embeds = torch::cat({queries, embeddings(ids)}, 1);
+  auto keep = torch::cat({torch::ones({n, nq}, mask.options()), mask}, 1);
+  auto hidden = qformer->forward(embeds, padding_mask(keep), nq, image_embeds).last_hidden_state;
+  return itm_head(hidden.narrow(1, 0, nq)).mean(1);
+}
+
+torch::Tensor Blip2QformerImpl::lm_logits(const torch::Tensor& decoder_ids,
+                                          const torch::Tensor& mask,
+                                          const std::vector<KVCache>& query_past) {
+  const int64_t nq = query_past.front().key.size(2);
+  auto keep = torch::cat({torch::ones({decoder_ids.size(0), nq}, mask.options()), mask}, 1);
+  auto hidden =
+      qformer->forward(embeddings(decoder_ids), causal_prefix_mask(keep, nq), 0, torch::Tensor(),
+                       &query_past)
+          .last_hidden_state;
+  return cls(hidden, embeddings->word_embeddings->weight);
+}
+
+Stage1Output Blip2QformerImpl::forward(const torch::Tensor& images, const torch::Tensor& ids,
+                                       const torch::Tensor& mask) {
+  const int64_t b = images.size(0);
+  TORCH_CHECK(ids.size(0) == b, "got ", b, " images but ", ids.size(0), " texts");
+  const auto& q = config_.qformer_config;
+
+  auto image_embeds = encode_image(images);                  // [B,N,Dv]
+  auto query = query_pass(image_embeds, /*use_cache=*/true);  // [B,Q,H]
+  auto image_feats = image_features(query.hidden);            // [B,Q,E]
+  auto text_feat = text_features(text_pass(ids, mask));       // [B,E]
+
+  // ---- ITC: image-text contrastive ----
+  auto image_feats_all = dist::all_gather_no_grad(image_feats);  // [BW,Q,E]
+  auto text_feat_all = dist::all_gather_no_grad(text_feat);      // [BW,E]
+  auto sim_i2t = max_over_queries(image_feats, text_feat_all) / temp;        // [B,BW]
+  auto sim_t2i = max_over_queries(image_feats_all, text_feat).t() / temp;    // [B,BW]
+  const int64_t offset = dist::rank() * b;
+  auto targets = torch::arange(offset, offset + b, ids.options().dtype(torch::kLong));
+  auto loss_itc = itc_loss(sim_i2t, sim_t2i, targets, 0.1);
+
+  // ---- ITM: image-text matching with one hard negative each way ----
+  auto ids_all = dist::all_gather_no_grad(ids);
+  auto mask_all = dist::all_gather_no_grad(mask);
+  auto image_embeds_all = dist::all_gather_with_grad(image_embeds);
+  auto neg = sample_hard_negatives(sim_i2t.detach(), sim_t2i.detach(), offset);
+  auto neg_images = image_embeds_all.index_select(0, neg.image_for_text);
+  auto neg_ids = ids_all.index_select(0, neg.text_for_image);
+  auto neg_mask = mask_all.index_select(0, neg.text_for_image);
+  // pairs: (text, image) positives; (text, negative image); (negative text, image)
+  auto itm = itm_logits(torch::cat({image_embeds, neg_images, image_embeds}),
+                        torch::cat({ids, ids, neg_ids}), torch::cat({mask, mask, neg_mask}));
+  auto itm_labels = torch::cat({torch::ones({b}, targets.options()),
+                                torch::zeros({2 * b}, targets.options())});
+  auto loss_itm = F::cross_entropy(itm, itm_labels);
+
+  // ---- LM: image-grounded captioning, reusing the queries' cached keys/values ----
+  auto [decoder_ids, labels] = lm_inputs(ids, q.bos_token_id, q.pad_token_id);
+  auto loss_lm = lm_loss(lm_logits(decoder_ids, mask, query.past), labels, 0.1);
+
+  return {loss_itc + loss_itm + loss_lm, loss_itc, loss_itm, loss_lm};
+}
+
+torch::Tensor max_over_queries(const torch::Tensor& image_feats, const torch::Tensor& text_feats) {
+  const int64_t b = image_feats.size(0), nq = image_feats.size(1);
+  auto s = torch::matmul(image_feats.reshape({b * nq, -1}), text_feats.t());  // [B*Q, T]
+  return s.view({b, nq, -1}).amax(1);
+}
+
+torch::Tensor itc_loss(const torch::Tensor& sim_i2t, const torch::Tensor& sim_t2i,
+                       const torch::Tensor& targets, double label_smoothing) {
+  auto opts = F::CrossEntropyFuncOptions().label_smoothing(label_smoothing);
+  return (F::cross_entropy(sim_i2t, targets, opts) + F::cross_entropy(sim_t2i, targets, opts)) /
+         2;
+}
+
+HardNegatives sample_hard_negatives(const torch::Tensor& sim_i2t, const torch::Tensor& sim_t2i,
+                                    int64_t offset) {
+  torch::NoGradGuard no_grad;
+  const int64_t b = sim_i2t.size(0);
+  auto rows = torch::arange(b, torch::TensorOptions().dtype(torch::kLong).device(sim_i2t.device()));
+  auto weights = [&](const torch::Tensor& sim) {
+    auto w = sim.to(torch::kFloat32).clone();
+    w.index_put_({rows, rows + offset}, -10000.0);
+    return torch::softmax(w, 1);
+  };
+  // LAVIS draws the image for each text first, then the text for each image.
+  auto image_for_text = torch::multinomial(weights(sim_t2i), 1).squeeze(1);
+  auto text_for_image = torch::multinomial(weights(sim_i2t), 1).squeeze(1);
+  return {image_for_text, text_for_image};
+}
+
+std::pair<torch::Tensor, torch::Tensor> lm_inputs(const torch::Tensor& ids, int64_t bos,
+                                                  int64_t pad) {
+  auto decoder_ids = ids.clone();
+  decoder_ids.select(1, 0).fill_(bos);
+  auto labels = decoder_ids.masked_fill(decoder_ids == pad, -100);
+  return {decoder_ids, labels};
+}
+
+torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& labels,
+                      double label_smoothing) {
+  const int64_t v = logits.size(-1);
+  auto shifted = logits.narrow(1, 0, logits.size(1) - 1).reshape({-1, v});
+  auto target = labels.narrow(1, 1, labels.size(1) - 1).reshape({-1});
+  return F::cross_entropy(shifted.to(torch::kFloat32), target,
+                          F::CrossEntropyFuncOptions().label_smoothing(label_smoothing).ignore_index(-100));
+}
+
+}  // namespace blip2

@@ -1,0 +1,72 @@
+#include "blip2/tasks/runner.h"
+
+#include <iostream>
+
+#include "blip2/tasks/trainer.h"
+#include "blip2/util/common.h"
+
+namespace blip2 {
+namespace fs = std::filesystem;
+
+RunConfig resolve_config(const std::string& path, const RunOverrides& o) {
+  const std::string source = path.empty() ? "<embedded tiny config>" : path;
+  RunConfig cfg = path.empty() ? parse_run_config(embedded_tiny_config(), source)
+                               : load_run_config(path);
+  if (o.run_mode) cfg.run_mode = *o.run_mode;
+  if (o.train_dataset_dir) cfg.train_dataset.data_loader.dataset_dir = *o.train_dataset_dir;
+  if (o.eval_dataset_dir) cfg.eval_dataset.data_loader.dataset_dir = *o.eval_dataset_dir;
+  if (o.device_target) cfg.device_target = *o.device_target;
+  if (o.load_checkpoint) cfg.load_checkpoint = *o.load_checkpoint;
+  if (o.output_dir) cfg.output_dir = *o.output_dir;
+  if (o.seed) cfg.seed = *o.seed;
+  if (o.resume_training) cfg.resume_training = *o.resume_training;
+  validate(cfg, source);
+  for (const auto* dir : {&cfg.train_dataset.data_loader.dataset_dir,
+                          &cfg.eval_dataset.data_loader.dataset_dir}) {
+    std::error_code ec;
+    if (!dir->empty() && !fs::is_directory(*dir, ec))
+      throw Error(*dir + ": dataset directory not found or unreadable");
+  }
+  return cfg;
+}
+
+static void print_eval(const Stage1Eval& ev) {
+  const auto& r = ev.itc_retrieval;
+  std::cout << "eval loss " << format_float(ev.loss) << " (itc " << format_float(ev.loss_itc)
+            << ", itm " << format_float(ev.loss_itm) << ", lm " << format_float(ev.loss_lm)
+            << ")\n"
+            << "held-out ITC retrieval over " << r.num_images << " images: image->text R@1 "
+            << format_float(r.txt_r1, 1) << "% R@5 " << format_float(r.txt_r5, 1)
+            << "%, text->image R@1 " << format_float(r.img_r1, 1) << "% R@5 "
+            << format_float(r.img_r5, 1) << "%\n";
+}
+
+int run(const std::string& path, const RunOverrides& overrides) {
+  RunConfig cfg = resolve_config(path, overrides);
+  const std::string resolved = to_yaml(cfg);
+  std::cout << "---- resolved config ----\n" << resolved << "-------------------------\n";
+  fs::create_directories(cfg.output_dir);
+  atomic_write(fs::path(cfg.output_dir) / "resolved_config.yaml", resolved);
+
+  const std::string& task = cfg.trainer.type;
+  if (task != "contrastive_language_image_pretrain")
+    throw Error("trainer.type: task '" + task +
+                "' is not available in this build (available: contrastive_language_image_pretrain)");
+  if (cfg.run_mode == "predict")
+    throw Error("run_mode predict: task contrastive_language_image_pretrain has no predict mode");
+
+  PretrainTrainer trainer(cfg);
+  if (cfg.run_mode == "train") {
+    trainer.train();
+    auto ev = trainer.evaluate();
+    print_eval(ev);
+    atomic_write(fs::path(cfg.output_dir) / "eval_results.json", ev.to_json().dump(2) + "\n");
+  } else {
+    auto ev = trainer.evaluate();
+    print_eval(ev);
+    atomic_write(fs::path(cfg.output_dir) / "eval_results.json", ev.to_json().dump(2) + "\n");
+  }
+  return 0;
+}
+
+}  // namespace blip2

@@ -1,0 +1,457 @@
+#include "blip2/tasks/trainer.h"
+
+#include <ATen/autocast_mode.h>
+
+#include <chrono>
+#include <iostream>
+#include <numeric>
+#include <fstream>
+#include <sstream>
+
+#include "blip2/data/synthetic.h"
+#include "blip2/dist/dist.h"
+#include "blip2/io/safetensors.h"
+#include "blip2/util/common.h"
+
+namespace blip2 {
+namespace fs = std::filesystem;
+
+namespace {
+
+// bf16 autocast on CUDA for the scope; a no-op when disabled.
+class AutocastGuard {
+ public:
+  AutocastGuard(bool enabled, const torch::Device& device) : on_(enabled && device.is_cuda()) {
+    if (!on_) return;
+    prev_enabled_ = at::autocast::is_autocast_enabled(at::kCUDA);
+    prev_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::increment_nesting();
+  }
+  ~AutocastGuard() {
+    if (!on_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(at::kCUDA, prev_enabled_);
+    at::autocast::set_autocast_dtype(at::kCUDA, prev_dtype_);
+  }
+
+ private:
+  bool on_;
+  bool prev_enabled_ = false;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
+};
+
+torch::Device pick_device(const std::string& target) {
+  if (target == "cuda") {
+    check(torch::cuda::is_available(),
+          "device_target is cuda but no CUDA device is available to this torch build");
+    return torch::Device(torch::kCUDA);
+  }
+  return torch::Device(torch::kCPU);
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+void set_lr(torch::optim::Optimizer& opt, double lr) {
+  for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+}
+
+torch::Tensor rng_state(torch::DeviceType type) {
+  auto gen = at::globalContext().defaultGenerator(c10::Device(type));
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+void set_rng_state(torch::DeviceType type, const torch::Tensor& state) {
+  auto gen = at::globalContext().defaultGenerator(c10::Device(type));
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+std::string step_dir_name(int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));
+  return buf;
+}
+
+double mean_of(const std::vector<StepLog>& logs, size_t begin, size_t end,
+               double StepLog::*field) {
+  double s = 0;
+  for (size_t i = begin; i < end; ++i) s += logs[i].*field;
+  return end > begin ? s / static_cast<double>(end - begin) : 0.0;
+}
+
+}  // namespace
+
+double warmup_cosine_lr(const LrScheduleConfig& s, int64_t step, int64_t total_steps) {
+  if (step < s.warmup_steps)
+    return s.warmup_lr_init +
+           (s.learning_rate - s.warmup_lr_init) * static_cast<double>(step) / s.warmup_steps;
+  const int64_t decay_steps = std::max<int64_t>(1, total_steps - s.warmup_steps);
+  double progress = std::clamp(static_cast<double>(step - s.warmup_steps) / decay_steps, 0.0, 1.0);
+  return s.lr_end + (s.learning_rate - s.lr_end) * 0.5 * (1.0 + std::cos(M_PI * progress));
+}
+
+RetrievalMetrics recall_at_k(const torch::Tensor& sim_i2t,
+                             const std::vector<std::vector<int64_t>>& img2txt,
+                             const std::vector<std::vector<int64_t>>& txt2img) {
+  auto sim = sim_i2t.to(torch::kCPU, torch::kFloat32);
+  RetrievalMetrics m;
+  m.num_images = sim.size(0);
+  m.num_texts = sim.size(1);
+  // rank of the best-ranked match: number of candidates scoring strictly higher than it.
+  auto best_rank = [](const torch::Tensor& row, const std::vector<int64_t>& matches) {
+    auto acc = row.accessor<float, 1>();
+    float best = -std::numeric_limits<float>::infinity();
+    for (int64_t j : matches) best = std::max(best, acc[j]);
+    int64_t rank = 0;
+    for (int64_t j = 0; j < row.size(0); ++j)
+      if (acc[j] > best) ++rank;
+    return rank;
+  };
+  auto add = [](int64_t rank, double& r1, double& r5, double& r10) {
+    r1 += rank < 1;
+    r5 += rank < 5;
+    r10 += rank < 10;
+  };
+  for (int64_t i = 0; i < m.num_images; ++i)
+    add(best_rank(sim[i], img2txt[i]), m.txt_r1, m.txt_r5, m.txt_r10);
+  auto sim_t = sim.t().contiguous();
+  for (int64_t t = 0; t < m.num_texts; ++t)
+    add(best_rank(sim_t[t], txt2img[t]), m.img_r1, m.img_r5, m.img_r10);
+  for (double* v : {&m.txt_r1, &m.txt_r5, &m.txt_r10}) *v = 100.0 * *v / std::max<int64_t>(1, m.num_images);
+  for (double* v : {&m.img_r1, &m.img_r5, &m.img_r10}) *v = 100.0 * *v / std::max<int64_t>(1, m.num_texts);
+  return m;
+}
+
+nlohmann::json Stage1Eval::to_json() const {
+  const auto& r = itc_retrieval;
+  return {{"loss", loss},
+          {"loss_itc", loss_itc},
+          {"loss_itm", loss_itm},
+          {"loss_lm", loss_lm},
+          {"itc_retrieval",
+           {{"txt_r1", r.txt_r1}, {"txt_r5", r.txt_r5}, {"txt_r10", r.txt_r10},
+            {"img_r1", r.img_r1}, {"img_r5", r.img_r5}, {"img_r10", r.img_r10},
+            {"num_images", r.num_images}, {"num_texts", r.num_texts}}}};
+}
+
+std::string resolve_checkpoint(const std::string& path) {
+  fs::path p(path);
+  std::error_code ec;
+  if (fs::is_regular_file(p, ec)) return p.string();
+  check(fs::is_directory(p, ec), path + ": checkpoint not found");
+  if (fs::exists(p / "model.safetensors")) return p.string();
+  for (fs::path root : {p, p / "checkpoint"}) {
+    if (fs::exists(root / "latest")) {
+      std::string name = read_file(root / "latest");
+      while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
+      check(fs::exists(root / name / "model.safetensors"),
+            (root / "latest").string() + " names '" + name + "', which has no model.safetensors");
+      return (root / name).string();
+    }
+  }
+  throw Error(path + ": not a checkpoint (no model.safetensors, no latest)");
+}
+
+PretrainTrainer::PretrainTrainer(RunConfig cfg)
+    : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)) {
+  dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel,
+                      cfg_.parallel_config.model_parallel);
+  torch::manual_seed(cfg_.seed);
+  const auto& mc = cfg_.model.model_config;
+  tokenizer_ = make_tokenizer(cfg_.train_dataset.tokenizer);
+  const auto& q = mc.qformer_config;
+  auto key = std::string("model.model_config.qformer_config.");
+  check(tokenizer_->size() <= q.embedding_vocab_size(),
+        key + "vocab_size: the tokenizer has " + std::to_string(tokenizer_->size()) +
+            " tokens but the embedding table only " + std::to_string(q.embedding_vocab_size()));
+  check(tokenizer_->bos_id() == q.bos_token_id,
+        key + "bos_token_id is " + std::to_string(q.bos_token_id) + " but the tokenizer's " +
+            cfg_.train_dataset.tokenizer.bos_token + " is " + std::to_string(tokenizer_->bos_id()));
+  check(tokenizer_->pad_id() == q.pad_token_id,
+        key + "pad_token_id is " + std::to_string(q.pad_token_id) + " but the tokenizer's [PAD] is " +
+            std::to_string(tokenizer_->pad_id()));
+
+  model_ = Blip2Qformer(mc, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02});
+  if (!mc.vision_config.checkpoint_name_or_path.empty()) {
+    auto path = mc.vision_config.checkpoint_name_or_path;
+    auto report = load_into(*model_->vision_model, load_safetensors(path), path);
+    log_info("ViT weights from " + path + ": " + report.summary());
+  }
+  if (!mc.checkpoint_name_or_path.empty()) load_weights(mc.checkpoint_name_or_path);
+  bool resuming = cfg_.run_mode == "train" && cfg_.resume_training;
+  if (!cfg_.load_checkpoint.empty() && !resuming) load_weights(cfg_.load_checkpoint);
+  model_->to(device_);
+}
+
+void PretrainTrainer::load_weights(const std::string& path) {
+  std::string where = resolve_checkpoint(path);
+  std::string file = fs::is_directory(where) ? (fs::path(where) / "model.safetensors").string() : where;
+  auto report = load_into(*model_, load_safetensors(file), file);
+  log_info("weights from " + file + ": " + report.summary());
+}
+
+BatchLoader PretrainTrainer::make_loader(const DatasetConfig& d, bool train) const {
+  auto dataset = make_dataset(d, cfg_.model.model_config.vision_config.image_size,
+                              static_cast<uint64_t>(cfg_.seed));
+  LoaderOptions o;
+  o.batch_size = d.batch_size > 0 ? d.batch_size : cfg_.runner_config.batch_size;
+  o.shuffle = train && d.data_loader.shuffle;
+  o.drop_last = train ? d.drop_remainder : false;
+  o.seed = static_cast<uint64_t>(cfg_.seed);
+  o.num_workers = d.num_parallel_workers;
+  o.rank = dist::rank();
+  o.world_size = dist::world_size();
+  return BatchLoader(dataset, tokenizer_, d.text_transforms, o);
+}
+
+void PretrainTrainer::save_checkpoint(const TrainState& st, torch::optim::Optimizer& opt) {
+  if (!dist::is_main_process()) return;
+  fs::path root = fs::path(cfg_.output_dir) / "checkpoint";
+  fs::path dir = root / step_dir_name(st.step);
+  fs::path tmp = root / (step_dir_name(st.step) + ".tmp");
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  save_safetensors((tmp / "model.safetensors").string(),
+                   state_dict(*model_, !cfg_.runner_config.save_frozen_weights),
+                   {{"format", "blip2cpp"}, {"arch", cfg_.model.arch.type}});
+  torch::serialize::OutputArchive archive;
+  opt.save(archive);
+  archive.write("step", torch::tensor(st.step));
+  archive.write("epoch", torch::tensor(st.epoch));
+  archive.write("batch", torch::tensor(st.batch));
+  archive.write("rng_cpu", rng_state(torch::kCPU));
+  if (device_.is_cuda()) archive.write("rng_cuda", rng_state(torch::kCUDA));
+  archive.save_to((tmp / "trainer_state.pt").string());
+  atomic_write(tmp / "config.yaml", to_yaml(cfg_));
+  fs::remove_all(dir);
+  fs::rename(tmp, dir);
+  atomic_write(root / "latest", dir.filename().string() + "\n");
+  log_info("checkpoint saved: " + dir.string());
+}
+
+TrainState PretrainTrainer::resume(const std::string& path, torch::optim::Optimizer& opt) {
+  std::string dir = resolve_checkpoint(path);
+  check(fs::is_directory(dir) && fs::exists(fs::path(dir) / "trainer_state.pt"),
+        dir + ": cannot resume, no trainer_state.pt (resume needs a training checkpoint)");
+  load_weights(dir);
+  torch::serialize::InputArchive archive;
+  std::string state_file = (fs::path(dir) / "trainer_state.pt").string();
+  try {
+    archive.load_from(state_file);
+    opt.load(archive);
+  } catch (const c10::Error& e) {
+    throw Error(state_file + ": unreadable trainer state (" +
+                std::string(e.what_without_backtrace()).substr(0, 200) + ")");
+  }
+  auto read = [&](const char* key) {
+    torch::Tensor t;  // a fresh tensor per key: read() rebinds its storage
+    archive.read(key, t);
+    return t;
+  };
+  TrainState st;
+  st.step = read("step").item<int64_t>();
+  st.epoch = read("epoch").item<int64_t>();
+  st.batch = read("batch").item<int64_t>();
+  set_rng_state(torch::kCPU, read("rng_cpu"));
+  torch::Tensor cuda_state;
+  if (device_.is_cuda() && archive.try_read("rng_cuda", cuda_state))
+    set_rng_state(torch::kCUDA, cuda_state);
+  log_info("resuming from " + dir + " at step " + std::to_string(st.step));
+  return st;
+}
+
+std::vector<StepLog> PretrainTrainer::train() {
+  const auto& rc = cfg_.runner_config;
+  auto loader = make_loader(cfg_.train_dataset, /*train=*/true);
+  const int64_t per_epoch = loader.batches_per_epoch();
+  const int64_t total = cfg_.lr_schedule.total_steps > 0 ? cfg_.lr_schedule.total_steps
+                                                         : rc.epochs * per_epoch;
+
+  std::vector<torch::Tensor> decay, no_decay;
+  for (const auto& p : model_->named_parameters()) {
+    if (!p.value().requires_grad()) continue;
+    bool no_wd = p.value().dim() < 2 || ends_with(p.key(), ".bias");
+    (no_wd ? no_decay : decay).push_back(p.value());
+  }
+  const auto& oc = cfg_.optimizer;
+  auto opts = torch::optim::AdamWOptions(cfg_.lr_schedule.learning_rate)
+                  .betas({oc.betas[0], oc.betas[1]})
+                  .eps(oc.eps)
+                  .weight_decay(oc.weight_decay);
+  auto no_wd_opts = std::make_unique<torch::optim::AdamWOptions>(opts);
+  no_wd_opts->weight_decay(0.0);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(opts));
+  groups.emplace_back(no_decay, std::move(no_wd_opts));
+  torch::optim::AdamW optimizer(std::move(groups), opts);
+
+  TrainState st;
+  if (cfg_.resume_training) {
+    check(!cfg_.load_checkpoint.empty(), "resume_training needs load_checkpoint (a checkpoint directory)");
+    st = resume(cfg_.load_checkpoint, optimizer);
+  }
+
+  fs::create_directories(cfg_.output_dir);
+  fs::path metrics_path = fs::path(cfg_.output_dir) / "metrics.jsonl";
+  {  // keep the metrics of the steps the resumed checkpoint covers, drop the rest
+    std::string kept;
+    if (st.step > 0 && fs::exists(metrics_path)) {
+      std::istringstream in(read_file(metrics_path));
+      for (std::string line; std::getline(in, line);) {
+        auto j = nlohmann::json::parse(line, nullptr, false);
+        if (!j.is_discarded() && j.value("step", int64_t{0}) <= st.step) kept += line + "\n";
+      }
+    }
+    atomic_write(metrics_path, kept);
+  }
+  std::ofstream metrics(metrics_path, std::ios::app);
+
+  const int64_t batch_size = (cfg_.train_dataset.batch_size > 0 ? cfg_.train_dataset.batch_size
+                                                                : rc.batch_size) *
+                             dist::world_size();
+  const int64_t last_step = rc.max_steps >= 0 ? std::min(rc.max_steps, rc.epochs * per_epoch)
+                                              : rc.epochs * per_epoch;
+  log_info("training " + std::to_string(count_parameters(*model_)) + " parameters (" +
+           std::to_string(std::accumulate(decay.begin(), decay.end(), int64_t{0},
+                                          [](int64_t a, const torch::Tensor& t) { return a + t.numel(); }) +
+                          std::accumulate(no_decay.begin(), no_decay.end(), int64_t{0},
+                                          [](int64_t a, const torch::Tensor& t) { return a + t.numel(); })) +
+           " trainable), " + std::to_string(rc.epochs) + " epochs x " + std::to_string(per_epoch) +
+           " steps, global batch " + std::to_string(batch_size) + ", device " + device_.str());
+
+  model_->train();
+  std::vector<StepLog> logs;
+  Progress progress("train", last_step, rc.log_interval);
+  int64_t saved_at = -1;
+  for (int64_t epoch = st.epoch; epoch < rc.epochs && st.step < last_step; ++epoch) {
+    for (int64_t b = epoch == st.epoch ? st.batch : 0; b < per_epoch && st.step < last_step; ++b) {
+      auto t0 = std::chrono::steady_clock::now();
+      Batch batch = loader.batch(epoch, b).to(device_);
+      double lr = warmup_cosine_lr(cfg_.lr_schedule, st.step, total);
+      set_lr(optimizer, lr);
+      Stage1Output out;
+      {
+        AutocastGuard autocast(rc.bf16_autocast, device_);
+        out = model_->forward(batch.images, batch.ids, batch.mask);
+      }
+      optimizer.zero_grad();
+      out.loss.backward();
+      dist::all_reduce_gradients(optimizer.param_groups()[0].params());
+      dist::all_reduce_gradients(optimizer.param_groups()[1].params());
+      if (rc.max_grad_norm > 0) {
+        std::vector<torch::Tensor> params = decay;
+        params.insert(params.end(), no_decay.begin(), no_decay.end());
+        torch::nn::utils::clip_grad_norm_(params, rc.max_grad_norm);
+      }
+      optimizer.step();
+      {  // BLIP's guard on the learnable temperature (BLIP-2 itself never clamps it)
+        torch::NoGradGuard no_grad;
+        model_->temp.clamp_(0.001, 0.5);
+      }
+      double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+      st.step += 1;
+      st.batch = b + 1;
+      st.epoch = epoch;
+      if (st.batch == per_epoch) st = {st.step, epoch + 1, 0};
+      StepLog log{st.step, epoch, out.loss.item<double>(), out.loss_itc.item<double>(),
+                  out.loss_itm.item<double>(), out.loss_lm.item<double>(), lr,
+                  static_cast<double>(batch_size) / std::max(secs, 1e-9)};
+      check(std::isfinite(log.loss), "loss became " + std::to_string(log.loss) + " at step " +
+                                         std::to_string(log.step) + " (lower the learning rate?)");
+      logs.push_back(log);
+      metrics << nlohmann::json{{"step", log.step}, {"epoch", log.epoch}, {"loss", log.loss},
+                                {"loss_itc", log.loss_itc}, {"loss_itm", log.loss_itm},
+                                {"loss_lm", log.loss_lm}, {"lr", log.lr},
+                                {"samples_per_s", log.samples_per_s}}
+                     .dump()
+              << "\n";
+      metrics.flush();
+      progress.update(st.step, "loss " + format_float(log.loss) + " itc " +
+                                   format_float(log.loss_itc) + " itm " +
+                                   format_float(log.loss_itm) + " lm " +
+                                   format_float(log.loss_lm) + " lr " +
+                                   format_float(lr * 1e4, 3) + "e-4 " +
+                                   format_float(log.samples_per_s, 1) + " samples/s");
+      if (rc.save_steps > 0 && st.step % rc.save_steps == 0) {
+        save_checkpoint(st, optimizer);
+        saved_at = st.step;
+      }
+    }
+    if (rc.save_steps == 0 && saved_at != st.step) {
+      save_checkpoint(st, optimizer);
+      saved_at = st.step;
+    }
+  }
+  progress.finish();
+  if (saved_at != st.step && !logs.empty()) save_checkpoint(st, optimizer);
+
+  if (!logs.empty()) {
+    size_t k = std::max<size_t>(1, std::min<size_t>(20, logs.size() / 5));
+    nlohmann::json summary;
+    std::string table = "loss        start     end\n";
+    for (auto [name, field] : {std::pair{"loss", &StepLog::loss}, {"loss_itc", &StepLog::loss_itc},
+                               {"loss_itm", &StepLog::loss_itm}, {"loss_lm", &StepLog::loss_lm}}) {
+      double a = mean_of(logs, 0, k, field), z = mean_of(logs, logs.size() - k, logs.size(), field);
+      summary[name] = {{"start", a}, {"end", z}};
+      table += std::string(name) + std::string(12 - std::string(name).size(), ' ') +
+               format_float(a) + "  " + format_float(z) + "\n";
+    }
+    double sps = mean_of(logs, std::min(logs.size() - 1, size_t{2}), logs.size(), &StepLog::samples_per_s);
+    summary["samples_per_s"] = sps;
+    summary["steps"] = st.step;
+    std::cout << "\n" << table << "(mean of the first and last " << k << " steps; ln 2 = 0.6931)\n"
+              << "throughput: " << format_float(sps, 1) << " samples/s\n";
+    atomic_write(fs::path(cfg_.output_dir) / "train_summary.json", summary.dump(2) + "\n");
+  }
+  return logs;
+}
+
+Stage1Eval PretrainTrainer::evaluate() {
+  auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
+  model_->eval();
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(cfg_.seed);  // the hard negatives are sampled: make eval repeatable
+  Stage1Eval ev;
+  int64_t seen = 0;
+  std::vector<torch::Tensor> image_feats, text_feats;
+  std::vector<std::string> captions;
+  Progress progress("eval", loader.batches_per_epoch(), cfg_.runner_config.log_interval);
+  for (int64_t b = 0; b < loader.batches_per_epoch(); ++b) {
+    Batch batch = loader.batch(0, b).to(device_);
+    AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
+    auto out = model_->forward(batch.images, batch.ids, batch.mask);
+    const double n = static_cast<double>(batch.ids.size(0));
+    ev.loss += out.loss.item<double>() * n;
+    ev.loss_itc += out.loss_itc.item<double>() * n;
+    ev.loss_itm += out.loss_itm.item<double>() * n;
+    ev.loss_lm += out.loss_lm.item<double>() * n;
+    seen += batch.ids.size(0);
+    auto image_embeds = model_->encode_image(batch.images);
+    image_feats.push_back(model_->image_features(model_->query_pass(image_embeds, false).hidden).cpu());
+    text_feats.push_back(model_->text_features(model_->text_pass(batch.ids, batch.mask)).cpu());
+    captions.insert(captions.end(), batch.captions.begin(), batch.captions.end());
+    progress.update(b + 1, "");
+  }
+  progress.finish();
+  for (double* v : {&ev.loss, &ev.loss_itc, &ev.loss_itm, &ev.loss_lm}) *v /= std::max<int64_t>(1, seen);
+
+  // ITC retrieval over the split. A text matches an image when it is that image's caption or
+  // an identical one (synthetic images with the same attributes share the same caption).
+  auto sim = max_over_queries(torch::cat(image_feats), torch::cat(text_feats));
+  std::map<std::string, std::vector<int64_t>> by_caption;
+  for (size_t i = 0; i < captions.size(); ++i) by_caption[captions[i]].push_back(static_cast<int64_t>(i));
+  std::vector<std::vector<int64_t>> img2txt, txt2img;
+  for (const auto& c : captions) {
+    img2txt.push_back(by_caption[c]);
+    txt2img.push_back(by_caption[c]);
+  }
+  ev.itc_retrieval = recall_at_k(sim, img2txt, txt2img);
+  return ev;
+}
+
+}  // namespace blip2

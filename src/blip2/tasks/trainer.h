@@ -1,0 +1,75 @@
+// The contrastive_language_image_pretrain task: stage-1 training and loss evaluation.
+//
+// Training: frozen ViT, AdamW (no weight decay on biases and 1-D parameters), linear warmup
+// then cosine, optional clipping and bf16 autocast (CUDA), atomic checkpoints with everything
+// needed to resume bit-for-bit (weights, optimizer, RNG, data position), a progress line, and
+// metrics as JSON lines in the output directory.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "blip2/config/config.h"
+#include "blip2/data/dataset.h"
+#include "blip2/models/blip2_qformer.h"
+
+namespace blip2 {
+
+struct StepLog {
+  int64_t step = 0, epoch = 0;
+  double loss = 0, loss_itc = 0, loss_itm = 0, loss_lm = 0, lr = 0, samples_per_s = 0;
+};
+
+// Recall@K in both directions. img2txt[i] lists the texts that match image i, txt2img[t] the
+// images that match text t; a query counts as a hit if any of its matches ranks within K.
+struct RetrievalMetrics {
+  double txt_r1 = 0, txt_r5 = 0, txt_r10 = 0;  // image -> text
+  double img_r1 = 0, img_r5 = 0, img_r10 = 0;  // text -> image
+  int64_t num_images = 0, num_texts = 0;
+};
+RetrievalMetrics recall_at_k(const torch::Tensor& sim_i2t,
+                             const std::vector<std::vector<int64_t>>& img2txt,
+                             const std::vector<std::vector<int64_t>>& txt2img);
+
+struct Stage1Eval {
+  double loss = 0, loss_itc = 0, loss_itm = 0, loss_lm = 0;
+  RetrievalMetrics itc_retrieval;  // from ITC similarities alone
+  nlohmann::json to_json() const;
+};
+
+// lr at optimizer step `step` (0-based): linear from warmup_lr_init to learning_rate over
+// warmup_steps, then cosine from learning_rate to lr_end at total_steps.
+double warmup_cosine_lr(const LrScheduleConfig& s, int64_t step, int64_t total_steps);
+
+// Where a run stands; saved in each checkpoint.
+struct TrainState {
+  int64_t step = 0;   // optimizer steps done
+  int64_t epoch = 0;  // current epoch
+  int64_t batch = 0;  // next batch within the epoch
+};
+
+class PretrainTrainer {
+ public:
+  explicit PretrainTrainer(RunConfig cfg);
+  std::vector<StepLog> train();
+  Stage1Eval evaluate();
+  Blip2Qformer model() const { return model_; }
+  const RunConfig& config() const { return cfg_; }
+
+ private:
+  void load_weights(const std::string& path);
+  void save_checkpoint(const TrainState& st, torch::optim::Optimizer& opt);
+  TrainState resume(const std::string& path, torch::optim::Optimizer& opt);
+  BatchLoader make_loader(const DatasetConfig& d, bool train) const;
+
+  RunConfig cfg_;
+  torch::Device device_;
+  Blip2Qformer model_{nullptr};
+  std::shared_ptr<WordPieceTokenizer> tokenizer_;
+};
+
+// Resolves --load_checkpoint: a checkpoint directory, an output directory's checkpoint/ root
+// (its `latest`), or a .safetensors file. Returns the directory or file to read.
+std::string resolve_checkpoint(const std::string& path);
+
+}  // namespace blip2

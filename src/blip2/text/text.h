@@ -1,0 +1,60 @@
+// Text processing for the Q-Former: LAVIS' caption cleaning (the seed's CaptionTransform) and a
+// BERT WordPiece tokenizer with the added [DEC] bos token.
+//
+// This tokenizer covers what the ASCII synthetic data and English captions need: cleaning,
+// lower-casing, whitespace and punctuation splitting, greedy longest-match WordPiece with
+// [UNK] and the 100-character word limit. Bytes >= 0x80 are kept inside words as they are.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <torch/torch.h>
+
+namespace blip2 {
+
+// lower-case; each of .!"()*#:;~ becomes a space; whitespace runs collapse; strip; keep the
+// first `max_words` words; prepend `prompt`.
+std::string clean_caption(const std::string& caption, int64_t max_words = 50,
+                          const std::string& prompt = "");
+
+struct Encoded {
+  torch::Tensor ids;   // [B, L] int64
+  torch::Tensor mask;  // [B, L] int64, 1 = token, 0 = padding
+};
+
+class WordPieceTokenizer {
+ public:
+  // `vocab` in id order (one token per line of vocab.txt). `bos_token` is appended as a new id
+  // unless the vocabulary already has it.
+  WordPieceTokenizer(std::vector<std::string> vocab, bool do_lower_case = true,
+                     const std::string& bos_token = "[DEC]");
+  static WordPieceTokenizer from_file(const std::string& vocab_file, bool do_lower_case = true,
+                                      const std::string& bos_token = "[DEC]");
+
+  std::vector<std::string> tokenize(const std::string& text) const;
+  // [CLS] tokens [SEP], truncated to max_length (<= 0: no limit) keeping [SEP] last.
+  std::vector<int64_t> encode(const std::string& text, int64_t max_length = 0) const;
+  // padding: "max_length" pads to max_length, "longest" to the longest text.
+  Encoded encode_batch(const std::vector<std::string>& texts, int64_t max_length,
+                       const std::string& padding = "max_length") const;
+
+  int64_t token_to_id(const std::string& token) const;  // -1 if absent
+  int64_t size() const { return static_cast<int64_t>(vocab_.size()); }
+  int64_t pad_id() const { return pad_id_; }
+  int64_t cls_id() const { return cls_id_; }
+  int64_t sep_id() const { return sep_id_; }
+  int64_t unk_id() const { return unk_id_; }
+  int64_t bos_id() const { return bos_id_; }
+
+ private:
+  void wordpiece(const std::string& word, std::vector<std::string>& out) const;
+  std::vector<std::string> vocab_;
+  std::unordered_map<std::string, int64_t> index_;
+  bool lower_;
+  int64_t pad_id_, cls_id_, sep_id_, unk_id_, bos_id_;
+};
+
+}  // namespace blip2

@@ -1,0 +1,55 @@
+// Shared plumbing: the one-line error type, logging, progress, atomic file writes.
+//
+// Every error a user can cause (bad file, bad key, bad shape) is thrown as blip2::Error with a
+// message that names the file/key/entry; the CLI prints it on one line and exits non-zero.
+#pragma once
+
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <stdexcept>
+#include <string>
+
+namespace blip2 {
+
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Throws blip2::Error(msg) unless cond holds.
+inline void check(bool cond, const std::string& msg) {
+  if (!cond) throw Error(msg);
+}
+
+// Logging to stderr with a timestamp; `info` is for progress a user wants to see.
+void log_info(const std::string& msg);
+void log_warn(const std::string& msg);
+
+// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
+// crash never leaves a truncated file under the final name.
+void atomic_write(const std::filesystem::path& path, const std::string& bytes);
+// Same, for a writer that fills a file by path (e.g. a library that writes on its own).
+void atomic_write_with(const std::filesystem::path& path,
+                       const std::function<void(const std::filesystem::path& tmp)>& write);
+std::string read_file(const std::filesystem::path& path);
+
+// A progress line: a redrawn bar on a terminal, plain log lines every `log_every` steps
+// otherwise (CI logs, files).
+class Progress {
+ public:
+  Progress(std::string label, int64_t total, int64_t log_every = 10);
+  // `status` is appended to the line (losses, lr, samples/s).
+  void update(int64_t done, const std::string& status);
+  void finish();
+
+ private:
+  std::string label_;
+  int64_t total_, log_every_;
+  bool tty_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+std::string format_float(double v, int precision = 4);
+
+}  // namespace blip2
