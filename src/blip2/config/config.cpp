@@ -260,6 +260,10 @@ void validate(const RunConfig& c, const std::string& s) {
       bad(s, at + "text_transforms.max_length",
           "exceeds model.model_config.qformer_config.max_position_embeddings");
     if (d->batch_size < 0) bad(s, at + "batch_size", "must be >= 0");
+    if (d->tokenizer.max_length != d->text_transforms.max_length)
+      bad(s, at + "tokenizer.max_length",
+          std::to_string(d->tokenizer.max_length) + " != text_transforms.max_length " +
+              std::to_string(d->text_transforms.max_length));
   }
   if (c.parallel_config.data_parallel < 1 || c.parallel_config.model_parallel < 1)
     bad(s, "parallel_config", "data_parallel and model_parallel must be >= 1");

@@ -150,7 +150,7 @@ torch::Tensor normalize_image(const torch::Tensor& image01) {
 }
 
 std::shared_ptr<ImageTextDataset> make_dataset(const DatasetConfig& cfg, int64_t image_size,
-                                               uint64_t seed) {
+                                               uint64_t seed, const std::string& section) {
   const auto& dl = cfg.data_loader;
   if (dl.type == "SyntheticShapes") {
     bool train = dl.stage == "train";
@@ -159,7 +159,7 @@ std::shared_ptr<ImageTextDataset> make_dataset(const DatasetConfig& cfg, int64_t
                                             : SyntheticShapes::kDefaultHeldoutSize);
     return std::make_shared<SyntheticShapes>(train ? "train" : "heldout", n, image_size, seed);
   }
-  throw Error("data_loader.type '" + dl.type +
+  throw Error(section + ".data_loader.type: '" + dl.type +
               "' is not available in this build (available: SyntheticShapes)");
 }
 

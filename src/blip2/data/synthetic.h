@@ -48,8 +48,9 @@ class SyntheticShapes : public ImageTextDataset {
 torch::Tensor normalize_image(const torch::Tensor& image01);
 
 // Builds the dataset a config section names (SyntheticShapes for now).
+// `section` (train_dataset / eval_dataset) names the config key in errors.
 std::shared_ptr<ImageTextDataset> make_dataset(const DatasetConfig& cfg, int64_t image_size,
-                                               uint64_t seed);
+                                               uint64_t seed, const std::string& section);
 // The tokenizer a config names: vocab_file, or the synthetic vocabulary when it is "".
 std::shared_ptr<WordPieceTokenizer> make_tokenizer(const TokenizerConfig& cfg);
 

@@ -196,7 +196,7 @@ void PretrainTrainer::load_weights(const std::string& path) {
 
 BatchLoader PretrainTrainer::make_loader(const DatasetConfig& d, bool train) const {
   auto dataset = make_dataset(d, cfg_.model.model_config.vision_config.image_size,
-                              static_cast<uint64_t>(cfg_.seed));
+                              static_cast<uint64_t>(cfg_.seed), train ? "train_dataset" : "eval_dataset");
   LoaderOptions o;
   o.batch_size = d.batch_size > 0 ? d.batch_size : cfg_.runner_config.batch_size;
   o.shuffle = train && d.data_loader.shuffle;
