@@ -11,7 +11,7 @@ all: build
 # scripts/setup.sh prints the Python whose torch the build uses on its last line.
 build:
 	@PY=$$(bash scripts/setup.sh | tail -n 1) && \
-	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DBLIP2_PYTHON="$$(realpath $$PY)" && \
+	cmake -S . -B $(BUILD_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release -DBLIP2_PYTHON="$$PY" && \
 	cmake --build $(BUILD_DIR) -j $(JOBS)
 
 setup: build

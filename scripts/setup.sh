@@ -53,5 +53,6 @@ else
   .venv/bin/python -m pip install -q "torch==$TORCH_VERSION"
   PY=.venv/bin/python
 fi
+[[ "$PY" = /* ]] || PY="$PWD/$PY"  # absolute, symlinks kept (a venv's python is one)
 log "torch $("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null) from $PY"
 echo "$PY"
