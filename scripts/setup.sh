@@ -13,6 +13,8 @@ DEBIAN_PACKAGES=(
   libyaml-cpp-dev      # configs
   nlohmann-json3-dev   # JSON: annotations, safetensors headers, metrics
   libcli11-dev         # command line
+  libjpeg62-turbo-dev libpng-dev  # image decoding (Pillow's decoder family)
+  libutf8proc-dev      # Unicode properties for the BERT tokenizer
   libgtest-dev libgmock-dev  # tests
 )
 TORCH_VERSION=2.13.0

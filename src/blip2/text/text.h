@@ -1,9 +1,11 @@
 // Text processing for the Q-Former: LAVIS' caption cleaning (the seed's CaptionTransform) and a
 // BERT WordPiece tokenizer with the added [DEC] bos token.
 //
-// This tokenizer covers what the ASCII synthetic data and English captions need: cleaning,
-// lower-casing, whitespace and punctuation splitting, greedy longest-match WordPiece with
-// [UNK] and the 100-character word limit. Bytes >= 0x80 are kept inside words as they are.
+// Both follow the Python reference exactly on Unicode text (Hugging Face's BertTokenizer:
+// cleaning, CJK characters split, punctuation split, lower-casing with accent stripping when
+// uncased, greedy longest-match WordPiece with [UNK] and the 100-character word limit). Unicode
+// properties come from utf8proc; Python's full lower-casing (final sigma, dotted capital I) is
+// reproduced where it differs from the simple mapping.
 #pragma once
 
 #include <cstdint>
@@ -15,7 +17,7 @@
 
 namespace blip2 {
 
-// lower-case; each of .!"()*#:;~ becomes a space; whitespace runs collapse; strip; keep the
+// LAVIS' BlipCaptionProcessor: lower-case; each of .!"()*#:;~ becomes a space; whitespace runs collapse; strip; keep the
 // first `max_words` words; prepend `prompt`.
 std::string clean_caption(const std::string& caption, int64_t max_words = 50,
                           const std::string& prompt = "");
@@ -35,9 +37,12 @@ class WordPieceTokenizer {
                                       const std::string& bos_token = "[DEC]");
 
   std::vector<std::string> tokenize(const std::string& text) const;
+  // The basic tokenizer alone (before WordPiece).
+  std::vector<std::string> basic_tokenize(const std::string& text) const;
   // [CLS] tokens [SEP], truncated to max_length (<= 0: no limit) keeping [SEP] last.
   std::vector<int64_t> encode(const std::string& text, int64_t max_length = 0) const;
-  // padding: "max_length" pads to max_length, "longest" to the longest text.
+  // padding: "max_length" pads to max_length, "longest" to the longest text, "none" (or
+  // "do_not_pad") leaves each row its length (the tensor is then padded to the longest).
   Encoded encode_batch(const std::vector<std::string>& texts, int64_t max_length,
                        const std::string& padding = "max_length") const;
 

@@ -1,0 +1,55 @@
+// Images as Pillow + LAVIS prepare them: decode (JPEG via libjpeg-turbo, PNG via libpng) with
+// Pillow's convert("RGB") semantics, Pillow's antialiased BICUBIC resize re-implemented in the
+// same fixed-point arithmetic, crops and flips, then ToTensor + CLIP normalisation.
+//
+// Decoding follows Pillow's defaults: no EXIF rotation, ISLOW IDCT with fancy upsampling,
+// greyscale replicated, alpha dropped (not composited), palettes looked up, CMYK JPEGs read
+// with Adobe inversion and converted with Pillow's cmyk2rgb, 16-bit RGB reduced to its high byte.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+namespace blip2 {
+
+// 8-bit RGB, row-major HWC.
+struct Image {
+  int64_t width = 0, height = 0;
+  std::vector<uint8_t> rgb;
+  uint8_t* row(int64_t y) { return rgb.data() + y * width * 3; }
+  const uint8_t* row(int64_t y) const { return rgb.data() + y * width * 3; }
+};
+
+// Detects the format from the bytes; errors name `name` (the file) and what is wrong.
+Image decode_image_bytes(const std::string& bytes, const std::string& name);
+Image load_image(const std::string& path);
+
+// Pillow's Image.resize((w, h), BICUBIC): separable, antialiased when shrinking (support scaled
+// by the factor), coefficients in 22-bit fixed point, horizontal pass first and 8-bit in between
+// (Pillow <= 12; Pillow 13 may run the vertical pass first on some sizes).
+Image resize_bicubic(const Image& in, int64_t width, int64_t height);
+Image crop(const Image& in, int64_t x, int64_t y, int64_t width, int64_t height);
+Image hflip(const Image& in);
+
+// uint8 [3,H,W] and ToTensor + Normalize(OpenAI CLIP mean/std) float [3,H,W].
+torch::Tensor to_uint8_tensor(const Image& img);
+torch::Tensor to_normalized_tensor(const Image& img);
+
+// blip_image_eval: Resize((S, S), BICUBIC), a squash without crop.
+torch::Tensor eval_transform(const Image& img, int64_t size);
+
+// blip2_image_train: RandomResizedCrop(S, scale, ratio 3/4..4/3, BICUBIC) + horizontal flip
+// with probability 0.5, drawn from `rng` (torchvision's sampling procedure).
+struct TrainTransformOptions {
+  int64_t size = 224;
+  double scale_min = 0.5, scale_max = 1.0;
+  double ratio_min = 3.0 / 4.0, ratio_max = 4.0 / 3.0;
+  bool hflip = true;
+};
+torch::Tensor train_transform(const Image& img, const TrainTransformOptions& o, std::mt19937_64& rng);
+
+}  // namespace blip2
