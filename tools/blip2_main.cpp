@@ -8,6 +8,7 @@
 #include "blip2/config/config.h"
 #include "blip2/models/blip2_qformer.h"
 #include "blip2/tasks/runner.h"
+#include "blip2/text/text.h"
 #include "blip2/util/common.h"
 
 namespace {
@@ -25,6 +26,18 @@ int list_models() {
               << c.vision_config.num_hidden_layers << "; qformer " << c.qformer_config.num_hidden_layers
               << " layers width " << c.qformer_config.hidden_size << ", "
               << c.qformer_config.query_length << " queries\n";
+  }
+  return 0;
+}
+
+int tokenize_texts(const std::string& vocab, const std::vector<std::string>& texts,
+                   int64_t max_length, const std::string& padding, bool lower) {
+  auto tok = blip2::WordPieceTokenizer::from_file(vocab, lower);
+  auto enc = tok.encode_batch(texts, max_length, padding == "none" ? "longest" : padding);
+  for (int64_t i = 0; i < enc.ids.size(0); ++i) {
+    const int64_t n = padding == "none" ? enc.mask[i].sum().item<int64_t>() : enc.ids.size(1);
+    std::vector<int64_t> ids(enc.ids[i].data_ptr<int64_t>(), enc.ids[i].data_ptr<int64_t>() + n);
+    std::cout << nlohmann::json(ids).dump() << "\n";
   }
   return 0;
 }
@@ -55,6 +68,18 @@ int main(int argc, char** argv) {
 
   auto* list = app.add_subcommand("list-models", "print the support list of named models");
 
+  auto* tokenize = app.add_subcommand("tokenize", "BERT WordPiece ids of texts, one JSON line each");
+  std::string vocab, padding = "none";
+  int64_t max_length = 0;
+  bool cased = false;
+  std::vector<std::string> texts;
+  tokenize->add_option("--vocab", vocab, "vocab.txt (one token per line)")->required();
+  tokenize->add_option("--max_length", max_length, "truncate (and pad) to this many ids");
+  tokenize->add_option("--padding", padding, "max_length | longest | none")
+      ->check(CLI::IsMember({"max_length", "longest", "none"}));
+  tokenize->add_flag("--cased", cased, "keep case and accents (do_lower_case false)");
+  tokenize->add_option("texts", texts, "texts to tokenize")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -63,6 +88,7 @@ int main(int argc, char** argv) {
 
   try {
     if (*list) return list_models();
+    if (*tokenize) return tokenize_texts(vocab, texts, max_length, padding, !cased);
     if (!run_mode.empty()) o.run_mode = run_mode;
     if (!device.empty()) o.device_target = device;
     if (!train_dir.empty()) o.train_dataset_dir = train_dir;

@@ -148,18 +148,24 @@ struct ModelSection {
 };
 
 struct DataLoaderConfig {
-  std::string type = "SyntheticShapes";  // or MultiImgCapDataLoader
+  // SyntheticShapes | MultiImgCapDataLoader (COCO, VG, Flickr30k caption JSON) |
+  // Cifar100DataLoader (binary release) | ImageFolder (a directory of images)
+  std::string type = "SyntheticShapes";
   std::string dataset_dir;               // root of annotation_files / image_dirs
   std::vector<std::string> annotation_files;
   std::vector<std::string> image_dirs;
   std::string stage = "train";           // train | eval (synthetic: train | heldout)
   bool shuffle = true;
   int64_t num_samples = 0;               // synthetic: images in the split (0 = its default)
+  bool skip_bad_samples = false;         // skip unreadable images (counted and reported)
+  std::string hypothesis_template = "a picture of {}";  // CIFAR-100: caption from the label
+  bool fine_label = true;                // CIFAR-100: 100 fine classes (else 20 coarse)
 
   template <class V> void visit(V& v) {
     v("type", type); v("dataset_dir", dataset_dir); v("annotation_files", annotation_files);
     v("image_dirs", image_dirs); v("stage", stage); v("shuffle", shuffle);
-    v("num_samples", num_samples);
+    v("num_samples", num_samples); v("skip_bad_samples", skip_bad_samples);
+    v("hypothesis_template", hypothesis_template); v("fine_label", fine_label);
   }
 };
 
@@ -189,15 +195,30 @@ struct TokenizerConfig {
   }
 };
 
+// Image preprocessing. blip2_image_train: RandomResizedCrop + flip (the default for training);
+// blip_image_eval: bicubic resize to S x S (the default otherwise).
+struct ImageTransformConfig {
+  std::string type;                    // "" = by split; blip2_image_train | blip_image_eval
+  int64_t image_size = 0;              // 0 = model.model_config.vision_config.image_size
+  double scale_min = 0.5, scale_max = 1.0;
+  bool hflip = true;
+  template <class V> void visit(V& v) {
+    v("type", type); v("image_size", image_size); v("scale_min", scale_min);
+    v("scale_max", scale_max); v("hflip", hflip);
+  }
+};
+
 struct DatasetConfig {
   DataLoaderConfig data_loader;
+  ImageTransformConfig image_transforms;
   TextTransformConfig text_transforms;
   TokenizerConfig tokenizer;
   int64_t batch_size = 0;              // 0 = runner_config.batch_size
   bool drop_remainder = true;
   int64_t num_parallel_workers = 2;
   template <class V> void visit(V& v) {
-    v("data_loader", data_loader); v("text_transforms", text_transforms);
+    v("data_loader", data_loader); v("image_transforms", image_transforms);
+    v("text_transforms", text_transforms);
     v("tokenizer", tokenizer); v("batch_size", batch_size);
     v("drop_remainder", drop_remainder); v("num_parallel_workers", num_parallel_workers);
   }

@@ -5,8 +5,11 @@
 // and tokenises the captions. The samples of a batch are produced on worker threads.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
+#include <future>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -28,7 +31,11 @@ class ImageTextDataset {
  public:
   virtual ~ImageTextDataset() = default;
   virtual int64_t size() const = 0;
-  virtual ImageTextSample get(int64_t index) const = 0;
+  // `sample_seed` drives random augmentation; the loader derives it from (seed, epoch, index).
+  virtual ImageTextSample get(int64_t index, uint64_t sample_seed) const = 0;
+  ImageTextSample get(int64_t index) const { return get(index, 0); }
+  // What a sample is called in errors (file and annotation entry).
+  virtual std::string describe(int64_t index) const { return "sample " + std::to_string(index); }
 };
 
 struct Batch {
@@ -43,6 +50,7 @@ struct Batch {
 
 struct LoaderOptions {
   int64_t batch_size = 8;
+  bool skip_bad_samples = false;  // replace unreadable samples by the next good one, and count
   bool shuffle = true;
   bool drop_last = true;
   uint64_t seed = 42;
@@ -60,14 +68,34 @@ class BatchLoader {
   std::vector<int64_t> epoch_order(int64_t epoch) const;
   // Batch `index` of `epoch`, built on the worker threads.
   Batch batch(int64_t epoch, int64_t index) const;
-  Batch collate(const std::vector<int64_t>& indices) const;
+  Batch collate(const std::vector<int64_t>& indices, int64_t epoch = 0) const;
   const ImageTextDataset& dataset() const { return *dataset_; }
+  int64_t skipped() const { return skipped_->load(); }  // bad samples skipped so far
+
+  // Iterates the batches of one epoch from `start`, building the next batch on a background
+  // thread while the caller works on the current one.
+  class Stream {
+   public:
+    Stream(const BatchLoader& loader, int64_t epoch, int64_t start);
+    ~Stream();
+    bool done() const { return next_index_ > end_; }
+    Batch next();
+
+   private:
+    const BatchLoader& loader_;
+    int64_t epoch_, next_index_, end_;
+    std::future<Batch> pending_;
+  };
 
  private:
   std::shared_ptr<const ImageTextDataset> dataset_;
   std::shared_ptr<const WordPieceTokenizer> tokenizer_;
   TextTransformConfig text_;
   LoaderOptions opt_;
+  std::shared_ptr<std::atomic<int64_t>> skipped_ = std::make_shared<std::atomic<int64_t>>(0);
+  mutable std::mutex order_mutex_;
+  mutable int64_t cached_epoch_ = -1;
+  mutable std::vector<int64_t> cached_order_;
 };
 
 }  // namespace blip2

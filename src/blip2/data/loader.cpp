@@ -37,6 +37,8 @@ int64_t BatchLoader::batches_per_epoch() const {
 }
 
 std::vector<int64_t> BatchLoader::epoch_order(int64_t epoch) const {
+  std::lock_guard<std::mutex> lock(order_mutex_);
+  if (epoch == cached_epoch_) return cached_order_;
   std::vector<int64_t> order(dataset_->size());
   std::iota(order.begin(), order.end(), 0);
   if (opt_.shuffle) {
@@ -48,6 +50,8 @@ std::vector<int64_t> BatchLoader::epoch_order(int64_t epoch) const {
   std::vector<int64_t> mine;
   mine.reserve(per_rank);
   for (int64_t i = 0; i < per_rank; ++i) mine.push_back(order[i * opt_.world_size + opt_.rank]);
+  cached_epoch_ = epoch;
+  cached_order_ = mine;
   return mine;
 }
 
@@ -56,20 +60,37 @@ Batch BatchLoader::batch(int64_t epoch, int64_t index) const {
   auto order = epoch_order(epoch);
   int64_t begin = index * opt_.batch_size;
   int64_t end = std::min<int64_t>(begin + opt_.batch_size, static_cast<int64_t>(order.size()));
-  return collate(std::vector<int64_t>(order.begin() + begin, order.begin() + end));
+  return collate(std::vector<int64_t>(order.begin() + begin, order.begin() + end), epoch);
 }
 
-Batch BatchLoader::collate(const std::vector<int64_t>& indices) const {
+Batch BatchLoader::collate(const std::vector<int64_t>& indices, int64_t epoch) const {
   const int64_t n = static_cast<int64_t>(indices.size());
+  const int64_t total = dataset_->size();
   std::vector<ImageTextSample> samples(n);
+  auto load = [&](int64_t i) {
+    int64_t index = indices[i];
+    for (int64_t attempt = 0;; ++attempt) {
+      uint64_t seed = (opt_.seed * 1000003ULL + static_cast<uint64_t>(epoch)) * 2654435761ULL +
+                      static_cast<uint64_t>(index);
+      try {
+        samples[i] = dataset_->get(index, seed);
+        return;
+      } catch (const Error& e) {
+        if (!opt_.skip_bad_samples) throw;
+        if (skipped_->fetch_add(1) < 20) log_warn("skipping " + std::string(e.what()));
+        check(attempt + 1 < total, "skip_bad_samples: no readable sample left in the dataset");
+        index = (index + 1) % total;  // the next sample stands in
+      }
+    }
+  };
   // Decode/transform on up to num_workers threads.
   int64_t workers = std::clamp<int64_t>(opt_.num_workers, 1, n);
   std::vector<std::future<void>> jobs;
   for (int64_t w = 0; w < workers; ++w)
     jobs.push_back(std::async(std::launch::async, [&, w] {
-      for (int64_t i = w; i < n; i += workers) samples[i] = dataset_->get(indices[i]);
+      for (int64_t i = w; i < n; i += workers) load(i);
     }));
-  for (auto& j : jobs) j.get();
+  for (auto& j : jobs) j.get();  // rethrows the first error
 
   Batch b;
   std::vector<torch::Tensor> images;
@@ -87,6 +108,27 @@ Batch BatchLoader::collate(const std::vector<int64_t>& indices) const {
   b.image_ids = torch::tensor(ids, torch::kLong);
   b.labels = torch::tensor(labels, torch::kLong);
   return b;
+}
+
+BatchLoader::Stream::Stream(const BatchLoader& loader, int64_t epoch, int64_t start)
+    : loader_(loader), epoch_(epoch), next_index_(start), end_(loader.batches_per_epoch() - 1) {
+  if (!done()) pending_ = std::async(std::launch::async, [this, i = next_index_] {
+    return loader_.batch(epoch_, i);
+  });
+}
+
+BatchLoader::Stream::~Stream() {
+  if (pending_.valid()) pending_.wait();
+}
+
+Batch BatchLoader::Stream::next() {
+  check(!done(), "batch stream exhausted");
+  Batch current = pending_.get();
+  ++next_index_;
+  if (!done()) pending_ = std::async(std::launch::async, [this, i = next_index_] {
+    return loader_.batch(epoch_, i);
+  });
+  return current;
 }
 
 }  // namespace blip2

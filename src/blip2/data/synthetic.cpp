@@ -4,6 +4,7 @@
 #include <cmath>
 #include <random>
 
+#include "blip2/data/caption_datasets.h"
 #include "blip2/util/common.h"
 
 namespace blip2 {
@@ -101,7 +102,7 @@ std::string SyntheticShapes::canonical_caption(const ShapeAttributes& a) {
          " " + kPositions[a.position];
 }
 
-ImageTextSample SyntheticShapes::get(int64_t index) const {
+ImageTextSample SyntheticShapes::get(int64_t index, uint64_t) const {
   check(index >= 0 && index < num_samples_, "synthetic index out of range");
   auto a = attributes(index);
   ImageTextSample out;
@@ -159,8 +160,18 @@ std::shared_ptr<ImageTextDataset> make_dataset(const DatasetConfig& cfg, int64_t
                                             : SyntheticShapes::kDefaultHeldoutSize);
     return std::make_shared<SyntheticShapes>(train ? "train" : "heldout", n, image_size, seed);
   }
+  const bool train = dl.stage == "train";
+  ImageTransform transform = make_image_transform(cfg.image_transforms, train, image_size);
+  try {
+    if (dl.type == "MultiImgCapDataLoader") return std::make_shared<CaptionDataset>(dl, transform);
+    if (dl.type == "Cifar100DataLoader") return std::make_shared<Cifar100Dataset>(dl, transform);
+    if (dl.type == "ImageFolder")
+      return std::make_shared<ImageFolderDataset>(std::vector<std::string>{dl.dataset_dir}, transform);
+  } catch (const Error& e) {
+    throw Error(section + ": " + e.what());
+  }
   throw Error(section + ".data_loader.type: '" + dl.type +
-              "' is not available in this build (available: SyntheticShapes)");
+              "' is not SyntheticShapes|MultiImgCapDataLoader|Cifar100DataLoader|ImageFolder");
 }
 
 std::shared_ptr<WordPieceTokenizer> make_tokenizer(const TokenizerConfig& cfg) {

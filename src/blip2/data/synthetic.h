@@ -25,7 +25,8 @@ class SyntheticShapes : public ImageTextDataset {
   // split: "train" (random phrasings) or "heldout"/"eval" (canonical captions, other images).
   SyntheticShapes(std::string split, int64_t num_samples, int64_t image_size, uint64_t seed);
   int64_t size() const override { return num_samples_; }
-  ImageTextSample get(int64_t index) const override;
+  using ImageTextDataset::get;
+  ImageTextSample get(int64_t index, uint64_t sample_seed) const override;
 
   ShapeAttributes attributes(int64_t index) const;
   // Float image in [0, 1], [3, S, S], before normalisation.

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "blip2/data/caption_datasets.h"
 #include "blip2/data/synthetic.h"
 #include "blip2/dist/dist.h"
 #include "blip2/io/safetensors.h"
@@ -203,6 +204,7 @@ BatchLoader PretrainTrainer::make_loader(const DatasetConfig& d, bool train) con
   o.drop_last = train ? d.drop_remainder : false;
   o.seed = static_cast<uint64_t>(cfg_.seed);
   o.num_workers = d.num_parallel_workers;
+  o.skip_bad_samples = d.data_loader.skip_bad_samples;
   o.rank = dist::rank();
   o.world_size = dist::world_size();
   return BatchLoader(dataset, tokenizer_, d.text_transforms, o);
@@ -328,9 +330,10 @@ std::vector<StepLog> PretrainTrainer::train() {
   Progress progress("train", last_step, rc.log_interval);
   int64_t saved_at = -1;
   for (int64_t epoch = st.epoch; epoch < rc.epochs && st.step < last_step; ++epoch) {
+    BatchLoader::Stream stream(loader, epoch, epoch == st.epoch ? st.batch : 0);
     for (int64_t b = epoch == st.epoch ? st.batch : 0; b < per_epoch && st.step < last_step; ++b) {
       auto t0 = std::chrono::steady_clock::now();
-      Batch batch = loader.batch(epoch, b).to(device_);
+      Batch batch = stream.next().to(device_);
       double lr = warmup_cosine_lr(cfg_.lr_schedule, st.step, total);
       set_lr(optimizer, lr);
       Stage1Output out;
@@ -389,6 +392,8 @@ std::vector<StepLog> PretrainTrainer::train() {
   }
   progress.finish();
   if (saved_at != st.step && !logs.empty()) save_checkpoint(st, optimizer);
+  if (loader.skipped() > 0)
+    log_warn("skipped " + std::to_string(loader.skipped()) + " unreadable training samples");
 
   if (!logs.empty()) {
     size_t k = std::max<size_t>(1, std::min<size_t>(20, logs.size() / 5));
@@ -440,15 +445,44 @@ Stage1Eval PretrainTrainer::evaluate() {
   progress.finish();
   for (double* v : {&ev.loss, &ev.loss_itc, &ev.loss_itm, &ev.loss_lm}) *v /= std::max<int64_t>(1, seen);
 
-  // ITC retrieval over the split. A text matches an image when it is that image's caption or
-  // an identical one (synthetic images with the same attributes share the same caption).
-  auto sim = max_over_queries(torch::cat(image_feats), torch::cat(text_feats));
-  std::map<std::string, std::vector<int64_t>> by_caption;
-  for (size_t i = 0; i < captions.size(); ++i) by_caption[captions[i]].push_back(static_cast<int64_t>(i));
+  if (loader.skipped() > 0)
+    log_warn("skipped " + std::to_string(loader.skipped()) + " unreadable evaluation samples");
+
+  torch::Tensor sim;
   std::vector<std::vector<int64_t>> img2txt, txt2img;
-  for (const auto& c : captions) {
-    img2txt.push_back(by_caption[c]);
-    txt2img.push_back(by_caption[c]);
+  if (const auto* cd = dynamic_cast<const CaptionDataset*>(&loader.dataset())) {
+    // Each image once, each caption once, the annotation's ground truth.
+    const int64_t bs = 32;
+    image_feats.clear();
+    text_feats.clear();
+    for (int64_t i = 0; i < cd->num_images(); i += bs) {
+      std::vector<torch::Tensor> imgs;
+      for (int64_t k = i; k < std::min(i + bs, cd->num_images()); ++k) imgs.push_back(cd->image(k));
+      auto embeds = model_->encode_image(torch::stack(imgs).to(device_));
+      image_feats.push_back(model_->image_features(model_->query_pass(embeds, false).hidden).cpu());
+    }
+    const auto& tt = cfg_.eval_dataset.text_transforms;
+    for (size_t i = 0; i < cd->texts().size(); i += bs) {
+      std::vector<std::string> texts;
+      for (size_t k = i; k < std::min(i + bs, cd->texts().size()); ++k)
+        texts.push_back(clean_caption(cd->texts()[k], tt.max_words, tt.prompt));
+      auto enc = tokenizer_->encode_batch(texts, tt.max_length, tt.padding);
+      text_feats.push_back(
+          model_->text_features(model_->text_pass(enc.ids.to(device_), enc.mask.to(device_))).cpu());
+    }
+    sim = max_over_queries(torch::cat(image_feats), torch::cat(text_feats));
+    img2txt = cd->img2txt();
+    for (int64_t img : cd->txt2img()) txt2img.push_back({img});
+  } else {
+    // One image and one caption per sample. A text matches an image when it is that image's
+    // caption or an identical one (synthetic images with the same attributes share a caption).
+    sim = max_over_queries(torch::cat(image_feats), torch::cat(text_feats));
+    std::map<std::string, std::vector<int64_t>> by_caption;
+    for (size_t i = 0; i < captions.size(); ++i) by_caption[captions[i]].push_back(static_cast<int64_t>(i));
+    for (const auto& c : captions) {
+      img2txt.push_back(by_caption[c]);
+      txt2img.push_back(by_caption[c]);
+    }
   }
   ev.itc_retrieval = recall_at_k(sim, img2txt, txt2img);
   return ev;
