@@ -69,6 +69,26 @@ TEST(Images, DecodeIsExactAndResizeMatchesPillow) {
   }
 }
 
+TEST(Images, RandAugmentTablesMatchPillowAndOpsAreSeeded) {
+  auto index = nlohmann::json::parse(read_file(kFixtures / "images.json"));
+  for (const auto& e : index) {
+    if (!e.contains("equalize")) continue;
+    Image img = load_image((kFixtures / "images" / e["file"].get<std::string>()).string());
+    EXPECT_EQ(compare(equalize(img).rgb, read_file(kFixtures / "images" / e["equalize"].get<std::string>())).first, 0);
+    EXPECT_EQ(compare(autocontrast(img).rgb, read_file(kFixtures / "images" / e["autocontrast"].get<std::string>())).first, 0);
+  }
+  Image img = load_image((kFixtures / "images" / "rgb.png").string());
+  std::mt19937_64 a(1), b(1);
+  int changed = 0;
+  for (int i = 0; i < 20; ++i) {
+    Image x = rand_augment(img, a), y = rand_augment(img, b);
+    EXPECT_EQ(x.rgb, y.rgb);
+    EXPECT_EQ(x.width, img.width);
+    changed += x.rgb != img.rgb;
+  }
+  EXPECT_GT(changed, 5);  // P(no op applied) = 1/4 per call
+}
+
 TEST(Images, EvalTransformNormalisesWithClipStatistics) {
   Image img{2, 1, {0, 128, 255, 10, 20, 30}};
   auto t = eval_transform(img, 2);  // same size: no resampling

@@ -76,6 +76,13 @@ def write_images():
             with open(os.path.join(ROOT, "images", fname), "wb") as f:
                 f.write(np.asarray(out).tobytes())
             entry["resized"].append({"width": w, "height": h, "file": fname})
+        if name == "rgb.png":  # RandAugment's table ops, as PIL.ImageOps computes them
+            from PIL import ImageOps
+            for op in ("autocontrast", "equalize"):
+                fname = f"{stem}_{op}.rgb"
+                with open(os.path.join(ROOT, "images", fname), "wb") as f:
+                    f.write(np.asarray(getattr(ImageOps, op)(decoded)).tobytes())
+                entry[op] = fname
         index.append(entry)
     with open(os.path.join(ROOT, "images.json"), "w") as f:
         json.dump(index, f, indent=1)

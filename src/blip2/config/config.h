@@ -196,9 +196,10 @@ struct TokenizerConfig {
 };
 
 // Image preprocessing. blip2_image_train: RandomResizedCrop + flip (the default for training);
+// blip_image_train: the same plus RandomAugment(2, 5) (LAVIS uses it for VG);
 // blip_image_eval: bicubic resize to S x S (the default otherwise).
 struct ImageTransformConfig {
-  std::string type;                    // "" = by split; blip2_image_train | blip_image_eval
+  std::string type;                    // "" = by split; blip2_image_train | blip_image_train | blip_image_eval
   int64_t image_size = 0;              // 0 = model.model_config.vision_config.image_size
   double scale_min = 0.5, scale_max = 1.0;
   bool hflip = true;

@@ -22,9 +22,11 @@ ImageTransform make_image_transform(const ImageTransformConfig& cfg, bool train,
   ImageTransform t;
   const std::string type = cfg.type.empty() ? (train ? "blip2_image_train" : "blip_image_eval")
                                             : cfg.type;
-  check(type == "blip2_image_train" || type == "blip_image_eval",
-        "image_transforms.type: '" + type + "' is not blip2_image_train|blip_image_eval");
-  t.train = type == "blip2_image_train";
+  check(type == "blip2_image_train" || type == "blip_image_train" || type == "blip_image_eval",
+        "image_transforms.type: '" + type +
+            "' is not blip2_image_train|blip_image_train|blip_image_eval");
+  t.train = type != "blip_image_eval";
+  t.options.rand_augment = type == "blip_image_train";
   t.options.size = cfg.image_size > 0 ? cfg.image_size : default_size;
   t.options.scale_min = cfg.scale_min;
   t.options.scale_max = cfg.scale_max;

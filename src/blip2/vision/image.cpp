@@ -1,5 +1,6 @@
 #include "blip2/vision/image.h"
 
+#include <array>
 #include <csetjmp>
 #include <cstdio>
 #include <cstring>
@@ -345,7 +346,130 @@ torch::Tensor train_transform(const Image& img, const TrainTransformOptions& o,
   }
   Image out = resize_bicubic(crop(img, x, y, w, h), o.size, o.size);
   if (o.hflip && u(rng) < 0.5) out = hflip(out);
+  if (o.rand_augment) out = rand_augment(out, rng);
   return to_normalized_tensor(out);
+}
+
+namespace {
+
+Image map_table(const Image& img, const std::array<std::array<uint8_t, 256>, 3>& table) {
+  Image out = img;
+  for (size_t i = 0; i < out.rgb.size(); ++i) out.rgb[i] = table[i % 3][img.rgb[i]];
+  return out;
+}
+
+}  // namespace
+
+Image autocontrast(const Image& img) {
+  std::array<std::array<uint8_t, 256>, 3> t;
+  for (int c = 0; c < 3; ++c) {
+    int lo = 255, hi = 0;
+    for (size_t i = c; i < img.rgb.size(); i += 3) lo = std::min<int>(lo, img.rgb[i]), hi = std::max<int>(hi, img.rgb[i]);
+    for (int v = 0; v < 256; ++v) {
+      double x = v;
+      if (hi > lo) x = std::clamp(v * (255.0 / (hi - lo)) - lo * (255.0 / (hi - lo)), 0.0, 255.0);
+      t[c][v] = static_cast<uint8_t>(x);
+    }
+  }
+  return map_table(img, t);
+}
+
+Image equalize(const Image& img) {  // PIL.ImageOps.equalize, per channel
+  std::array<std::array<uint8_t, 256>, 3> t;
+  for (int c = 0; c < 3; ++c) {
+    std::array<int64_t, 256> hist{};
+    for (size_t i = c; i < img.rgb.size(); i += 3) ++hist[img.rgb[i]];
+    int64_t total = 0, last = 0;
+    for (int v = 0; v < 256; ++v)
+      if (hist[v]) total += hist[v], last = hist[v];
+    const int64_t step = (total - last) / 255;
+    int64_t acc = step / 2;
+    for (int v = 0; v < 256; ++v) {
+      t[c][v] = step == 0 ? static_cast<uint8_t>(v) : static_cast<uint8_t>(std::min<int64_t>(acc / step, 255));
+      acc += hist[v];
+    }
+  }
+  return map_table(img, t);
+}
+
+namespace {
+
+Image brightness(const Image& img, double factor) {
+  std::array<std::array<uint8_t, 256>, 3> t;
+  for (int v = 0; v < 256; ++v)
+    t[0][v] = t[1][v] = t[2][v] = static_cast<uint8_t>(std::clamp(v * static_cast<float>(factor), 0.f, 255.f));
+  return map_table(img, t);
+}
+
+Image sharpness(const Image& img, double factor) {
+  if (factor == 1.0 || img.width < 3 || img.height < 3) return img;
+  Image out = img;
+  for (int64_t y = 1; y + 1 < img.height; ++y)
+    for (int64_t x = 1; x + 1 < img.width; ++x)
+      for (int c = 0; c < 3; ++c) {
+        int sum = 0;
+        for (int dy = -1; dy <= 1; ++dy)
+          for (int dx = -1; dx <= 1; ++dx) sum += img.row(y + dy)[(x + dx) * 3 + c] * (dx || dy ? 1 : 5);
+        float blur = std::nearbyint(sum / 13.0f);
+        float v = blur + static_cast<float>(factor) * (img.row(y)[x * 3 + c] - blur);
+        out.row(y)[x * 3 + c] = static_cast<uint8_t>(std::clamp(v, 0.f, 255.f));
+      }
+  return out;
+}
+
+// cv2.warpAffine(img, M, (W, H), INTER_LINEAR, borderValue=128): dst(p) = src(M^-1 p).
+Image warp_affine(const Image& img, const std::array<double, 6>& m) {
+  const double det = m[0] * m[4] - m[1] * m[3];
+  const std::array<double, 6> inv{m[4] / det, -m[1] / det, (m[1] * m[5] - m[4] * m[2]) / det,
+                                  -m[3] / det, m[0] / det, (m[3] * m[2] - m[0] * m[5]) / det};
+  Image out = img;
+  auto at = [&](int64_t x, int64_t y, int c) -> double {
+    if (x < 0 || y < 0 || x >= img.width || y >= img.height) return 128.0;
+    return img.row(y)[x * 3 + c];
+  };
+  for (int64_t y = 0; y < img.height; ++y)
+    for (int64_t x = 0; x < img.width; ++x) {
+      const double sx = inv[0] * x + inv[1] * y + inv[2], sy = inv[3] * x + inv[4] * y + inv[5];
+      const int64_t x0 = static_cast<int64_t>(std::floor(sx)), y0 = static_cast<int64_t>(std::floor(sy));
+      const double fx = sx - x0, fy = sy - y0;
+      for (int c = 0; c < 3; ++c) {
+        double v = (1 - fy) * ((1 - fx) * at(x0, y0, c) + fx * at(x0 + 1, y0, c)) +
+                   fy * ((1 - fx) * at(x0, y0 + 1, c) + fx * at(x0 + 1, y0 + 1, c));
+        out.row(y)[x * 3 + c] = static_cast<uint8_t>(std::clamp(std::nearbyint(v), 0.0, 255.0));
+      }
+    }
+  return out;
+}
+
+}  // namespace
+
+Image rand_augment(const Image& img, std::mt19937_64& rng, int n, int magnitude) {
+  static const char* kOps[] = {"Identity", "AutoContrast", "Brightness", "Sharpness", "Equalize",
+                               "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"};
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  const double level = magnitude / 10.0;
+  auto sign = [&](double v) { return u(rng) > 0.5 ? -v : v; };
+  Image out = img;
+  for (int i = 0; i < n; ++i) {
+    const std::string op = kOps[std::uniform_int_distribution<int>(0, 9)(rng)];
+    if (u(rng) > 0.5) continue;
+    if (op == "AutoContrast") out = autocontrast(out);
+    else if (op == "Equalize") out = equalize(out);
+    else if (op == "Brightness") out = brightness(out, level * 1.8 + 0.1);
+    else if (op == "Sharpness") out = sharpness(out, level * 1.8 + 0.1);
+    else if (op == "ShearX") out = warp_affine(out, {1, sign(level * 0.3), 0, 0, 1, 0});
+    else if (op == "ShearY") out = warp_affine(out, {1, 0, 0, sign(level * 0.3), 1, 0});
+    else if (op == "TranslateX") out = warp_affine(out, {1, 0, -sign(level * 10), 0, 1, 0});
+    else if (op == "TranslateY") out = warp_affine(out, {1, 0, 0, 0, 1, -sign(level * 10)});
+    else if (op == "Rotate") {  // cv2.getRotationMatrix2D((W/2, H/2), degrees, 1)
+      double deg = level * 30;
+      if (u(rng) < 0.5) deg = -deg;
+      const double a = std::cos(deg * M_PI / 180), b = std::sin(deg * M_PI / 180);
+      const double cx = out.width / 2.0, cy = out.height / 2.0;
+      out = warp_affine(out, {a, b, (1 - a) * cx - b * cy, -b, a, b * cx + (1 - a) * cy});
+    }
+  }
+  return out;
 }
 
 }  // namespace blip2

@@ -49,7 +49,18 @@ struct TrainTransformOptions {
   double scale_min = 0.5, scale_max = 1.0;
   double ratio_min = 3.0 / 4.0, ratio_max = 4.0 / 3.0;
   bool hflip = true;
+  bool rand_augment = false;  // blip_image_train: RandomAugment(2, 5) after the flip
 };
+
+// LAVIS' RandomAugment(N, M) with blip_image_train's ops (Identity, AutoContrast, Brightness,
+// Sharpness, Equalize, ShearX, ShearY, TranslateX, TranslateY, Rotate): N ops drawn with
+// replacement, each applied with probability 0.5 at magnitude M of 10; geometric ops fill with
+// grey 128. The geometry and tables follow LAVIS' randaugment.py; the bilinear warps are
+// computed in floating point (OpenCV quantises sub-pixel positions to 1/32).
+Image rand_augment(const Image& img, std::mt19937_64& rng, int n = 2, int magnitude = 5);
+// PIL.ImageOps.autocontrast (cutoff 0) and PIL.ImageOps.equalize, per channel.
+Image autocontrast(const Image& img);
+Image equalize(const Image& img);
 torch::Tensor train_transform(const Image& img, const TrainTransformOptions& o, std::mt19937_64& rng);
 
 }  // namespace blip2
