@@ -163,6 +163,11 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg)
                       cfg_.parallel_config.model_parallel);
   torch::manual_seed(cfg_.seed);
   const auto& mc = cfg_.model.model_config;
+  if (cfg_.train_dataset.tokenizer.vocab_file.empty() &&
+      cfg_.train_dataset.data_loader.type != "SyntheticShapes")
+    throw Error("train_dataset.tokenizer.vocab_file is empty: give the path of BERT's vocab.txt "
+                "(bert-base-uncased for the published BLIP-2 weights); \"\" means the synthetic "
+                "vocabulary, which only suits the SyntheticShapes data");
   tokenizer_ = make_tokenizer(cfg_.train_dataset.tokenizer);
   const auto& q = mc.qformer_config;
   auto key = std::string("model.model_config.qformer_config.");
