@@ -11,6 +11,7 @@
 #include "blip2/data/caption_datasets.h"
 #include "blip2/data/synthetic.h"
 #include "blip2/dist/dist.h"
+#include "blip2/io/hf.h"
 #include "blip2/io/safetensors.h"
 #include "blip2/util/common.h"
 
@@ -194,6 +195,11 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg)
 }
 
 void PretrainTrainer::load_weights(const std::string& path) {
+  if (is_hf_directory(path) && !fs::exists(fs::path(path) / "trainer_state.pt")) {
+    auto report = load_into(*model_, canonical_from_hf(load_safetensors_dir(path), path), path);
+    log_info("Hugging Face weights from " + path + ": " + report.summary());
+    return;
+  }
   std::string where = resolve_checkpoint(path);
   std::string file = fs::is_directory(where) ? (fs::path(where) / "model.safetensors").string() : where;
   auto report = load_into(*model_, load_safetensors(file), file);

@@ -1,0 +1,33 @@
+// Hugging Face BLIP-2 checkpoints (Salesforce/blip2-*, or any save_pretrained directory):
+// config.json -> Blip2Config, and weights -> blip2cpp's canonical names.
+//
+// Canonical names are Hugging Face's, so the mapping is small: the ViT's fused
+// `self_attn.qkv.bias` = [q_bias, 0, v_bias] is split into `q_bias` and `v_bias` (the first
+// Hugging Face release stored them separately, which is accepted as it is).
+#pragma once
+
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "blip2/config/config.h"
+#include "blip2/io/safetensors.h"
+
+namespace blip2 {
+
+// Reads the fields of a BLIP-2 config.json, using transformers' defaults for absent keys.
+Blip2Config blip2_config_from_hf(const nlohmann::json& j, const std::string& source);
+// Renames/splits Hugging Face tensors into canonical ones. `source` names the file in errors.
+TensorMap canonical_from_hf(TensorMap tensors, const std::string& source);
+// model.safetensors, or the shards listed by model.safetensors.index.json.
+TensorMap load_safetensors_dir(const std::string& dir);
+// True if `dir` looks like a Hugging Face model directory (config.json + safetensors).
+bool is_hf_directory(const std::string& dir);
+
+struct HfModel {
+  Blip2Config config;
+  TensorMap tensors;  // canonical names
+};
+HfModel load_hf_directory(const std::string& dir);
+
+}  // namespace blip2

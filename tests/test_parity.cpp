@@ -1,0 +1,78 @@
+// Numerical parity with Hugging Face transformers: a tiny random Blip2ForImageTextRetrieval
+// saved by tools/make_parity_fixtures.py, loaded from its own directory, run on the same inputs.
+#include <gtest/gtest.h>
+
+#include "blip2/io/hf.h"
+#include "blip2/models/blip2_qformer.h"
+#include "blip2/util/common.h"
+
+using namespace blip2;
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kParity = fs::path(BLIP2_FIXTURE_DIR) / "parity";
+
+double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  EXPECT_EQ(a.sizes(), b.sizes());
+  double d = (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
+  std::cout << "  max |diff| " << d << "\n";
+  return d;
+}
+
+}  // namespace
+
+TEST(Parity, HuggingFaceImageTextRetrievalModel) {
+  auto hf = load_hf_directory((kParity / "hf_itm").string());
+  EXPECT_EQ(hf.config.qformer_config.query_length, 6);
+  EXPECT_EQ(hf.config.vision_config.patch_size, 7);
+  Blip2Qformer model(hf.config);
+  auto report = load_into(*model, hf.tensors, "hf_itm");
+  // A retrieval checkpoint has no stage-1 LM head and no temperature; nothing else is missing.
+  for (const auto& k : report.missing)
+    EXPECT_TRUE(k.rfind("cls.", 0) == 0 || k == "temp") << "missing " << k;
+  EXPECT_TRUE(report.unexpected.empty()) << report.summary();
+  model->eval();
+  torch::NoGradGuard no_grad;
+
+  auto io = load_safetensors((kParity / "hf_itm_io.safetensors").string());
+  auto images = io.at("pixel_values"), ids = io.at("input_ids"), mask = io.at("attention_mask");
+  auto vision = model->encode_image(images);
+  EXPECT_LT(max_diff(vision, io.at("vision_last_hidden_state")), 1e-4);
+  auto query = model->query_pass(vision, false).hidden;
+  EXPECT_LT(max_diff(query, io.at("query_output")), 1e-4);
+  auto image_feat = model->image_features(query);
+  EXPECT_LT(max_diff(image_feat, io.at("image_feat")), 1e-4);
+  auto text_feat = model->text_features(model->text_pass(ids, mask));
+  EXPECT_LT(max_diff(text_feat, io.at("text_feat")), 1e-4);
+  EXPECT_LT(max_diff(max_over_queries(image_feat, text_feat), io.at("itc_logits_per_image")), 1e-4);
+  EXPECT_LT(max_diff(model->itm_logits(vision, ids, mask), io.at("itm_logits")), 1e-4);
+}
+
+TEST(Parity, FusedQkvBiasIsSplitAndShardsAreJoined) {
+  TensorMap hf{{"vision_model.encoder.layers.0.self_attn.qkv.bias", torch::tensor({1.f, 2.f, 0.f, 0.f, 3.f, 4.f})},
+               {"query_tokens", torch::zeros({1, 2, 3})}};
+  auto c = canonical_from_hf(hf, "x");
+  EXPECT_TRUE(torch::equal(c.at("vision_model.encoder.layers.0.self_attn.q_bias"), torch::tensor({1.f, 2.f})));
+  EXPECT_TRUE(torch::equal(c.at("vision_model.encoder.layers.0.self_attn.v_bias"), torch::tensor({3.f, 4.f})));
+  EXPECT_FALSE(c.count("vision_model.encoder.layers.0.self_attn.qkv.bias"));
+
+  auto dir = fs::temp_directory_path() / ("blip2_shards_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  save_safetensors((dir / "a.safetensors").string(), {{"x", torch::ones({2})}});
+  save_safetensors((dir / "b.safetensors").string(), {{"y", torch::zeros({3})}});
+  atomic_write(dir / "model.safetensors.index.json",
+               R"({"metadata": {}, "weight_map": {"x": "a.safetensors", "y": "b.safetensors"}})");
+  auto all = load_safetensors_dir(dir.string());
+  EXPECT_EQ(all.size(), 2u);
+  atomic_write(dir / "model.safetensors.index.json",
+               R"({"weight_map": {"x": "a.safetensors", "z": "b.safetensors"}})");
+  try {
+    load_safetensors_dir(dir.string());
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'z' is listed in b.safetensors but that shard lacks it"),
+              std::string::npos) << e.what();
+  }
+  fs::remove_all(dir);
+}
