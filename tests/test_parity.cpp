@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "blip2/io/hf.h"
+#include "blip2/io/pth.h"
 #include "blip2/models/blip2_qformer.h"
 #include "blip2/util/common.h"
 
@@ -74,5 +75,59 @@ TEST(Parity, FusedQkvBiasIsSplitAndShardsAreJoined) {
     EXPECT_NE(std::string(e.what()).find("'z' is listed in b.safetensors but that shard lacks it"),
               std::string::npos) << e.what();
   }
+  fs::remove_all(dir);
+}
+
+TEST(Parity, LavisCheckpointGivesTheSameModel) {
+  auto hf = load_hf_directory((kParity / "hf_itm").string());
+  auto lavis = canonical_from_lavis(load_pth((kParity / "blip2_lavis.pth").string()));
+  Blip2Qformer model(hf.config);
+  auto report = load_into(*model, lavis, "blip2_lavis.pth");
+  EXPECT_TRUE(report.missing.empty()) << report.summary();
+  EXPECT_TRUE(report.unexpected.empty()) << report.summary();
+  // Every tensor the Hugging Face file also has is identical after both conversions.
+  for (const auto& [name, t] : hf.tensors) {
+    if (name == "embeddings.position_ids") continue;
+    ASSERT_TRUE(lavis.count(name)) << name;
+    EXPECT_TRUE(torch::equal(lavis.at(name), t)) << name;
+  }
+  auto extras = load_safetensors((kParity / "lavis_extras.safetensors").string());
+  EXPECT_TRUE(torch::equal(model->cls->bias, extras.at("cls_bias")));
+  EXPECT_FLOAT_EQ(model->temp.item<float>(), 0.07f);
+
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto io = load_safetensors((kParity / "hf_itm_io.safetensors").string());
+  auto vision = model->encode_image(io.at("pixel_values"));
+  EXPECT_LT(max_diff(model->itm_logits(vision, io.at("input_ids"), io.at("attention_mask")),
+                     io.at("itm_logits")), 1e-4);
+}
+
+TEST(Parity, BareVitFileAndPositionInterpolation) {
+  auto vit = canonical_from_lavis(load_pth((kParity / "eva_vit_lavis.pth").string()));
+  EXPECT_TRUE(vit.count("vision_model.embeddings.class_embedding"));
+  EXPECT_TRUE(vit.count("vision_model.encoder.layers.1.self_attn.q_bias"));
+  auto extras = load_safetensors((kParity / "lavis_extras.safetensors").string());
+  auto got = interpolate_pos_embed(extras.at("pos_embed"), 1 + 36);
+  EXPECT_LT(max_diff(got, extras.at("interpolated")), 1e-5);
+}
+
+TEST(Parity, PthReaderRefusesWhatIsNotAStateDict) {
+  auto dir = fs::temp_directory_path() / ("blip2_pth_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  auto expect_error = [&](const std::string& file, const std::string& want) {
+    try {
+      load_pth((dir / file).string());
+      ADD_FAILURE() << file << ": no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+    }
+  };
+  atomic_write(dir / "text.pth", "not a zip at all");
+  expect_error("text.pth", "text.pth: not a PyTorch zip checkpoint");
+  std::string good = read_file(kParity / "eva_vit_lavis.pth");
+  atomic_write(dir / "cut.pth", good.substr(0, good.size() / 2));
+  expect_error("cut.pth", "cut.pth: ");
+  expect_error("missing.pth", "missing.pth: checkpoint not found");
   fs::remove_all(dir);
 }

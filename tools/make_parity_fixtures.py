@@ -2,11 +2,16 @@
 Hugging Face saves it (config.json + model.safetensors), inputs, and what transformers computes
 from them: the ViT's last hidden state (after post_layernorm = ln_vision), the Q-Former's query
 output, the normalised image and text features, the ITC similarity (max over queries) and the
-ITM logits.
+ITM logits. The same weights are also written in LAVIS' .pth layout (torch.save of
+{"model": state_dict, "optimizer": ..., "epoch": ...}, with LAVIS' names, a stage-1 LM head and
+temp), the ViT alone as eva_vit_g.pth has it (no prefix), and a bicubic position-embedding
+interpolation.
 
     .venv/bin/pip install transformers safetensors && .venv/bin/python tools/make_parity_fixtures.py
 """
+import collections
 import os
+import re
 
 import torch
 from safetensors.torch import save_file
@@ -56,7 +61,69 @@ def main():
         "itc_logits_per_image": itc.logits_per_image.contiguous(),
         "itm_logits": itm.logits_per_image.contiguous(),
     }, os.path.join(ROOT, "hf_itm_io.safetensors"))
+    write_lavis(model)
     print("parity fixtures written to", os.path.normpath(ROOT))
+
+
+LAVIS_RULES = [  # Hugging Face name -> LAVIS name (the inverse of the conversion script's)
+    (r"^vision_model\.embeddings\.class_embedding$", "visual_encoder.cls_token"),
+    (r"^vision_model\.embeddings\.position_embedding$", "visual_encoder.pos_embed"),
+    (r"^vision_model\.embeddings\.patch_embedding\.", "visual_encoder.patch_embed.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"visual_encoder.blocks.\1.norm\2."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.", r"visual_encoder.blocks.\1.attn.proj."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.self_attn\.", r"visual_encoder.blocks.\1.attn."),
+    (r"^vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"visual_encoder.blocks.\1.mlp."),
+    (r"^vision_model\.post_layernorm\.", "ln_vision."),
+    (r"^qformer\.layernorm\.", "Qformer.bert.embeddings.LayerNorm."),
+    (r"^embeddings\.", "Qformer.bert.embeddings."),
+    (r"^qformer\.encoder\.layer\.(\d+)\.(attention|crossattention)\.attention\.", r"Qformer.bert.encoder.layer.\1.\2.self."),
+    (r"^qformer\.encoder\.", "Qformer.bert.encoder."),
+    (r"^vision_projection\.", "vision_proj."),
+    (r"^text_projection\.", "text_proj."),
+]
+
+
+def to_lavis(name):
+    for pattern, repl in LAVIS_RULES:
+        if re.search(pattern, name):
+            return re.sub(pattern, repl, name, count=1)
+    return name
+
+
+def write_lavis(model):
+    torch.manual_seed(1)
+    sd = collections.OrderedDict()
+    for name, t in model.state_dict().items():
+        if name.endswith("self_attn.qkv.bias"):
+            d = t.shape[0] // 3
+            base = to_lavis(name[: -len("qkv.bias")])
+            sd[base + "q_bias"] = t[:d].clone()
+            sd[base + "v_bias"] = t[2 * d:].clone()
+        else:
+            sd[to_lavis(name)] = t.clone()
+    h = model.config.qformer_config.hidden_size
+    vocab = model.config.qformer_config.vocab_size
+    sd["Qformer.bert.embeddings.position_ids"] = torch.arange(40).expand(1, -1)
+    sd["Qformer.cls.predictions.bias"] = torch.randn(vocab)
+    sd["Qformer.cls.predictions.transform.dense.weight"] = torch.randn(h, h) * 0.1
+    sd["Qformer.cls.predictions.transform.dense.bias"] = torch.randn(h) * 0.1
+    sd["Qformer.cls.predictions.transform.LayerNorm.weight"] = 1 + torch.randn(h) * 0.1
+    sd["Qformer.cls.predictions.transform.LayerNorm.bias"] = torch.randn(h) * 0.1
+    sd["Qformer.cls.predictions.decoder.weight"] = sd["Qformer.bert.embeddings.word_embeddings.weight"]
+    sd["temp"] = torch.tensor(0.07)
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+                "config": {"run": {"seed": 42}}, "epoch": 3, "scaler": None},
+               os.path.join(ROOT, "blip2_lavis.pth"))
+    vit = collections.OrderedDict((k[len("visual_encoder."):], v) for k, v in sd.items()
+                                  if k.startswith("visual_encoder."))
+    torch.save(vit, os.path.join(ROOT, "eva_vit_lavis.pth"))
+    pos = sd["visual_encoder.pos_embed"]  # [1, 1 + 4*4, 32] -> [1, 1 + 6*6, 32]
+    grid = pos[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+    interp = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+    save_file({"pos_embed": pos.contiguous(), "interpolated": interp.contiguous(),
+               "cls_bias": sd["Qformer.cls.predictions.bias"]},
+              os.path.join(ROOT, "lavis_extras.safetensors"))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 #include "blip2/data/caption_datasets.h"
 #include "blip2/data/synthetic.h"
 #include "blip2/dist/dist.h"
+#include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/io/safetensors.h"
 #include "blip2/util/common.h"
@@ -184,9 +185,14 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg)
 
   model_ = Blip2Qformer(mc, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02});
   if (!mc.vision_config.checkpoint_name_or_path.empty()) {
+    // The ViT alone (eva_vit_g.pth, or any checkpoint holding vision_model.*).
     auto path = mc.vision_config.checkpoint_name_or_path;
-    auto report = load_into(*model_->vision_model, load_safetensors(path), path);
-    log_info("ViT weights from " + path + ": " + report.summary());
+    TensorMap vit;
+    for (auto& [name, t] : load_checkpoint_tensors(path))
+      if (name.rfind("vision_model.", 0) == 0) vit[name] = t;
+    check(!vit.empty(), path + ": holds no ViT weights");
+    auto report = load_weights_into(*model_, vit, path);
+    log_info("ViT weights from " + path + ": " + std::to_string(report.loaded.size()) + " tensors loaded");
   }
   if (!mc.checkpoint_name_or_path.empty()) load_weights(mc.checkpoint_name_or_path);
   bool resuming = cfg_.run_mode == "train" && cfg_.resume_training;
@@ -195,15 +201,16 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg)
 }
 
 void PretrainTrainer::load_weights(const std::string& path) {
-  if (is_hf_directory(path) && !fs::exists(fs::path(path) / "trainer_state.pt")) {
-    auto report = load_into(*model_, canonical_from_hf(load_safetensors_dir(path), path), path);
-    log_info("Hugging Face weights from " + path + ": " + report.summary());
-    return;
-  }
-  std::string where = resolve_checkpoint(path);
-  std::string file = fs::is_directory(where) ? (fs::path(where) / "model.safetensors").string() : where;
-  auto report = load_into(*model_, load_safetensors(file), file);
-  log_info("weights from " + file + ": " + report.summary());
+  // A training output directory resolves to its latest checkpoint; anything else is read as
+  // the file or directory it is (ours, Hugging Face's or LAVIS').
+  std::error_code ec;
+  std::string where = path;
+  if (fs::is_directory(path, ec) && !fs::exists(fs::path(path) / "model.safetensors") &&
+      !is_hf_directory(path))
+    where = resolve_checkpoint(path);
+  auto report = load_weights_into(*model_, load_checkpoint_tensors(where), where);
+  log_info("weights from " + where + ": " + report.summary());
+  if (!report.missing.empty()) log_info("  " + explain_missing(report.missing));
 }
 
 BatchLoader PretrainTrainer::make_loader(const DatasetConfig& d, bool train) const {

@@ -1,0 +1,58 @@
+#include "blip2/io/checkpoint.h"
+
+#include "blip2/io/hf.h"
+#include "blip2/io/pth.h"
+#include "blip2/util/common.h"
+
+namespace blip2 {
+namespace fs = std::filesystem;
+
+TensorMap load_checkpoint_tensors(const std::string& path) {
+  std::error_code ec;
+  const fs::path p(path);
+  if (fs::is_directory(p, ec)) {
+    if (is_hf_directory(path) && !fs::exists(p / "trainer_state.pt"))
+      return canonical_from_hf(load_safetensors_dir(path), path);
+    if (fs::exists(p / "model.safetensors")) return load_safetensors((p / "model.safetensors").string());
+    for (const char* bin : {"pytorch_model.bin", "model.pth"})
+      if (fs::exists(p / bin)) return load_checkpoint_tensors((p / bin).string());
+    throw Error(path + ": no weights here (expected model.safetensors, an index of shards, or a .pth)");
+  }
+  check(fs::is_regular_file(p, ec), path + ": checkpoint not found");
+  const std::string ext = p.extension().string();
+  if (ext == ".safetensors") return canonical_from_hf(load_safetensors(path), path);
+  if (ext == ".pth" || ext == ".bin" || ext == ".pt")
+    return canonical_from_hf(canonical_from_lavis(load_pth(path)), path);
+  throw Error(path + ": unknown checkpoint format (expected .safetensors, .pth, .bin or a directory)");
+}
+
+LoadReport load_weights_into(torch::nn::Module& model, TensorMap tensors, const std::string& source) {
+  const std::string pos = "vision_model.embeddings.position_embedding";
+  auto params = model.named_parameters();
+  if (tensors.count(pos) && params.contains(pos) &&
+      tensors.at(pos).size(1) != params[pos].size(1)) {
+    log_info(source + ": interpolating the position embedding from " +
+             std::to_string(tensors.at(pos).size(1)) + " to " + std::to_string(params[pos].size(1)) +
+             " tokens (bicubic)");
+    tensors[pos] = interpolate_pos_embed(tensors.at(pos), params[pos].size(1));
+  }
+  return load_into(model, tensors, source);
+}
+
+std::string explain_missing(const std::vector<std::string>& missing) {
+  int vit = 0, lm = 0, temp = 0, other = 0;
+  for (const auto& k : missing) {
+    if (k.rfind("vision_model.", 0) == 0 && k.rfind("vision_model.post_layernorm", 0) != 0) ++vit;
+    else if (k.rfind("cls.", 0) == 0) ++lm;
+    else if (k == "temp") ++temp;
+    else ++other;
+  }
+  std::string s;
+  if (vit) s += "no ViT weights (LAVIS stage-1/stage-2 files hold only trained weights: give the ViT as vision_config.checkpoint_name_or_path); ";
+  if (lm) s += "no stage-1 LM head (retrieval checkpoints have none); ";
+  if (temp) s += "no temperature (Hugging Face drops it; 0.07 is used); ";
+  if (other) s += std::to_string(other) + " other tensors missing; ";
+  return s;
+}
+
+}  // namespace blip2
