@@ -131,3 +131,39 @@ TEST(Parity, PthReaderRefusesWhatIsNotAStateDict) {
   expect_error("missing.pth", "missing.pth: checkpoint not found");
   fs::remove_all(dir);
 }
+
+TEST(Parity, ConvertAndInspectFromTheCli) {
+  auto dir = fs::temp_directory_path() / ("blip2_convert_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  auto run = [](const std::string& args) {
+    std::string out;
+    FILE* p = popen((std::string(BLIP2_CLI) + " " + args + " 2>&1").c_str(), "r");
+    char buf[4096];
+    while (fgets(buf, sizeof buf, p)) out += buf;
+    int status = pclose(p);
+    return std::make_pair(WEXITSTATUS(status), out);
+  };
+  auto [code, out] = run("convert " + (kParity / "hf_itm").string() + " --out " + (dir / "hf").string());
+  ASSERT_EQ(code, 0) << out;
+  EXPECT_NE(out.find("6 of the model's tensors absent"), std::string::npos) << out;
+  // The converted directory loads into the same model and computes the same ITM logits.
+  auto hf = load_hf_directory((kParity / "hf_itm").string());
+  Blip2Qformer model(hf.config);
+  load_into(*model, load_safetensors((dir / "hf" / "model.safetensors").string()), "converted");
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto io = load_safetensors((kParity / "hf_itm_io.safetensors").string());
+  auto vision = model->encode_image(io.at("pixel_values"));
+  EXPECT_LT(max_diff(model->itm_logits(vision, io.at("input_ids"), io.at("attention_mask")),
+                     io.at("itm_logits")), 1e-4);
+  std::tie(code, out) = run("inspect " + (dir / "hf").string());
+  EXPECT_EQ(code, 0);
+  EXPECT_NE(out.find("vision_model.encoder.layers.0.self_attn.q_bias  Float  [32]"), std::string::npos) << out;
+  EXPECT_NE(out.find("129 tensors"), std::string::npos) << out;
+  // A LAVIS file into a preset it does not fit: one line naming the tensor.
+  std::tie(code, out) = run("convert " + (kParity / "blip2_lavis.pth").string() + " --model tiny --out " +
+                            (dir / "bad").string());
+  EXPECT_EQ(code, 1);
+  EXPECT_NE(out.find("'query_tokens' has shape [1, 6, 48] but tiny expects [1, 8, 96]"), std::string::npos) << out;
+  fs::remove_all(dir);
+}

@@ -7,6 +7,9 @@
 
 #include "blip2/config/config.h"
 #include "blip2/models/blip2_qformer.h"
+#include "blip2/io/checkpoint.h"
+#include "blip2/io/hf.h"
+#include "blip2/io/pth.h"
 #include "blip2/tasks/runner.h"
 #include "blip2/text/text.h"
 #include "blip2/util/common.h"
@@ -39,6 +42,59 @@ int tokenize_texts(const std::string& vocab, const std::vector<std::string>& tex
     std::vector<int64_t> ids(enc.ids[i].data_ptr<int64_t>(), enc.ids[i].data_ptr<int64_t>() + n);
     std::cout << nlohmann::json(ids).dump() << "\n";
   }
+  return 0;
+}
+
+int inspect_checkpoint(const std::string& path, bool raw) {
+  namespace fs = std::filesystem;
+  blip2::TensorMap t;
+  const std::string ext = fs::path(path).extension().string();
+  if (raw && (ext == ".pth" || ext == ".bin" || ext == ".pt")) t = blip2::load_pth(path);
+  else if (raw && ext == ".safetensors") t = blip2::load_safetensors(path);
+  else if (raw && fs::is_directory(path)) t = blip2::load_safetensors_dir(path);
+  else t = blip2::load_checkpoint_tensors(path);
+  int64_t total = 0;
+  for (const auto& [name, x] : t) {
+    std::cout << name << "  " << c10::toString(x.scalar_type()) << "  [";
+    for (int64_t d = 0; d < x.dim(); ++d) std::cout << (d ? ", " : "") << x.size(d);
+    std::cout << "]\n";
+    total += x.numel();
+  }
+  std::cout << t.size() << " tensors, " << total << " elements\n";
+  return 0;
+}
+
+int convert_checkpoint(const std::vector<std::string>& inputs, const std::string& out,
+                       const std::string& model_name) {
+  namespace fs = std::filesystem;
+  blip2::Blip2Config cfg;
+  if (const auto* p = blip2::find_preset(model_name)) cfg = p->config;
+  else throw blip2::Error("--model: '" + model_name + "' is not in the support list");
+  blip2::TensorMap merged;
+  for (const auto& in : inputs) {
+    if (blip2::is_hf_directory(in)) cfg = blip2::load_hf_directory(in).config;
+    for (auto& [k, v] : blip2::load_checkpoint_tensors(in)) merged[k] = v;
+  }
+  // Check names and shapes against the architecture without allocating it (meta device).
+  blip2::InitOptions meta{torch::TensorOptions().dtype(torch::kFloat32).device(torch::kMeta), 0.02};
+  blip2::Blip2Qformer model(cfg, meta);
+  auto params = model->named_parameters();
+  std::vector<std::string> missing;
+  for (const auto& p : params) {
+    auto it = merged.find(p.key());
+    if (it == merged.end()) missing.push_back(p.key());
+    else if (it->second.sizes() != p.value().sizes())
+      throw blip2::Error(out + ": '" + p.key() + "' has shape " + c10::str(it->second.sizes()) +
+                         " but " + model_name + " expects " + c10::str(p.value().sizes()));
+  }
+  fs::create_directories(out);
+  blip2::save_safetensors((fs::path(out) / "model.safetensors").string(), merged,
+                          {{"format", "blip2cpp"}, {"arch", "Blip2Qformer"}});
+  blip2::atomic_write(fs::path(out) / "config.yaml", blip2::to_yaml(cfg));
+  std::cout << "wrote " << merged.size() << " tensors to " << out << "; " << missing.size()
+            << " of the model's tensors absent";
+  if (!missing.empty()) std::cout << " (" << blip2::explain_missing(missing) << ")";
+  std::cout << "\n";
   return 0;
 }
 
@@ -80,6 +136,19 @@ int main(int argc, char** argv) {
   tokenize->add_flag("--cased", cased, "keep case and accents (do_lower_case false)");
   tokenize->add_option("texts", texts, "texts to tokenize")->required();
 
+  auto* inspect = app.add_subcommand("inspect", "list the tensors of a checkpoint (any supported format)");
+  std::string inspect_path;
+  bool raw_names = false;
+  inspect->add_option("path", inspect_path, ".safetensors, .pth/.bin, or a model directory")->required();
+  inspect->add_flag("--raw", raw_names, "the file's own names (default: canonical names)");
+
+  auto* convert = app.add_subcommand("convert", "write a LAVIS or Hugging Face checkpoint as a blip2cpp model directory");
+  std::vector<std::string> convert_inputs;
+  std::string convert_out, convert_model = "blip2_stage1_vit_g";
+  convert->add_option("inputs", convert_inputs, "checkpoint files/directories, merged in order")->required();
+  convert->add_option("--out", convert_out, "output directory")->required();
+  convert->add_option("--model", convert_model, "preset whose architecture the weights fill (LAVIS input)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -89,6 +158,8 @@ int main(int argc, char** argv) {
   try {
     if (*list) return list_models();
     if (*tokenize) return tokenize_texts(vocab, texts, max_length, padding, !cased);
+    if (*inspect) return inspect_checkpoint(inspect_path, raw_names);
+    if (*convert) return convert_checkpoint(convert_inputs, convert_out, convert_model);
     if (!run_mode.empty()) o.run_mode = run_mode;
     if (!device.empty()) o.device_target = device;
     if (!train_dir.empty()) o.train_dataset_dir = train_dir;
