@@ -167,3 +167,37 @@ TEST(Parity, ConvertAndInspectFromTheCli) {
   EXPECT_NE(out.find("'query_tokens' has shape [1, 6, 48] but tiny expects [1, 8, 96]"), std::string::npos) << out;
   fs::remove_all(dir);
 }
+
+TEST(Parity, Stage1LossesMatchLavisFormulas) {
+  auto hf = load_hf_directory((kParity / "hf_itm").string());
+  Blip2Qformer model(hf.config);
+  load_into(*model, canonical_from_lavis(load_pth((kParity / "blip2_lavis.pth").string())), "lavis");
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto f = load_safetensors((kParity / "stage1_losses.safetensors").string());
+  auto ids = f.at("input_ids"), mask = f.at("attention_mask");
+  const int64_t b = ids.size(0);
+
+  auto image_embeds = model->encode_image(f.at("pixel_values"));
+  auto query = model->query_pass(image_embeds, /*use_cache=*/true);
+  auto image_feats = model->image_features(query.hidden);
+  auto text_feat = model->text_features(model->text_pass(ids, mask));
+  auto sim_i2t = max_over_queries(image_feats, text_feat) / model->temp;
+  auto sim_t2i = max_over_queries(image_feats, text_feat).t() / model->temp;
+  auto loss_itc = itc_loss(sim_i2t, sim_t2i, torch::arange(b), 0.1);
+  EXPECT_LT(max_diff(loss_itc.reshape({1}), f.at("loss_itc")), 1e-5);
+
+  auto ni = f.at("neg_image_for_text"), nt = f.at("neg_text_for_image");
+  auto itm = model->itm_logits(torch::cat({image_embeds, image_embeds.index_select(0, ni), image_embeds}),
+                               torch::cat({ids, ids, ids.index_select(0, nt)}),
+                               torch::cat({mask, mask, mask.index_select(0, nt)}));
+  EXPECT_LT(max_diff(itm, f.at("itm_logits")), 1e-4);
+  auto labels = torch::cat({torch::ones({b}, torch::kLong), torch::zeros({2 * b}, torch::kLong)});
+  EXPECT_LT(max_diff(torch::nn::functional::cross_entropy(itm, labels).reshape({1}), f.at("loss_itm")), 1e-5);
+
+  const auto& q = model->config().qformer_config;
+  auto [dec, lm_labels] = lm_inputs(ids, q.bos_token_id, q.pad_token_id);
+  auto logits = model->lm_logits(dec, mask, query.past);  // over the cached query keys/values
+  EXPECT_LT(max_diff(logits, f.at("lm_logits")), 1e-4);
+  EXPECT_LT(max_diff(lm_loss(logits, lm_labels, 0.1).reshape({1}), f.at("loss_lm")), 1e-5);
+}

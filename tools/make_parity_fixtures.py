@@ -61,8 +61,78 @@ def main():
         "itc_logits_per_image": itc.logits_per_image.contiguous(),
         "itm_logits": itm.logits_per_image.contiguous(),
     }, os.path.join(ROOT, "hf_itm_io.safetensors"))
-    write_lavis(model)
+    sd = write_lavis(model)
+    write_stage1_losses(model, sd)
     print("parity fixtures written to", os.path.normpath(ROOT))
+
+
+def write_stage1_losses(model, sd):
+    """LAVIS' stage-1 losses (blip2_qformer.py) on the tiny weights, written out in PyTorch on
+    top of the Hugging Face modules: ITC with label smoothing 0.1 over max-over-query
+    similarities / temp; ITM for given negatives; LM with [DEC] and the multimodal causal mask
+    (the uncached equivalent of LAVIS' pass over the cached query keys/values)."""
+    F = torch.nn.functional
+    torch.manual_seed(2)
+    q_len = model.config.num_query_tokens
+    vocab = model.config.qformer_config.vocab_size
+    bos, temp = vocab - 1, float(sd["temp"])
+    images = torch.randn(3, 3, 28, 28)
+    ids = torch.tensor([[2, 11, 12, 13, 14, 15, 3, 0], [2, 21, 22, 3, 0, 0, 0, 0],
+                        [2, 31, 32, 33, 34, 35, 36, 3]])
+    keep = (ids != 0).long()
+    neg_image_for_text = torch.tensor([1, 2, 0])
+    neg_text_for_image = torch.tensor([2, 0, 1])
+    b = ids.shape[0]
+    with torch.no_grad():
+        v = model.vision_model(pixel_values=images).last_hidden_state
+        qt = model.query_tokens.expand(b, -1, -1)
+        q = model.qformer(query_embeds=qt, encoder_hidden_states=v).last_hidden_state
+        image_feats = F.normalize(model.vision_projection(q), dim=-1)
+        t = model.qformer(query_embeds=model.embeddings(input_ids=ids), query_length=0,
+                          attention_mask=keep).last_hidden_state
+        text_feat = F.normalize(model.text_projection(t[:, 0]), dim=-1)
+        sim_i2t = (image_feats @ text_feat.t()).max(1).values / temp            # [image, text]
+        sim_t2i = (text_feat @ image_feats.permute(0, 2, 1)).max(-1).values.t() / temp  # [text, image]
+        targets = torch.arange(b)
+        loss_itc = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) +
+                    F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+
+        ids3 = torch.cat([ids, ids, ids[neg_text_for_image]])
+        keep3 = torch.cat([keep, keep, keep[neg_text_for_image]])
+        v3 = torch.cat([v, v[neg_image_for_text], v])
+        qt3 = model.query_tokens.expand(3 * b, -1, -1)
+        h = model.qformer(query_embeds=model.embeddings(input_ids=ids3, query_embeds=qt3),
+                          query_length=q_len,
+                          attention_mask=torch.cat([torch.ones(3 * b, q_len, dtype=torch.long), keep3], 1),
+                          encoder_hidden_states=v3).last_hidden_state
+        itm_logits = model.itm_head(h[:, :q_len]).mean(1)
+        loss_itm = F.cross_entropy(itm_logits, torch.cat([torch.ones(b), torch.zeros(2 * b)]).long())
+
+        dec = ids.clone()
+        dec[:, 0] = bos
+        labels = dec.masked_fill(dec == 0, -100)
+        length = ids.shape[1]
+        allowed = torch.zeros(q_len + length, q_len + length)
+        allowed[:q_len, :q_len] = 1
+        allowed[q_len:, :q_len] = 1
+        allowed[q_len:, q_len:] = torch.tril(torch.ones(length, length))
+        full = torch.cat([torch.ones(b, q_len, dtype=torch.long), keep], 1)
+        mask = (allowed[None] * full[:, None, :].float()).bool()[:, None]
+        h = model.qformer(query_embeds=model.embeddings(input_ids=dec, query_embeds=qt),
+                          query_length=q_len, attention_mask=mask,
+                          encoder_hidden_states=v).last_hidden_state[:, q_len:]
+        p = "Qformer.cls.predictions."
+        x = F.linear(h, sd[p + "transform.dense.weight"], sd[p + "transform.dense.bias"])
+        x = F.layer_norm(F.gelu(x), (x.shape[-1],), sd[p + "transform.LayerNorm.weight"],
+                         sd[p + "transform.LayerNorm.bias"], eps=1e-12)
+        lm_logits = F.linear(x, sd["Qformer.bert.embeddings.word_embeddings.weight"], sd[p + "bias"])
+        loss_lm = F.cross_entropy(lm_logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1),
+                                  label_smoothing=0.1, ignore_index=-100)
+    save_file({"pixel_values": images, "input_ids": ids, "attention_mask": keep,
+               "neg_image_for_text": neg_image_for_text, "neg_text_for_image": neg_text_for_image,
+               "loss_itc": loss_itc.reshape(1), "loss_itm": loss_itm.reshape(1), "loss_lm": loss_lm.reshape(1),
+               "lm_logits": lm_logits.contiguous(), "itm_logits": itm_logits.contiguous()},
+              os.path.join(ROOT, "stage1_losses.safetensors"))
 
 
 LAVIS_RULES = [  # Hugging Face name -> LAVIS name (the inverse of the conversion script's)
@@ -124,6 +194,7 @@ def write_lavis(model):
     save_file({"pos_embed": pos.contiguous(), "interpolated": interp.contiguous(),
                "cls_bias": sd["Qformer.cls.predictions.bias"]},
               os.path.join(ROOT, "lavis_extras.safetensors"))
+    return sd
 
 
 if __name__ == "__main__":
