@@ -1,5 +1,10 @@
 #include "blip2/io/safetensors.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cstring>
 #include <set>
 #include <nlohmann/json.hpp>
@@ -18,7 +23,9 @@ const DType kDTypes[] = {
     {"F64", torch::kFloat64, 8}, {"F32", torch::kFloat32, 4}, {"F16", torch::kFloat16, 2},
     {"BF16", torch::kBFloat16, 2}, {"I64", torch::kInt64, 8}, {"I32", torch::kInt32, 4},
     {"I16", torch::kInt16, 2}, {"I8", torch::kInt8, 1}, {"U8", torch::kUInt8, 1},
-    {"BOOL", torch::kBool, 1},
+    {"BOOL", torch::kBool, 1}, {"U16", torch::kUInt16, 2}, {"U32", torch::kUInt32, 4},
+    {"U64", torch::kUInt64, 8}, {"F8_E4M3", torch::kFloat8_e4m3fn, 1},
+    {"F8_E5M2", torch::kFloat8_e5m2, 1},
 };
 
 const DType* dtype_by_name(const std::string& n) {
@@ -40,8 +47,39 @@ std::string shape_str(const std::vector<int64_t>& s) {
 
 }  // namespace
 
+namespace {
+
+// A read-only file mapping shared by the tensors that view it (MAP_PRIVATE: an in-place write
+// to a tensor copies the page and never reaches the file).
+struct Mapping {
+  void* addr = MAP_FAILED;
+  size_t size = 0;
+  ~Mapping() {
+    if (addr != MAP_FAILED && size) munmap(addr, size);
+  }
+};
+
+std::shared_ptr<Mapping> map_file(const std::string& path) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) throw Error(path + ": file not found");
+  int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw Error(path + ": cannot open file");
+  struct stat st{};
+  ::fstat(fd, &st);
+  auto m = std::make_shared<Mapping>();
+  m->size = static_cast<size_t>(st.st_size);
+  if (m->size) m->addr = ::mmap(nullptr, m->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (m->size && m->addr == MAP_FAILED) throw Error(path + ": cannot memory-map the file");
+  return m;
+}
+
+}  // namespace
+
 TensorMap load_safetensors(const std::string& path) {
-  const std::string bytes = read_file(path);
+  auto mapping = map_file(path);
+  const std::string_view bytes(static_cast<const char*>(mapping->addr == MAP_FAILED ? "" : mapping->addr),
+                               mapping->size);
   auto fail = [&](const std::string& what) { throw Error(path + ": " + what); };
   if (bytes.size() < 8) fail("not a safetensors file (shorter than its 8-byte header length)");
   uint64_t n = 0;
@@ -84,8 +122,17 @@ TensorMap load_safetensors(const std::string& path) {
       bad("shape " + shape_str(shape) + " x " + dt->name + " needs " +
           std::to_string(numel * dt->size) + " bytes but data_offsets span " +
           std::to_string(end - begin));
-    auto t = torch::empty(shape, torch::TensorOptions().dtype(dt->type));
-    if (numel) std::memcpy(t.data_ptr(), data + begin, end - begin);
+    torch::Tensor t;
+    const char* at = data + begin;
+    if (numel == 0) {
+      t = torch::empty(shape, torch::TensorOptions().dtype(dt->type));
+    } else if (reinterpret_cast<uintptr_t>(at) % dt->size == 0) {  // zero-copy view, paged in lazily
+      t = torch::from_blob(const_cast<char*>(at), shape, [mapping](void*) {},
+                           torch::TensorOptions().dtype(dt->type));
+    } else {  // misaligned for its dtype: copy
+      t = torch::empty(shape, torch::TensorOptions().dtype(dt->type));
+      std::memcpy(t.data_ptr(), at, end - begin);
+    }
     out.emplace(name, t);
   }
   return out;
