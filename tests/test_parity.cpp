@@ -201,3 +201,20 @@ TEST(Parity, Stage1LossesMatchLavisFormulas) {
   EXPECT_LT(max_diff(logits, f.at("lm_logits")), 1e-4);
   EXPECT_LT(max_diff(lm_loss(logits, lm_labels, 0.1).reshape({1}), f.at("loss_lm")), 1e-5);
 }
+
+TEST(Parity, ExportToHuggingFaceRoundTrips) {
+  auto hf = load_hf_directory((kParity / "hf_itm").string());
+  auto lavis = canonical_from_lavis(load_pth((kParity / "blip2_lavis.pth").string()));
+  auto dir = fs::temp_directory_path() / ("blip2_export_" + std::to_string(::getpid()));
+  export_hf_directory(hf.config, lavis, dir.string());
+  auto raw = load_safetensors((dir / "model.safetensors").string());
+  auto original = load_safetensors((kParity / "hf_itm" / "model.safetensors").string());
+  EXPECT_EQ(raw.size(), original.size());
+  for (const auto& [name, t] : original) {
+    ASSERT_TRUE(raw.count(name)) << name;
+    EXPECT_TRUE(torch::equal(raw.at(name), t)) << name;
+  }
+  auto again = load_hf_directory(dir.string());
+  EXPECT_EQ(to_yaml(again.config), to_yaml(hf.config));
+  fs::remove_all(dir);
+}

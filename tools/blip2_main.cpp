@@ -64,12 +64,30 @@ int inspect_checkpoint(const std::string& path, bool raw) {
   return 0;
 }
 
+// The architecture of a preset name, a Hugging Face directory, a blip2cpp model directory or
+// checkpoint (config.yaml), or a config YAML file (a run config or a model config).
+blip2::Blip2Config model_config_of(const std::string& what) {
+  namespace fs = std::filesystem;
+  if (const auto* p = blip2::find_preset(what)) return p->config;
+  std::error_code ec;
+  fs::path yaml = what;
+  if (fs::is_directory(what, ec)) {
+    if (fs::exists(fs::path(what) / "config.yaml")) yaml = fs::path(what) / "config.yaml";
+    else if (fs::exists(fs::path(what) / "config.json")) return blip2::load_hf_directory(what).config;
+    else throw blip2::Error(what + ": no config.yaml or config.json to take the architecture from");
+  }
+  if (!fs::is_regular_file(yaml, ec))
+    throw blip2::Error(what + ": neither a preset of the support list nor a config file");
+  const std::string text = blip2::read_file(yaml);
+  if (text.find("model_config:") != std::string::npos)
+    return blip2::parse_run_config(text, yaml.string()).model.model_config;
+  return blip2::parse_model_config(text, yaml.string());
+}
+
 int convert_checkpoint(const std::vector<std::string>& inputs, const std::string& out,
                        const std::string& model_name) {
   namespace fs = std::filesystem;
-  blip2::Blip2Config cfg;
-  if (const auto* p = blip2::find_preset(model_name)) cfg = p->config;
-  else throw blip2::Error("--model: '" + model_name + "' is not in the support list");
+  blip2::Blip2Config cfg = model_config_of(model_name);
   blip2::TensorMap merged;
   for (const auto& in : inputs) {
     if (blip2::is_hf_directory(in)) cfg = blip2::load_hf_directory(in).config;
@@ -147,7 +165,15 @@ int main(int argc, char** argv) {
   std::string convert_out, convert_model = "blip2_stage1_vit_g";
   convert->add_option("inputs", convert_inputs, "checkpoint files/directories, merged in order")->required();
   convert->add_option("--out", convert_out, "output directory")->required();
-  convert->add_option("--model", convert_model, "preset whose architecture the weights fill (LAVIS input)");
+  convert->add_option("--model", convert_model,
+                      "architecture the weights fill: a preset name, a Hugging Face model directory, "
+                      "or a config YAML (for LAVIS input; a Hugging Face input brings its own)");
+
+  auto* exporter = app.add_subcommand("export", "write a blip2cpp model directory in another format");
+  std::string export_to = "hf", export_in, export_out;
+  exporter->add_option("--to", export_to, "target format")->check(CLI::IsMember({"hf"}));
+  exporter->add_option("input", export_in, "blip2cpp model or checkpoint directory")->required();
+  exporter->add_option("--out", export_out, "output directory")->required();
 
   try {
     app.parse(argc, argv);
@@ -160,6 +186,13 @@ int main(int argc, char** argv) {
     if (*tokenize) return tokenize_texts(vocab, texts, max_length, padding, !cased);
     if (*inspect) return inspect_checkpoint(inspect_path, raw_names);
     if (*convert) return convert_checkpoint(convert_inputs, convert_out, convert_model);
+    if (*exporter) {
+      namespace fs = std::filesystem;
+      auto cfg = model_config_of(export_in);
+      blip2::export_hf_directory(cfg, blip2::load_checkpoint_tensors(export_in), export_out);
+      std::cout << "wrote a Hugging Face Blip2ForImageTextRetrieval directory to " << export_out << "\n";
+      return 0;
+    }
     if (!run_mode.empty()) o.run_mode = run_mode;
     if (!device.empty()) o.device_target = device;
     if (!train_dir.empty()) o.train_dataset_dir = train_dir;

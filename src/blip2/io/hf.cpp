@@ -135,4 +135,59 @@ HfModel load_hf_directory(const std::string& dir) {
   return m;
 }
 
+nlohmann::json hf_config_from_blip2(const Blip2Config& c) {
+  const auto& v = c.vision_config;
+  const auto& q = c.qformer_config;
+  return {
+      {"architectures", {"Blip2ForImageTextRetrieval"}},
+      {"model_type", "blip-2"},
+      {"num_query_tokens", q.query_length},
+      {"image_text_hidden_size", q.head_embed_dim},
+      {"vision_config",
+       {{"model_type", "blip_2_vision_model"}, {"hidden_size", v.hidden_size},
+        {"intermediate_size", v.intermediate_size}, {"num_hidden_layers", v.num_hidden_layers},
+        {"num_attention_heads", v.num_attention_heads}, {"image_size", v.image_size},
+        {"patch_size", v.patch_size}, {"layer_norm_eps", v.layer_norm_eps}, {"qkv_bias", true},
+        {"hidden_act", v.hidden_act}}},
+      {"qformer_config",
+       {{"model_type", "blip_2_qformer"}, {"vocab_size", q.embedding_vocab_size()},
+        {"hidden_size", q.hidden_size}, {"num_hidden_layers", q.num_hidden_layers},
+        {"num_attention_heads", q.num_attention_heads}, {"intermediate_size", q.intermediate_size},
+        {"max_position_embeddings", q.max_position_embeddings},
+        {"cross_attention_frequency", q.cross_attention_freq},
+        {"encoder_hidden_size", c.encoder_width()}, {"layer_norm_eps", q.layer_norm_eps},
+        {"hidden_dropout_prob", q.hidden_dropout_prob},
+        {"attention_probs_dropout_prob", q.attention_probs_dropout_prob},
+        {"pad_token_id", q.pad_token_id}, {"hidden_act", q.hidden_act},
+        {"use_qformer_text_input", true}}},
+  };
+}
+
+TensorMap hf_from_canonical(const TensorMap& tensors) {
+  TensorMap out;
+  for (const auto& [name, t] : tensors) {
+    if (name.rfind("cls.", 0) == 0 || name == "temp") continue;
+    const std::string q = "self_attn.q_bias";
+    if (name.size() > q.size() && name.compare(name.size() - q.size(), q.size(), q) == 0) {
+      const std::string prefix = name.substr(0, name.size() - std::string("q_bias").size());
+      auto v = tensors.find(prefix + "v_bias");
+      check(v != tensors.end(), "'" + name + "' has no matching v_bias");
+      out[prefix + "qkv.bias"] = torch::cat({t, torch::zeros_like(t), v->second});
+      continue;
+    }
+    if (name.size() > 6 && name.compare(name.size() - 6, 6, "v_bias") == 0 &&
+        name.find("self_attn.") != std::string::npos)
+      continue;
+    out[name] = t;
+  }
+  return out;
+}
+
+void export_hf_directory(const Blip2Config& c, const TensorMap& tensors, const std::string& dir) {
+  fs::create_directories(dir);
+  save_safetensors((fs::path(dir) / "model.safetensors").string(), hf_from_canonical(tensors),
+                   {{"format", "pt"}});
+  atomic_write(fs::path(dir) / "config.json", hf_config_from_blip2(c).dump(2) + "\n");
+}
+
 }  // namespace blip2

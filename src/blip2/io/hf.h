@@ -30,4 +30,12 @@ struct HfModel {
 };
 HfModel load_hf_directory(const std::string& dir);
 
+// The other way: config.json of a Blip2ForImageTextRetrieval, and tensors with Hugging Face's
+// names (q_bias/v_bias folded into qkv.bias; the stage-1 LM head and temp dropped, as
+// transformers has no place for them).
+nlohmann::json hf_config_from_blip2(const Blip2Config& c);
+TensorMap hf_from_canonical(const TensorMap& tensors);
+// Writes `dir`/config.json + `dir`/model.safetensors (atomically, file by file).
+void export_hf_directory(const Blip2Config& c, const TensorMap& tensors, const std::string& dir);
+
 }  // namespace blip2
