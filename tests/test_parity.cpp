@@ -2,6 +2,7 @@
 // saved by tools/make_parity_fixtures.py, loaded from its own directory, run on the same inputs.
 #include <gtest/gtest.h>
 
+#include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/io/pth.h"
 #include "blip2/models/blip2_qformer.h"
@@ -217,4 +218,20 @@ TEST(Parity, ExportToHuggingFaceRoundTrips) {
   auto again = load_hf_directory(dir.string());
   EXPECT_EQ(to_yaml(again.config), to_yaml(hf.config));
   fs::remove_all(dir);
+}
+
+TEST(Parity, NamedWeightsResolveUnderBlip2Home) {
+  auto home = fs::temp_directory_path() / ("blip2_home_" + std::to_string(::getpid()));
+  fs::create_directories(home / "blip2_stage1_vit_g");
+  setenv("BLIP2_HOME", home.c_str(), 1);
+  EXPECT_EQ(resolve_weights("blip2_stage1_vit_g"), (home / "blip2_stage1_vit_g").string());
+  try {
+    resolve_weights("vit_g_p16");
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("vit_g_p16: no local weights at " + (home / "vit_g_p16").string() +
+                                         "; place LAVIS' eva_vit_g.pth there"), std::string::npos) << e.what();
+  }
+  unsetenv("BLIP2_HOME");
+  fs::remove_all(home);
 }

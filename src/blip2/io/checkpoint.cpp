@@ -1,5 +1,7 @@
 #include "blip2/io/checkpoint.h"
 
+#include <cstdlib>
+
 #include "blip2/io/hf.h"
 #include "blip2/io/pth.h"
 #include "blip2/util/common.h"
@@ -7,8 +9,36 @@
 namespace blip2 {
 namespace fs = std::filesystem;
 
-TensorMap load_checkpoint_tensors(const std::string& path) {
+std::string blip2_home() {
+  if (const char* h = std::getenv("BLIP2_HOME"); h && *h) return h;
+  const char* home = std::getenv("HOME");
+  return (fs::path(home ? home : ".") / ".cache" / "blip2cpp").string();
+}
+
+std::string resolve_weights(const std::string& name_or_path) {
   std::error_code ec;
+  if (fs::exists(name_or_path, ec)) return name_or_path;
+  const bool looks_like_name = name_or_path.find('/') == std::string::npos &&
+                               fs::path(name_or_path).extension().empty();
+  if (!looks_like_name) throw Error(name_or_path + ": checkpoint not found");
+  const fs::path dir = fs::path(blip2_home()) / name_or_path;
+  if (fs::is_directory(dir, ec)) return dir.string();
+  std::string files;
+  if (name_or_path == "vit_g_p16" || name_or_path == "eva_vit_g")
+    files = "LAVIS' eva_vit_g.pth";
+  else if (name_or_path.rfind("blip2_stage1", 0) == 0)
+    files = "LAVIS' blip2_pretrained.pth and eva_vit_g.pth (run `blip2 convert blip2_pretrained.pth "
+            "eva_vit_g.pth --out " + dir.string() + "`), or a Hugging Face Salesforce/blip2-itm-vit-g "
+            "directory";
+  else
+    files = "the model's weights (a Hugging Face directory, a .pth, or `blip2 convert` output)";
+  throw Error(name_or_path + ": no local weights at " + dir.string() + "; place " + files +
+              " there (set BLIP2_HOME to use another root; nothing is downloaded)");
+}
+
+TensorMap load_checkpoint_tensors(const std::string& name_or_path) {
+  std::error_code ec;
+  const std::string path = resolve_weights(name_or_path);
   const fs::path p(path);
   if (fs::is_directory(p, ec)) {
     if (is_hf_directory(path) && !fs::exists(p / "trainer_state.pt"))

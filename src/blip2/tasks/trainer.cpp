@@ -204,10 +204,11 @@ void PretrainTrainer::load_weights(const std::string& path) {
   // A training output directory resolves to its latest checkpoint; anything else is read as
   // the file or directory it is (ours, Hugging Face's or LAVIS').
   std::error_code ec;
-  std::string where = path;
-  if (fs::is_directory(path, ec) && !fs::exists(fs::path(path) / "model.safetensors") &&
-      !is_hf_directory(path))
-    where = resolve_checkpoint(path);
+  std::string where = resolve_weights(path);
+  if (fs::is_directory(where, ec) && !fs::exists(fs::path(where) / "model.safetensors") &&
+      !is_hf_directory(where) && (fs::exists(fs::path(where) / "latest") ||
+                                  fs::exists(fs::path(where) / "checkpoint" / "latest")))
+    where = resolve_checkpoint(where);
   auto report = load_weights_into(*model_, load_checkpoint_tensors(where), where);
   log_info("weights from " + where + ": " + report.summary());
   if (!report.missing.empty()) log_info("  " + explain_missing(report.missing));
