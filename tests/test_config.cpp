@@ -11,20 +11,14 @@
 #include "blip2/io/safetensors.h"
 #include "blip2/tasks/runner.h"
 #include "blip2/util/common.h"
+#include "test_util.h"
 
 using namespace blip2;
+using namespace blip2::testing;
 namespace fs = std::filesystem;
 
 namespace {
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 
 std::string tiny_with(const std::string& from, const std::string& to) {
   std::string text = embedded_tiny_config();
@@ -33,26 +27,7 @@ std::string tiny_with(const std::string& from, const std::string& to) {
   return text.replace(at, from.size(), to);
 }
 
-struct Cli {
-  int code;
-  std::string out;
-};
-Cli run_cli(const std::string& args) {
-  std::string cmd = std::string(BLIP2_CLI) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf{};
-  while (fgets(buf.data(), buf.size(), p)) out += buf.data();
-  int status = pclose(p);
-  return {WEXITSTATUS(status), out};
-}
 
-fs::path temp_dir(const std::string& name) {
-  auto d = fs::temp_directory_path() / ("blip2_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
 
 }  // namespace
 

@@ -9,23 +9,17 @@
 
 #include "blip2/text/text.h"
 #include "blip2/util/common.h"
+#include "test_util.h"
 #include "blip2/vision/image.h"
 
 using namespace blip2;
+using namespace blip2::testing;
 namespace fs = std::filesystem;
 
 namespace {
 
 const fs::path kFixtures = BLIP2_FIXTURE_DIR;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 
 // max |a - b| over uint8 buffers, and how many bytes differ
 std::pair<int, int64_t> compare(const std::vector<uint8_t>& a, const std::string& b) {

@@ -12,8 +12,10 @@
 #include "blip2/data/caption_datasets.h"
 #include "blip2/data/synthetic.h"
 #include "blip2/util/common.h"
+#include "test_util.h"
 
 using namespace blip2;
+using namespace blip2::testing;
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -21,14 +23,6 @@ namespace {
 
 const fs::path kFixtures = BLIP2_FIXTURE_DIR;
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
-}
 
 void write(const fs::path& p, const std::string& text) {
   fs::create_directories(p.parent_path());
@@ -86,19 +80,6 @@ struct MiniData {
 
 ImageTransform eval32() { return make_image_transform({}, false, 32); }
 
-struct Cli {
-  int code;
-  std::string out;
-};
-Cli run_cli(const std::string& args) {
-  std::string cmd = std::string(BLIP2_CLI) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  std::string out;
-  std::array<char, 4096> buf{};
-  while (fgets(buf.data(), buf.size(), p)) out += buf.data();
-  int status = pclose(p);
-  return {WEXITSTATUS(status), out};
-}
 
 }  // namespace
 

@@ -7,8 +7,10 @@
 #include "blip2/io/pth.h"
 #include "blip2/models/blip2_qformer.h"
 #include "blip2/util/common.h"
+#include "test_util.h"
 
 using namespace blip2;
+using namespace blip2::testing;
 namespace fs = std::filesystem;
 
 namespace {
@@ -137,12 +139,8 @@ TEST(Parity, ConvertAndInspectFromTheCli) {
   auto dir = fs::temp_directory_path() / ("blip2_convert_" + std::to_string(::getpid()));
   fs::remove_all(dir);
   auto run = [](const std::string& args) {
-    std::string out;
-    FILE* p = popen((std::string(BLIP2_CLI) + " " + args + " 2>&1").c_str(), "r");
-    char buf[4096];
-    while (fgets(buf, sizeof buf, p)) out += buf;
-    int status = pclose(p);
-    return std::make_pair(WEXITSTATUS(status), out);
+    auto r = run_cli(args);
+    return std::make_pair(r.code, r.out);
   };
   auto [code, out] = run("convert " + (kParity / "hf_itm").string() + " --out " + (dir / "hf").string());
   ASSERT_EQ(code, 0) << out;

@@ -5,17 +5,14 @@
 #include "blip2/config/config.h"
 #include "blip2/tasks/trainer.h"
 #include "blip2/util/common.h"
+#include "test_util.h"
 
 using namespace blip2;
+using namespace blip2::testing;
 namespace fs = std::filesystem;
 
 namespace {
 
-fs::path temp_dir(const std::string& name) {
-  auto d = fs::temp_directory_path() / ("blip2_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  return d;
-}
 
 // A short run: 64 samples in batches of 8 -> 8 steps per epoch.
 RunConfig short_run(const fs::path& out) {

@@ -1,0 +1,50 @@
+// Helpers shared by the test files.
+#pragma once
+
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <string>
+
+#include "blip2/util/common.h"
+
+namespace blip2::testing {
+
+// The message of the blip2::Error that f throws, or "<no error>".
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+struct CliResult {
+  int code;
+  std::string out;  // stdout and stderr
+};
+
+// Runs the blip2 binary with `args` (shell syntax).
+inline CliResult run_cli(const std::string& args) {
+  std::string cmd = std::string(BLIP2_CLI) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  std::string out;
+  std::array<char, 4096> buf{};
+  while (fgets(buf.data(), buf.size(), p)) out += buf.data();
+  int status = pclose(p);
+  return {WEXITSTATUS(status), out};
+}
+
+// A fresh, empty directory under the system temp dir, unique to this process.
+inline std::filesystem::path temp_dir(const std::string& name) {
+  auto d = std::filesystem::temp_directory_path() / ("blip2_test_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(d);
+  std::filesystem::create_directories(d);
+  return d;
+}
+
+}  // namespace blip2::testing
