@@ -95,7 +95,8 @@ class BatchLoader {
   std::shared_ptr<std::atomic<int64_t>> skipped_ = std::make_shared<std::atomic<int64_t>>(0);
   mutable std::mutex order_mutex_;
   mutable int64_t cached_epoch_ = -1;
-  mutable std::vector<int64_t> cached_order_;
+  mutable std::shared_ptr<const std::vector<int64_t>> cached_order_;
+  std::shared_ptr<const std::vector<int64_t>> order(int64_t epoch) const;
 };
 
 }  // namespace blip2

@@ -36,7 +36,9 @@ int64_t BatchLoader::batches_per_epoch() const {
                         : (per_rank + opt_.batch_size - 1) / opt_.batch_size;
 }
 
-std::vector<int64_t> BatchLoader::epoch_order(int64_t epoch) const {
+std::vector<int64_t> BatchLoader::epoch_order(int64_t epoch) const { return *order(epoch); }
+
+std::shared_ptr<const std::vector<int64_t>> BatchLoader::order(int64_t epoch) const {
   std::lock_guard<std::mutex> lock(order_mutex_);
   if (epoch == cached_epoch_) return cached_order_;
   std::vector<int64_t> order(dataset_->size());
@@ -51,16 +53,16 @@ std::vector<int64_t> BatchLoader::epoch_order(int64_t epoch) const {
   mine.reserve(per_rank);
   for (int64_t i = 0; i < per_rank; ++i) mine.push_back(order[i * opt_.world_size + opt_.rank]);
   cached_epoch_ = epoch;
-  cached_order_ = mine;
-  return mine;
+  cached_order_ = std::make_shared<const std::vector<int64_t>>(std::move(mine));
+  return cached_order_;
 }
 
 Batch BatchLoader::batch(int64_t epoch, int64_t index) const {
   check(index >= 0 && index < batches_per_epoch(), "batch index out of range");
-  auto order = epoch_order(epoch);
+  auto ord = order(epoch);
   int64_t begin = index * opt_.batch_size;
-  int64_t end = std::min<int64_t>(begin + opt_.batch_size, static_cast<int64_t>(order.size()));
-  return collate(std::vector<int64_t>(order.begin() + begin, order.begin() + end), epoch);
+  int64_t end = std::min<int64_t>(begin + opt_.batch_size, static_cast<int64_t>(ord->size()));
+  return collate(std::vector<int64_t>(ord->begin() + begin, ord->begin() + end), epoch);
 }
 
 Batch BatchLoader::collate(const std::vector<int64_t>& indices, int64_t epoch) const {

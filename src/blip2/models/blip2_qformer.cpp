@@ -137,7 +137,7 @@ Stage1Output Blip2QformerImpl::forward(const torch::Tensor& images, const torch:
   auto [decoder_ids, labels] = lm_inputs(ids, q.bos_token_id, q.pad_token_id);
   auto loss_lm = lm_loss(lm_logits(decoder_ids, mask, query.past), labels, 0.1);
 
-  return {loss_itc + loss_itm + loss_lm, loss_itc, loss_itm, loss_lm};
+  return {loss_itc + loss_itm + loss_lm, loss_itc, loss_itm, loss_lm, image_feats, text_feat};
 }
 
 torch::Tensor max_over_queries(const torch::Tensor& image_feats, const torch::Tensor& text_feats) {

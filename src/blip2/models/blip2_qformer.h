@@ -19,6 +19,7 @@ namespace blip2 {
 
 struct Stage1Output {
   torch::Tensor loss, loss_itc, loss_itm, loss_lm;  // loss = itc + itm + lm (unweighted)
+  torch::Tensor image_feats, text_feat;             // [B,Q,E], [B,E]: the ITC features
 };
 
 struct QueryOutput {

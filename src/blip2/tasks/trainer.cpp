@@ -445,8 +445,9 @@ Stage1Eval PretrainTrainer::evaluate() {
   std::vector<torch::Tensor> image_feats, text_feats;
   std::vector<std::string> captions;
   Progress progress("eval", loader.batches_per_epoch(), cfg_.runner_config.log_interval);
+  BatchLoader::Stream stream(loader, 0, 0);
   for (int64_t b = 0; b < loader.batches_per_epoch(); ++b) {
-    Batch batch = loader.batch(0, b).to(device_);
+    Batch batch = stream.next().to(device_);
     AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
     auto out = model_->forward(batch.images, batch.ids, batch.mask);
     const double n = static_cast<double>(batch.ids.size(0));
@@ -455,9 +456,8 @@ Stage1Eval PretrainTrainer::evaluate() {
     ev.loss_itm += out.loss_itm.item<double>() * n;
     ev.loss_lm += out.loss_lm.item<double>() * n;
     seen += batch.ids.size(0);
-    auto image_embeds = model_->encode_image(batch.images);
-    image_feats.push_back(model_->image_features(model_->query_pass(image_embeds, false).hidden).cpu());
-    text_feats.push_back(model_->text_features(model_->text_pass(batch.ids, batch.mask)).cpu());
+    image_feats.push_back(out.image_feats.cpu());
+    text_feats.push_back(out.text_feat.cpu());
     captions.insert(captions.end(), batch.captions.begin(), batch.captions.end());
     progress.update(b + 1, "");
   }
