@@ -86,6 +86,17 @@ torch::Tensor Blip2QformerImpl::itm_logits(const torch::Tensor& image_embeds,
   return itm_head(hidden.narrow(1, 0, nq)).mean(1);
 }
 
+torch::Tensor Blip2QformerImpl::itm_logits(const std::vector<KVCache>& cross,
+                                           const torch::Tensor& ids, const torch::Tensor& mask) {
+  const int64_t n = ids.size(0), nq = query_tokens.size(1);
+  auto queries = query_tokens.expand({n, -1, -1});
+  auto embeds = torch::cat({queries, embeddings(ids)}, 1);
+  auto keep = torch::cat({torch::ones({n, nq}, mask.options()), mask}, 1);
+  auto hidden = qformer->forward(embeds, padding_mask(keep), nq, torch::Tensor(), nullptr, false, &cross)
+                    .last_hidden_state;
+  return itm_head(hidden.narrow(1, 0, nq)).mean(1);
+}
+
 torch::Tensor Blip2QformerImpl::lm_logits(const torch::Tensor& decoder_ids,
                                           const torch::Tensor& mask,
                                           const std::vector<KVCache>& query_past) {

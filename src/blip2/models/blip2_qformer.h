@@ -48,6 +48,10 @@ class Blip2QformerImpl : public torch::nn::Module {
   // itm_head over the query outputs, averaged over queries: [B,2].
   torch::Tensor itm_logits(const torch::Tensor& image_embeds, const torch::Tensor& ids,
                            const torch::Tensor& mask);
+  // The same from precomputed cross-attention keys/values (QFormerModel::cross_kv), whose
+  // batch matches ids (expand one image's over its texts without copying).
+  torch::Tensor itm_logits(const std::vector<KVCache>& cross, const torch::Tensor& ids,
+                           const torch::Tensor& mask);
   // LM: text attends all cached queries plus earlier text (causal). ids start with [DEC]: [B,L,V].
   torch::Tensor lm_logits(const torch::Tensor& decoder_ids, const torch::Tensor& mask,
                           const std::vector<KVCache>& query_past);

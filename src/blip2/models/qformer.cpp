@@ -16,11 +16,18 @@ torch::Tensor BertSelfAttentionImpl::forward(const torch::Tensor& hidden,
                                              const torch::Tensor& mask, const KVCache* past,
                                              KVCache* present) {
   auto q = split_heads(query(hidden), heads);
-  auto k = split_heads(key(context), heads);
-  auto v = split_heads(value(context), heads);
-  if (past) {
-    k = torch::cat({past->key, k}, 2);
-    v = torch::cat({past->value, v}, 2);
+  torch::Tensor k, v;
+  if (!context.defined()) {
+    TORCH_CHECK(past, "attention needs a context or precomputed keys/values");
+    k = past->key;
+    v = past->value;
+  } else {
+    k = split_heads(key(context), heads);
+    v = split_heads(value(context), heads);
+    if (past) {
+      k = torch::cat({past->key, k}, 2);
+      v = torch::cat({past->value, v}, 2);
+    }
   }
   if (present) *present = {k, v};
   std::optional<torch::Tensor> m;
@@ -76,14 +83,15 @@ torch::Tensor QFormerLayerImpl::ffn(const torch::Tensor& x, bool query) {
 
 torch::Tensor QFormerLayerImpl::forward(const torch::Tensor& hidden, const torch::Tensor& mask,
                                         int64_t query_length, const torch::Tensor& image_embeds,
-                                        const KVCache* past, KVCache* present) {
+                                        const KVCache* past, KVCache* present,
+                                        const KVCache* cross) {
   auto h = attention(hidden, hidden, mask, past, present);
   if (query_length == 0) return ffn(h, /*query=*/false);
   auto q = h.narrow(1, 0, query_length);
   if (has_cross) {
-    TORCH_CHECK(image_embeds.defined(), "cross-attention layer needs image features");
-    q = crossattention->forward(q, image_embeds, /*all image tokens visible*/ torch::Tensor(),
-                               nullptr, nullptr);
+    TORCH_CHECK(image_embeds.defined() || cross, "cross-attention layer needs image features");
+    q = crossattention->forward(q, cross ? torch::Tensor() : image_embeds,
+                                /*all image tokens visible*/ torch::Tensor(), cross, nullptr);
   }
   q = ffn(q, /*query=*/true);
   if (h.size(1) == query_length) return q;
@@ -103,7 +111,8 @@ QFormerModelImpl::QFormerModelImpl(const QFormerConfig& c, int64_t encoder_width
 
 QFormerOutput QFormerModelImpl::forward(const torch::Tensor& embeds, const torch::Tensor& mask,
                                         int64_t query_length, const torch::Tensor& image_embeds,
-                                        const std::vector<KVCache>* past, bool use_cache) {
+                                        const std::vector<KVCache>* past, bool use_cache,
+                                        const std::vector<KVCache>* cross) {
   QFormerOutput out;
   auto h = F::dropout(layernorm(embeds), F::DropoutFuncOptions()
                                              .p(config.hidden_dropout_prob)
@@ -112,9 +121,22 @@ QFormerOutput QFormerModelImpl::forward(const torch::Tensor& embeds, const torch
   for (size_t i = 0; i < layers->size(); ++i) {
     h = layers[i]->as<QFormerLayer>()->forward(h, mask, query_length, image_embeds,
                                                past ? &(*past)[i] : nullptr,
-                                               use_cache ? &out.past[i] : nullptr);
+                                               use_cache ? &out.past[i] : nullptr,
+                                               cross ? &(*cross)[i] : nullptr);
   }
   out.last_hidden_state = h;
+  return out;
+}
+
+std::vector<KVCache> QFormerModelImpl::cross_kv(const torch::Tensor& image_embeds) {
+  std::vector<KVCache> out(layers->size());
+  for (size_t i = 0; i < layers->size(); ++i) {
+    auto layer = layers[i]->as<QFormerLayer>();
+    if (!layer->has_cross) continue;
+    auto& attn = layer->crossattention->attention;
+    out[i] = {split_heads(attn->key(image_embeds), attn->heads),
+              split_heads(attn->value(image_embeds), attn->heads)};
+  }
   return out;
 }
 

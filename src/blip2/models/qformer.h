@@ -30,7 +30,8 @@ class BertSelfAttentionImpl : public torch::nn::Module {
   BertSelfAttentionImpl(const QFormerConfig& c, int64_t kv_width, const InitOptions& init);
   // hidden [B,Lq,H]; context [B,Lk,W] for cross-attention (else hidden); mask additive,
   // broadcastable to [B,heads,Lq,Lk]. `past` is prepended to this call's keys/values and
-  // `present` receives the full keys/values.
+  // `present` receives the full keys/values. With an undefined context, `past` alone is used
+  // as the keys/values (precomputed cross-attention keys/values of an image).
   torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& context,
                         const torch::Tensor& mask, const KVCache* past, KVCache* present);
   Linear query{nullptr}, key{nullptr}, value{nullptr};
@@ -65,9 +66,10 @@ class QFormerLayerImpl : public torch::nn::Module {
   QFormerLayerImpl(const QFormerConfig& c, int64_t encoder_width, bool cross,
                    const InitOptions& init);
   // hidden [B, L, H] whose first `query_length` rows are queries.
+  // `cross` (optional) replaces image_embeds with this layer's precomputed image keys/values.
   torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& mask,
                         int64_t query_length, const torch::Tensor& image_embeds,
-                        const KVCache* past, KVCache* present);
+                        const KVCache* past, KVCache* present, const KVCache* cross = nullptr);
   BertAttention attention{nullptr}, crossattention{nullptr};
   Linear intermediate{nullptr}, intermediate_query{nullptr};
   BertOutput output{nullptr}, output_query{nullptr};
@@ -89,7 +91,11 @@ class QFormerModelImpl : public torch::nn::Module {
   // embeds: [queries; text word+position embeddings], before the embedding LayerNorm.
   QFormerOutput forward(const torch::Tensor& embeds, const torch::Tensor& mask,
                         int64_t query_length, const torch::Tensor& image_embeds = {},
-                        const std::vector<KVCache>* past = nullptr, bool use_cache = false);
+                        const std::vector<KVCache>* past = nullptr, bool use_cache = false,
+                        const std::vector<KVCache>* cross = nullptr);
+  // Each cross-attention layer's keys/values of the image ([B, heads, N, head_dim]; empty for
+  // layers without cross-attention): computed once per image, reused for every text it meets.
+  std::vector<KVCache> cross_kv(const torch::Tensor& image_embeds);
   LayerNorm layernorm{nullptr};
   torch::nn::ModuleList layers;
   QFormerConfig config;

@@ -97,35 +97,33 @@ double warmup_cosine_lr(const LrScheduleConfig& s, int64_t step, int64_t total_s
   return s.lr_end + (s.learning_rate - s.lr_end) * 0.5 * (1.0 + std::cos(M_PI * progress));
 }
 
+Recall recall(const torch::Tensor& scores, const std::vector<std::vector<int64_t>>& gt) {
+  auto s = scores.to(torch::kCPU, torch::kFloat32).contiguous();
+  Recall r;
+  const int64_t n = s.size(0);
+  auto acc = s.accessor<float, 2>();
+  for (int64_t q = 0; q < n; ++q) {
+    float best = -std::numeric_limits<float>::infinity();
+    for (int64_t j : gt[q]) best = std::max(best, acc[q][j]);
+    int64_t rank = 0;
+    for (int64_t j = 0; j < s.size(1); ++j) rank += acc[q][j] > best;
+    r.r1 += rank < 1;
+    r.r5 += rank < 5;
+    r.r10 += rank < 10;
+  }
+  for (double* v : {&r.r1, &r.r5, &r.r10}) *v = 100.0 * *v / std::max<int64_t>(1, n);
+  return r;
+}
+
 RetrievalMetrics recall_at_k(const torch::Tensor& sim_i2t,
                              const std::vector<std::vector<int64_t>>& img2txt,
                              const std::vector<std::vector<int64_t>>& txt2img) {
-  auto sim = sim_i2t.to(torch::kCPU, torch::kFloat32);
   RetrievalMetrics m;
-  m.num_images = sim.size(0);
-  m.num_texts = sim.size(1);
-  // rank of the best-ranked match: number of candidates scoring strictly higher than it.
-  auto best_rank = [](const torch::Tensor& row, const std::vector<int64_t>& matches) {
-    auto acc = row.accessor<float, 1>();
-    float best = -std::numeric_limits<float>::infinity();
-    for (int64_t j : matches) best = std::max(best, acc[j]);
-    int64_t rank = 0;
-    for (int64_t j = 0; j < row.size(0); ++j)
-      if (acc[j] > best) ++rank;
-    return rank;
-  };
-  auto add = [](int64_t rank, double& r1, double& r5, double& r10) {
-    r1 += rank < 1;
-    r5 += rank < 5;
-    r10 += rank < 10;
-  };
-  for (int64_t i = 0; i < m.num_images; ++i)
-    add(best_rank(sim[i], img2txt[i]), m.txt_r1, m.txt_r5, m.txt_r10);
-  auto sim_t = sim.t().contiguous();
-  for (int64_t t = 0; t < m.num_texts; ++t)
-    add(best_rank(sim_t[t], txt2img[t]), m.img_r1, m.img_r5, m.img_r10);
-  for (double* v : {&m.txt_r1, &m.txt_r5, &m.txt_r10}) *v = 100.0 * *v / std::max<int64_t>(1, m.num_images);
-  for (double* v : {&m.img_r1, &m.img_r5, &m.img_r10}) *v = 100.0 * *v / std::max<int64_t>(1, m.num_texts);
+  m.num_images = sim_i2t.size(0);
+  m.num_texts = sim_i2t.size(1);
+  auto a = recall(sim_i2t, img2txt), b = recall(sim_i2t.t(), txt2img);
+  m.txt_r1 = a.r1; m.txt_r5 = a.r5; m.txt_r10 = a.r10;
+  m.img_r1 = b.r1; m.img_r5 = b.r5; m.img_r10 = b.r10;
   return m;
 }
 

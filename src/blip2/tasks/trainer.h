@@ -27,6 +27,13 @@ struct RetrievalMetrics {
   double img_r1 = 0, img_r5 = 0, img_r10 = 0;  // text -> image
   int64_t num_images = 0, num_texts = 0;
 };
+// Recall@1/5/10 (in %) of one direction: scores [queries, candidates], gt[q] the matching
+// candidates. A query's rank is the number of candidates scoring strictly higher than its best
+// match (ties count in its favour).
+struct Recall {
+  double r1 = 0, r5 = 0, r10 = 0;
+};
+Recall recall(const torch::Tensor& scores, const std::vector<std::vector<int64_t>>& gt);
 RetrievalMetrics recall_at_k(const torch::Tensor& sim_i2t,
                              const std::vector<std::vector<int64_t>>& img2txt,
                              const std::vector<std::vector<int64_t>>& txt2img);
