@@ -264,6 +264,22 @@ TEST(Cli, TrainsOnCocoAndVgAndTokenizes) {
   EXPECT_EQ(ev["itc_retrieval"]["num_images"], 2);
   EXPECT_EQ(ev["itc_retrieval"]["num_texts"], 5);
 
+  // The retrieval task on the COCO test split, from the checkpoint just trained.
+  std::string rcfg = cfg;
+  rcfg.replace(rcfg.find("type: contrastive_language_image_pretrain"),
+               std::string("type: contrastive_language_image_pretrain").size(), "type: image_to_text_retrieval");
+  write(d.root / "retrieval.yaml", rcfg);
+  r = run_cli("run --config " + (d.root / "retrieval.yaml").string() + " --run_mode eval --eval_dataset_dir " +
+              d.root.string() + " --load_checkpoint " + out.string() + " --output_dir " + (d.root / "ret").string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto ret = json::parse(read_file(d.root / "ret" / "retrieval_results.json"));
+  EXPECT_EQ(ret["num_images"], 2);
+  EXPECT_EQ(ret["num_texts"], 5);
+  for (const char* k : {"txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10",
+                        "img_r_mean", "r_mean", "agg_metrics"})
+    EXPECT_TRUE(ret.contains(k)) << k;
+  EXPECT_DOUBLE_EQ(ret["txt_r5"].get<double>(), 100.0);  // 2 images: everything is in the top 5
+
   auto t = run_cli("tokenize --vocab " + vocab + " --max_length 6 --padding max_length \"A man riding a horse.\"");
   EXPECT_EQ(t.code, 0);
   EXPECT_EQ(t.out, "[2,27,294,275,27,3]\n");

@@ -56,7 +56,7 @@ TEST(Retrieval, MetricsByHandWithTiesAndSeveralCaptions) {
   s.t2i = torch::tensor({{0.1f, 0.3f},          // text 0: image 1 first -> rank 1
                          {0.7f, 0.2f},          // text 1: hit@1
                          {0.6f, 0.5f}});        // text 2: image 0 first -> rank 1
-  auto r = retrieval_report(s, {{0, 1}, {2}}, {0, 0, 1});
+  auto r = retrieval_report(s, {{0, 1}, {2}}, {{0}, {0}, {1}});
   EXPECT_DOUBLE_EQ(r.txt_r1, 100.0);
   EXPECT_NEAR(r.img_r1, 100.0 / 3, 1e-9);
   EXPECT_DOUBLE_EQ(r.img_r5, 100.0);

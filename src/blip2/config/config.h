@@ -217,11 +217,18 @@ struct DatasetConfig {
   int64_t batch_size = 0;              // 0 = runner_config.batch_size
   bool drop_remainder = true;
   int64_t num_parallel_workers = 2;
+  // image_to_text_retrieval: candidates re-ranked by ITM per query; ITM + ITC (true) or ITM
+  // alone; each image's cross-attention keys/values computed once (a speed switch).
+  int64_t k_test = 128;
+  bool add_extra_itm_score = true;
+  bool reuse_cross_kv = true;
   template <class V> void visit(V& v) {
     v("data_loader", data_loader); v("image_transforms", image_transforms);
     v("text_transforms", text_transforms);
     v("tokenizer", tokenizer); v("batch_size", batch_size);
     v("drop_remainder", drop_remainder); v("num_parallel_workers", num_parallel_workers);
+    v("k_test", k_test); v("add_extra_itm_score", add_extra_itm_score);
+    v("reuse_cross_kv", reuse_cross_kv);
   }
 };
 

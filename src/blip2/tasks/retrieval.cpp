@@ -25,7 +25,8 @@ std::vector<KVCache> repeat_one(const std::vector<KVCache>& all, int64_t i, int6
 
 }  // namespace
 
-RetrievalScores rerank_top_k(Blip2Qformer& model, const RetrievalInputs& in, const RerankOptions& o) {
+RetrievalScores rerank_top_k(Blip2Qformer& model, const RetrievalInputs& in, const RerankOptions& o,
+                             const std::function<void(int64_t, int64_t)>& progress) {
   torch::NoGradGuard no_grad;
   const int64_t ni = in.image_feats.size(0), nt = in.text_feats.size(0);
   auto sim = max_over_queries(in.image_feats, in.text_feats);  // [Ni, Nt]
@@ -43,6 +44,7 @@ RetrievalScores rerank_top_k(Blip2Qformer& model, const RetrievalInputs& in, con
                       : model->itm_logits(in.image_embeds.narrow(0, i, 1).expand({k_txt, -1, -1}), ids, mask);
     auto score = logits.select(1, 1) + (o.add_itc ? vals : torch::zeros_like(vals));
     s.i2t[i].index_put_({idx}, score.to(sim.scalar_type()));
+    if (progress) progress(i + 1, ni + nt);
   }
   const int64_t k_img = std::min(o.k_test, ni);
   auto sim_t = sim.t();
@@ -54,16 +56,15 @@ RetrievalScores rerank_top_k(Blip2Qformer& model, const RetrievalInputs& in, con
                              : model->itm_logits(in.image_embeds.index_select(0, idx), ids, mask);
     auto score = logits.select(1, 1) + (o.add_itc ? vals : torch::zeros_like(vals));
     s.t2i[t].index_put_({idx}, score.to(sim.scalar_type()));
+    if (progress) progress(ni + t + 1, ni + nt);
   }
   return s;
 }
 
 RetrievalReport retrieval_report(const RetrievalScores& s,
                                  const std::vector<std::vector<int64_t>>& img2txt,
-                                 const std::vector<int64_t>& txt2img) {
-  std::vector<std::vector<int64_t>> t2i_gt;
-  for (int64_t img : txt2img) t2i_gt.push_back({img});
-  const Recall a = recall(s.i2t, img2txt), b = recall(s.t2i, t2i_gt);
+                                 const std::vector<std::vector<int64_t>>& txt2img) {
+  const Recall a = recall(s.i2t, img2txt), b = recall(s.t2i, txt2img);
   RetrievalReport r;
   r.txt_r1 = a.r1; r.txt_r5 = a.r5; r.txt_r10 = a.r10;
   r.img_r1 = b.r1; r.img_r5 = b.r5; r.img_r10 = b.r10;

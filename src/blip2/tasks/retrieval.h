@@ -6,6 +6,7 @@
 // over each image's ground-truth captions (image->text) and each caption's image (text->image).
 #pragma once
 
+#include <functional>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -33,7 +34,9 @@ struct RerankOptions {
 };
 
 // Runs under no-grad; `model` should be in eval mode.
-RetrievalScores rerank_top_k(Blip2Qformer& model, const RetrievalInputs& in, const RerankOptions& o);
+// `progress`, when given, is told after each of the Ni + Nt queries.
+RetrievalScores rerank_top_k(Blip2Qformer& model, const RetrievalInputs& in, const RerankOptions& o,
+                             const std::function<void(int64_t done, int64_t total)>& progress = {});
 
 struct RetrievalReport {
   double txt_r1 = 0, txt_r5 = 0, txt_r10 = 0, txt_r_mean = 0;
@@ -42,10 +45,10 @@ struct RetrievalReport {
   nlohmann::json to_json() const;
 };
 
-// img2txt[i]: the texts of image i; txt2img[t]: the image of text t. A query's rank is the number
+// img2txt[i]: the texts of image i; txt2img[t]: the image(s) of text t. A query's rank is the number
 // of candidates scoring strictly higher than its best ground truth.
 RetrievalReport retrieval_report(const RetrievalScores& s,
                                  const std::vector<std::vector<int64_t>>& img2txt,
-                                 const std::vector<int64_t>& txt2img);
+                                 const std::vector<std::vector<int64_t>>& txt2img);
 
 }  // namespace blip2

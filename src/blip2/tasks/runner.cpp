@@ -49,9 +49,18 @@ int run(const std::string& path, const RunOverrides& overrides) {
   atomic_write(fs::path(cfg.output_dir) / "resolved_config.yaml", resolved);
 
   const std::string& task = cfg.trainer.type;
+  if (task == "image_to_text_retrieval" || task == "blip2_retrieval") {
+    if (cfg.run_mode != "eval")
+      throw Error("run_mode " + cfg.run_mode + ": task image_to_text_retrieval only evaluates (use --run_mode eval)");
+    PretrainTrainer trainer(cfg);
+    auto report = trainer.evaluate_retrieval();
+    std::cout << report.dump(2) << "\n";
+    atomic_write(fs::path(cfg.output_dir) / "retrieval_results.json", report.dump(2) + "\n");
+    return 0;
+  }
   if (task != "contrastive_language_image_pretrain")
-    throw Error("trainer.type: task '" + task +
-                "' is not available in this build (available: contrastive_language_image_pretrain)");
+    throw Error("trainer.type: task '" + task + "' is not available in this build (available: "
+                "contrastive_language_image_pretrain, image_to_text_retrieval)");
   if (cfg.run_mode == "predict")
     throw Error("run_mode predict: task contrastive_language_image_pretrain has no predict mode");
 

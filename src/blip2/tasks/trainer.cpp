@@ -14,6 +14,7 @@
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/io/safetensors.h"
+#include "blip2/tasks/retrieval.h"
 #include "blip2/util/common.h"
 
 namespace blip2 {
@@ -163,12 +164,14 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg)
                       cfg_.parallel_config.model_parallel);
   torch::manual_seed(cfg_.seed);
   const auto& mc = cfg_.model.model_config;
-  if (cfg_.train_dataset.tokenizer.vocab_file.empty() &&
-      cfg_.train_dataset.data_loader.type != "SyntheticShapes")
-    throw Error("train_dataset.tokenizer.vocab_file is empty: give the path of BERT's vocab.txt "
+  // Training reads its tokenizer from train_dataset, evaluation from eval_dataset.
+  const DatasetConfig& data = cfg_.run_mode == "train" ? cfg_.train_dataset : cfg_.eval_dataset;
+  const std::string section = cfg_.run_mode == "train" ? "train_dataset" : "eval_dataset";
+  if (data.tokenizer.vocab_file.empty() && data.data_loader.type != "SyntheticShapes")
+    throw Error(section + ".tokenizer.vocab_file is empty: give the path of BERT's vocab.txt "
                 "(bert-base-uncased for the published BLIP-2 weights); \"\" means the synthetic "
                 "vocabulary, which only suits the SyntheticShapes data");
-  tokenizer_ = make_tokenizer(cfg_.train_dataset.tokenizer);
+  tokenizer_ = make_tokenizer(data.tokenizer);
   const auto& q = mc.qformer_config;
   auto key = std::string("model.model_config.qformer_config.");
   check(tokenizer_->size() <= q.embedding_vocab_size(),
@@ -176,7 +179,7 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg)
             " tokens but the embedding table only " + std::to_string(q.embedding_vocab_size()));
   check(tokenizer_->bos_id() == q.bos_token_id,
         key + "bos_token_id is " + std::to_string(q.bos_token_id) + " but the tokenizer's " +
-            cfg_.train_dataset.tokenizer.bos_token + " is " + std::to_string(tokenizer_->bos_id()));
+            data.tokenizer.bos_token + " is " + std::to_string(tokenizer_->bos_id()));
   check(tokenizer_->pad_id() == q.pad_token_id,
         key + "pad_token_id is " + std::to_string(q.pad_token_id) + " but the tokenizer's [PAD] is " +
             std::to_string(tokenizer_->pad_id()));
@@ -503,6 +506,81 @@ Stage1Eval PretrainTrainer::evaluate() {
   }
   ev.itc_retrieval = recall_at_k(sim, img2txt, txt2img);
   return ev;
+}
+
+nlohmann::json PretrainTrainer::evaluate_retrieval() {
+  auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
+  model_->eval();
+  torch::NoGradGuard no_grad;
+  const auto& d = cfg_.eval_dataset;
+  const auto& tt = d.text_transforms;
+  const int64_t bs = std::max<int64_t>(1, d.batch_size > 0 ? d.batch_size : cfg_.runner_config.batch_size);
+  RetrievalInputs in;
+  std::vector<torch::Tensor> embeds, feats;
+  std::vector<std::string> texts;
+  std::vector<std::vector<int64_t>> img2txt, txt2img;
+  auto add_images = [&](const torch::Tensor& images) {
+    auto e = model_->encode_image(images.to(device_));
+    feats.push_back(model_->image_features(model_->query_pass(e, false).hidden));
+    embeds.push_back(e);
+  };
+  if (const auto* cd = dynamic_cast<const CaptionDataset*>(&loader.dataset())) {
+    for (int64_t i = 0; i < cd->num_images(); i += bs) {
+      std::vector<torch::Tensor> imgs;
+      for (int64_t k = i; k < std::min(i + bs, cd->num_images()); ++k) imgs.push_back(cd->image(k));
+      add_images(torch::stack(imgs));
+    }
+    texts = cd->texts();
+    img2txt = cd->img2txt();
+    for (int64_t img : cd->txt2img()) txt2img.push_back({img});
+  } else {  // one image and one caption per sample; identical captions match each other's images
+    BatchLoader::Stream stream(loader, 0, 0);
+    std::vector<std::string> captions;
+    while (!stream.done()) {
+      Batch b = stream.next();
+      add_images(b.images);
+      captions.insert(captions.end(), b.captions.begin(), b.captions.end());
+    }
+    std::map<std::string, std::vector<int64_t>> same;
+    for (size_t i = 0; i < captions.size(); ++i) same[captions[i]].push_back(static_cast<int64_t>(i));
+    for (const auto& c : captions) {
+      img2txt.push_back(same[c]);
+      txt2img.push_back(same[c]);
+    }
+    texts = captions;
+  }
+  in.image_embeds = torch::cat(embeds);
+  in.image_feats = torch::cat(feats);
+  std::vector<std::string> cleaned;
+  for (const auto& t : texts) cleaned.push_back(clean_caption(t, tt.max_words, tt.prompt));
+  auto enc = tokenizer_->encode_batch(cleaned, tt.max_length, tt.padding);
+  in.text_ids = enc.ids.to(device_);
+  in.text_mask = enc.mask.to(device_);
+  std::vector<torch::Tensor> tf;
+  for (int64_t i = 0; i < in.text_ids.size(0); i += bs) {
+    const int64_t n = std::min(bs, in.text_ids.size(0) - i);
+    tf.push_back(model_->text_features(model_->text_pass(in.text_ids.narrow(0, i, n), in.text_mask.narrow(0, i, n))));
+  }
+  in.text_feats = torch::cat(tf);
+
+  RerankOptions o;
+  o.k_test = d.k_test;
+  o.add_itc = d.add_extra_itm_score;
+  o.reuse_kv = d.reuse_cross_kv;
+  const int64_t ni = in.image_feats.size(0), nt = in.text_feats.size(0);
+  log_info("retrieval: " + std::to_string(ni) + " images, " + std::to_string(nt) + " texts, k_test " +
+           std::to_string(o.k_test));
+  Progress progress("rerank", ni + nt, std::max<int64_t>(1, (ni + nt) / 10));
+  auto t0 = std::chrono::steady_clock::now();
+  auto scores = rerank_top_k(model_, in, o, [&](int64_t done, int64_t) { progress.update(done, ""); });
+  progress.finish();
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  auto report = retrieval_report(scores, img2txt, txt2img).to_json();
+  report["num_images"] = ni;
+  report["num_texts"] = nt;
+  report["rerank_seconds"] = secs;
+  report["rerank_images_per_s"] = ni / std::max(secs, 1e-9);
+  return report;
 }
 
 }  // namespace blip2

@@ -60,6 +60,8 @@ class PretrainTrainer {
   explicit PretrainTrainer(RunConfig cfg);
   std::vector<StepLog> train();
   Stage1Eval evaluate();
+  // The image_to_text_retrieval task on eval_dataset (ITC top-k, ITM re-ranking).
+  nlohmann::json evaluate_retrieval();
   Blip2Qformer model() const { return model_; }
   const RunConfig& config() const { return cfg_; }
 
