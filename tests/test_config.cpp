@@ -33,7 +33,8 @@ std::string tiny_with(const std::string& from, const std::string& to) {
 
 TEST(Config, ShippedConfigsParseAndValidate) {
   for (const char* name : {"tiny_pretrain_stage_1.yaml", "run_blip2_pretrain_stage_1.yaml",
-                           "tiny_retrieval.yaml", "run_blip2_stage1_vit_g_retrieval_flickr30k.yaml"}) {
+                           "tiny_retrieval.yaml", "run_blip2_stage1_vit_g_retrieval_flickr30k.yaml",
+                           "tiny_zero_shot.yaml"}) {
     std::string path = std::string(BLIP2_CONFIG_DIR) + "/" + name;
     RunConfig c = load_run_config(path);
     EXPECT_NO_THROW(validate(c, path)) << name;

@@ -5,6 +5,10 @@
 
 #include "blip2/config/config.h"
 #include "blip2/tasks/retrieval.h"
+#include "blip2/util/common.h"
+#include "test_util.h"
+
+#include <nlohmann/json.hpp>
 
 using namespace blip2;
 
@@ -64,4 +68,42 @@ TEST(Retrieval, MetricsByHandWithTiesAndSeveralCaptions) {
   EXPECT_NEAR(r.img_r_mean, (100.0 / 3 + 200.0) / 3, 1e-9);
   EXPECT_NEAR(r.r_mean, (r.txt_r_mean + r.img_r_mean) / 2, 1e-12);
   EXPECT_DOUBLE_EQ(r.agg_metrics, r.r_mean);
+}
+
+TEST(ZeroShot, PredictRanksCandidateLabelsAndEvalReportsAccuracy) {
+  auto dir = blip2::testing::temp_dir("zeroshot");
+  std::string cfg = read_file(std::string(BLIP2_CONFIG_DIR) + "/tiny_zero_shot.yaml");
+  cfg.replace(cfg.find("    num_samples: 256"), std::string("    num_samples: 256").size(),
+              "    num_samples: 32\n    candidate_labels: [red circle, blue square, green ring]");
+  atomic_write(dir / "zs.yaml", cfg);
+  const std::string img = std::string(BLIP2_FIXTURE_DIR) + "/images/";
+  auto r = blip2::testing::run_cli("run --config " + (dir / "zs.yaml").string() + " --run_mode predict --predict_data " +
+                                   img + "rgb.png," + img + "grey.jpg --output_dir " + (dir / "out").string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto lines = read_file(dir / "out" / "zero_shot_image_classification_result.txt");
+  ASSERT_EQ(std::count(lines.begin(), lines.end(), '\n'), 2);
+  auto first = nlohmann::json::parse(lines.substr(0, lines.find('\n')));
+  ASSERT_EQ(first.size(), 3u);
+  double total = 0, prev = 2;
+  for (const auto& e : first) {
+    total += e["score"].get<double>();
+    EXPECT_LE(e["score"].get<double>(), prev);  // sorted, best first
+    prev = e["score"].get<double>();
+  }
+  EXPECT_NEAR(total, 1.0, 1e-5);
+  auto json = nlohmann::json::parse(read_file(dir / "out" / "zero_shot_image_classification_result.json"));
+  EXPECT_EQ(json[1]["image"], img + "grey.jpg");
+
+  // eval over the dataset's own 30 classes (candidate_labels, when given, replace them)
+  cfg.replace(cfg.find("\n    candidate_labels: [red circle, blue square, green ring]"),
+              std::string("\n    candidate_labels: [red circle, blue square, green ring]").size(), "");
+  atomic_write(dir / "zs_eval.yaml", cfg);
+  r = blip2::testing::run_cli("run --config " + (dir / "zs_eval.yaml").string() + " --run_mode eval --output_dir " +
+                              (dir / "eval").string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto ev = nlohmann::json::parse(read_file(dir / "eval" / "zero_shot_eval_results.json"));
+  EXPECT_EQ(ev["num_labels"], 30);
+  EXPECT_EQ(ev["num_images"], 32);
+  EXPECT_GE(ev["top5_accuracy"].get<double>(), ev["top1_accuracy"].get<double>());
+  std::filesystem::remove_all(dir);
 }

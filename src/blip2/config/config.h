@@ -160,12 +160,17 @@ struct DataLoaderConfig {
   bool skip_bad_samples = false;         // skip unreadable images (counted and reported)
   std::string hypothesis_template = "a picture of {}";  // CIFAR-100: caption from the label
   bool fine_label = true;                // CIFAR-100: 100 fine classes (else 20 coarse)
+  // zero_shot_image_classification: the labels to choose from (default: the dataset's class
+  // names) and the sentence each label is put into.
+  std::vector<std::string> candidate_labels;
+  std::string label_template = "This is a photo of {}.";
 
   template <class V> void visit(V& v) {
     v("type", type); v("dataset_dir", dataset_dir); v("annotation_files", annotation_files);
     v("image_dirs", image_dirs); v("stage", stage); v("shuffle", shuffle);
     v("num_samples", num_samples); v("skip_bad_samples", skip_bad_samples);
     v("hypothesis_template", hypothesis_template); v("fine_label", fine_label);
+    v("candidate_labels", candidate_labels); v("label_template", label_template);
   }
 };
 

@@ -71,6 +71,7 @@ class Cifar100Dataset : public ImageTextDataset {
   using ImageTextDataset::get;
   ImageTextSample get(int64_t index, uint64_t sample_seed) const override;
   const std::vector<std::string>& class_names() const { return names_; }
+  std::vector<std::string> label_names() const override { return names_; }
   Image raw_image(int64_t index) const;
 
  private:

@@ -34,6 +34,8 @@ class ImageTextDataset {
   // `sample_seed` drives random augmentation; the loader derives it from (seed, epoch, index).
   virtual ImageTextSample get(int64_t index, uint64_t sample_seed) const = 0;
   ImageTextSample get(int64_t index) const { return get(index, 0); }
+  // Class names in label order, for datasets with labels (CIFAR-100, synthetic shapes).
+  virtual std::vector<std::string> label_names() const { return {}; }
   // What a sample is called in errors (file and annotation entry).
   virtual std::string describe(int64_t index) const { return "sample " + std::to_string(index); }
 };

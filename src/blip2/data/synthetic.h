@@ -28,6 +28,7 @@ class SyntheticShapes : public ImageTextDataset {
   using ImageTextDataset::get;
   ImageTextSample get(int64_t index, uint64_t sample_seed) const override;
 
+  std::vector<std::string> label_names() const override { return class_names(); }
   ShapeAttributes attributes(int64_t index) const;
   // Float image in [0, 1], [3, S, S], before normalisation.
   torch::Tensor render(const ShapeAttributes& a, int64_t index) const;

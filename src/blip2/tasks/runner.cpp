@@ -58,9 +58,37 @@ int run(const std::string& path, const RunOverrides& overrides) {
     atomic_write(fs::path(cfg.output_dir) / "retrieval_results.json", report.dump(2) + "\n");
     return 0;
   }
+  if (task == "zero_shot_image_classification") {
+    PretrainTrainer trainer(cfg);
+    if (cfg.run_mode == "eval") {
+      auto report = trainer.evaluate_zero_shot();
+      std::cout << report.dump(2) << "\n";
+      atomic_write(fs::path(cfg.output_dir) / "zero_shot_eval_results.json", report.dump(2) + "\n");
+      return 0;
+    }
+    if (cfg.run_mode != "predict")
+      throw Error("run_mode " + cfg.run_mode + ": task zero_shot_image_classification has eval and predict");
+    check(overrides.predict_data.has_value(), "--predict_data: give an image, several images or a directory");
+    std::vector<std::string> inputs;
+    for (size_t a = 0, b; a <= overrides.predict_data->size(); a = b + 1) {  // comma-separated
+      b = overrides.predict_data->find(',', a);
+      if (b == std::string::npos) b = overrides.predict_data->size();
+      if (b > a) inputs.push_back(overrides.predict_data->substr(a, b - a));
+    }
+    auto results = trainer.predict_zero_shot(inputs);
+    std::string text;
+    for (const auto& r : results) text += r["result"].dump() + "\n";  // the seed's result file
+    std::cout << "output result is: " << text;
+    atomic_write(fs::path(cfg.output_dir) / "zero_shot_image_classification_result.txt", text);
+    atomic_write(fs::path(cfg.output_dir) / "zero_shot_image_classification_result.json", results.dump(2) + "\n");
+    std::cout << "output result is saved at: "
+              << (fs::path(cfg.output_dir) / "zero_shot_image_classification_result.txt").string() << "\n";
+    return 0;
+  }
   if (task != "contrastive_language_image_pretrain")
     throw Error("trainer.type: task '" + task + "' is not available in this build (available: "
-                "contrastive_language_image_pretrain, image_to_text_retrieval)");
+                "contrastive_language_image_pretrain, image_to_text_retrieval, "
+                "zero_shot_image_classification)");
   if (cfg.run_mode == "predict")
     throw Error("run_mode predict: task contrastive_language_image_pretrain has no predict mode");
 

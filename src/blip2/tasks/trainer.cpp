@@ -508,6 +508,86 @@ Stage1Eval PretrainTrainer::evaluate() {
   return ev;
 }
 
+namespace {
+
+std::string fill_template(const std::string& tmpl, const std::string& label) {
+  std::string out = tmpl;
+  auto at = out.find("{}");
+  return at == std::string::npos ? out + " " + label : out.replace(at, 2, label);
+}
+
+}  // namespace
+
+// [labels, E] text features of the filled-in template for each label.
+static torch::Tensor label_features(Blip2Qformer& model, const WordPieceTokenizer& tok,
+                                    const DatasetConfig& d, const std::vector<std::string>& labels,
+                                    const torch::Device& device) {
+  std::vector<std::string> texts;
+  for (const auto& l : labels)
+    texts.push_back(clean_caption(fill_template(d.data_loader.label_template, l),
+                                  d.text_transforms.max_words, d.text_transforms.prompt));
+  auto enc = tok.encode_batch(texts, d.text_transforms.max_length, d.text_transforms.padding);
+  return model->text_features(model->text_pass(enc.ids.to(device), enc.mask.to(device)));
+}
+
+nlohmann::json PretrainTrainer::evaluate_zero_shot() {
+  auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
+  model_->eval();
+  torch::NoGradGuard no_grad;
+  const auto& d = cfg_.eval_dataset;
+  auto labels = d.data_loader.candidate_labels.empty() ? loader.dataset().label_names()
+                                                       : d.data_loader.candidate_labels;
+  check(!labels.empty(), "eval_dataset: zero-shot evaluation needs labels (a CIFAR-100 or synthetic "
+                         "dataset, or data_loader.candidate_labels)");
+  auto text = label_features(model_, *tokenizer_, d, labels, device_);
+  int64_t n = 0, top1 = 0, top5 = 0;
+  BatchLoader::Stream stream(loader, 0, 0);
+  Progress progress("zero-shot", loader.batches_per_epoch(), cfg_.runner_config.log_interval);
+  for (int64_t b = 0; !stream.done(); ++b) {
+    Batch batch = stream.next().to(device_);
+    auto feats = model_->image_features(model_->query_pass(model_->encode_image(batch.images), false).hidden);
+    auto logits = max_over_queries(feats, text) / model_->temp;  // [B, labels]
+    auto k = std::min<int64_t>(5, logits.size(1));
+    auto top = std::get<1>(logits.topk(k, 1)).cpu();
+    auto gold = batch.labels.cpu();
+    for (int64_t i = 0; i < top.size(0); ++i) {
+      const int64_t g = gold[i].item<int64_t>();
+      top1 += top[i][0].item<int64_t>() == g;
+      top5 += (top[i] == g).any().item<bool>();
+    }
+    n += top.size(0);
+    progress.update(b + 1, "");
+  }
+  progress.finish();
+  return {{"top1_accuracy", 100.0 * top1 / std::max<int64_t>(1, n)},
+          {"top5_accuracy", 100.0 * top5 / std::max<int64_t>(1, n)},
+          {"num_images", n}, {"num_labels", static_cast<int64_t>(labels.size())}};
+}
+
+nlohmann::json PretrainTrainer::predict_zero_shot(const std::vector<std::string>& inputs) {
+  model_->eval();
+  torch::NoGradGuard no_grad;
+  const auto& d = cfg_.eval_dataset;
+  check(!d.data_loader.candidate_labels.empty(),
+        "eval_dataset.data_loader.candidate_labels is empty: give the labels to choose from");
+  ImageFolderDataset images(inputs, make_image_transform({}, false, cfg_.model.model_config.vision_config.image_size));
+  auto text = label_features(model_, *tokenizer_, d, d.data_loader.candidate_labels, device_);
+  nlohmann::json out = nlohmann::json::array();
+  for (int64_t i = 0; i < images.size(); ++i) {
+    auto img = images.get(i).image.unsqueeze(0).to(device_);
+    auto feats = model_->image_features(model_->query_pass(model_->encode_image(img), false).hidden);
+    auto probs = torch::softmax(max_over_queries(feats, text) / model_->temp, 1)[0].cpu();
+    auto order = std::get<1>(probs.sort(0, /*descending=*/true));
+    nlohmann::json ranked = nlohmann::json::array();
+    for (int64_t j = 0; j < order.size(0); ++j) {
+      int64_t l = order[j].item<int64_t>();
+      ranked.push_back({{"score", probs[l].item<double>()}, {"label", d.data_loader.candidate_labels[l]}});
+    }
+    out.push_back({{"image", images.paths()[i]}, {"result", ranked}});
+  }
+  return out;
+}
+
 nlohmann::json PretrainTrainer::evaluate_retrieval() {
   auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
   model_->eval();

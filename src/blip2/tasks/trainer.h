@@ -62,6 +62,11 @@ class PretrainTrainer {
   Stage1Eval evaluate();
   // The image_to_text_retrieval task on eval_dataset (ITC top-k, ITM re-ranking).
   nlohmann::json evaluate_retrieval();
+  // zero_shot_image_classification. Label probabilities = softmax over labels of
+  // (max over queries of the cosine) / temp. evaluate: top-1/top-5 accuracy on a labelled
+  // eval_dataset; predict: the sorted {score, label} list of each image of `inputs`.
+  nlohmann::json evaluate_zero_shot();
+  nlohmann::json predict_zero_shot(const std::vector<std::string>& inputs);
   Blip2Qformer model() const { return model_; }
   const RunConfig& config() const { return cfg_; }
 
