@@ -24,6 +24,16 @@ double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return d;
 }
 
+// The model computes the ITM logits transformers computed for the fixture's inputs.
+void expect_fixture_itm_logits(Blip2Qformer& model) {
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto io = load_safetensors((kParity / "hf_itm_io.safetensors").string());
+  auto vision = model->encode_image(io.at("pixel_values"));
+  EXPECT_LT(max_diff(model->itm_logits(vision, io.at("input_ids"), io.at("attention_mask")),
+                     io.at("itm_logits")), 1e-4);
+}
+
 }  // namespace
 
 TEST(Parity, HuggingFaceImageTextRetrievalModel) {
@@ -98,12 +108,7 @@ TEST(Parity, LavisCheckpointGivesTheSameModel) {
   EXPECT_TRUE(torch::equal(model->cls->bias, extras.at("cls_bias")));
   EXPECT_FLOAT_EQ(model->temp.item<float>(), 0.07f);
 
-  model->eval();
-  torch::NoGradGuard no_grad;
-  auto io = load_safetensors((kParity / "hf_itm_io.safetensors").string());
-  auto vision = model->encode_image(io.at("pixel_values"));
-  EXPECT_LT(max_diff(model->itm_logits(vision, io.at("input_ids"), io.at("attention_mask")),
-                     io.at("itm_logits")), 1e-4);
+  expect_fixture_itm_logits(model);
 }
 
 TEST(Parity, BareVitFileAndPositionInterpolation) {
@@ -149,12 +154,7 @@ TEST(Parity, ConvertAndInspectFromTheCli) {
   auto hf = load_hf_directory((kParity / "hf_itm").string());
   Blip2Qformer model(hf.config);
   load_into(*model, load_safetensors((dir / "hf" / "model.safetensors").string()), "converted");
-  model->eval();
-  torch::NoGradGuard no_grad;
-  auto io = load_safetensors((kParity / "hf_itm_io.safetensors").string());
-  auto vision = model->encode_image(io.at("pixel_values"));
-  EXPECT_LT(max_diff(model->itm_logits(vision, io.at("input_ids"), io.at("attention_mask")),
-                     io.at("itm_logits")), 1e-4);
+  expect_fixture_itm_logits(model);
   std::tie(code, out) = run("inspect " + (dir / "hf").string());
   EXPECT_EQ(code, 0);
   EXPECT_NE(out.find("vision_model.encoder.layers.0.self_attn.q_bias  Float  [32]"), std::string::npos) << out;
