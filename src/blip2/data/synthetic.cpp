@@ -144,12 +144,6 @@ std::vector<std::string> SyntheticShapes::class_names() {
   return names;
 }
 
-torch::Tensor normalize_image(const torch::Tensor& image01) {
-  static const auto mean = torch::tensor({0.48145466f, 0.4578275f, 0.40821073f}).view({3, 1, 1});
-  static const auto std = torch::tensor({0.26862954f, 0.26130258f, 0.27577711f}).view({3, 1, 1});
-  return (image01 - mean) / std;
-}
-
 std::shared_ptr<ImageTextDataset> make_dataset(const DatasetConfig& cfg, int64_t image_size,
                                                uint64_t seed, const std::string& section) {
   const auto& dl = cfg.data_loader;

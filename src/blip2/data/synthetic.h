@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "blip2/data/dataset.h"
+#include "blip2/vision/image.h"
 
 namespace blip2 {
 
@@ -46,8 +47,6 @@ class SyntheticShapes : public ImageTextDataset {
   bool heldout_;
 };
 
-// OpenAI CLIP normalisation used by every BLIP-2 image processor.
-torch::Tensor normalize_image(const torch::Tensor& image01);
 
 // Builds the dataset a config section names (SyntheticShapes for now).
 // `section` (train_dataset / eval_dataset) names the config key in errors.

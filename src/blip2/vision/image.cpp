@@ -299,11 +299,14 @@ torch::Tensor to_uint8_tensor(const Image& img) {
       .clone();
 }
 
-torch::Tensor to_normalized_tensor(const Image& img) {
-  static const auto mean =
-      torch::tensor({0.48145466f, 0.4578275f, 0.40821073f}).view({3, 1, 1});
+torch::Tensor normalize_image(const torch::Tensor& image01) {
+  static const auto mean = torch::tensor({0.48145466f, 0.4578275f, 0.40821073f}).view({3, 1, 1});
   static const auto std = torch::tensor({0.26862954f, 0.26130258f, 0.27577711f}).view({3, 1, 1});
-  return (to_uint8_tensor(img).to(torch::kFloat32) / 255.0f - mean) / std;
+  return (image01 - mean) / std;
+}
+
+torch::Tensor to_normalized_tensor(const Image& img) {
+  return normalize_image(to_uint8_tensor(img).to(torch::kFloat32) / 255.0f);
 }
 
 torch::Tensor eval_transform(const Image& img, int64_t size) {

@@ -35,7 +35,9 @@ Image resize_bicubic(const Image& in, int64_t width, int64_t height);
 Image crop(const Image& in, int64_t x, int64_t y, int64_t width, int64_t height);
 Image hflip(const Image& in);
 
-// uint8 [3,H,W] and ToTensor + Normalize(OpenAI CLIP mean/std) float [3,H,W].
+// Normalize with the OpenAI CLIP mean/std (every BLIP-2 image processor): float [3,H,W] in [0,1].
+torch::Tensor normalize_image(const torch::Tensor& image01);
+// uint8 [3,H,W] and ToTensor + normalize_image, float [3,H,W].
 torch::Tensor to_uint8_tensor(const Image& img);
 torch::Tensor to_normalized_tensor(const Image& img);
 
