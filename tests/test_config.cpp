@@ -9,7 +9,7 @@
 
 #include "blip2/config/config.h"
 #include "blip2/io/safetensors.h"
-#include "blip2/tasks/runner.h"
+#include "blip2/api/runner.h"
 #include "blip2/util/common.h"
 #include "test_util.h"
 
@@ -34,7 +34,8 @@ std::string tiny_with(const std::string& from, const std::string& to) {
 TEST(Config, ShippedConfigsParseAndValidate) {
   for (const char* name : {"tiny_pretrain_stage_1.yaml", "run_blip2_pretrain_stage_1.yaml",
                            "tiny_retrieval.yaml", "run_blip2_stage1_vit_g_retrieval_flickr30k.yaml",
-                           "tiny_zero_shot.yaml"}) {
+                           "tiny_zero_shot.yaml", "run_blip2_stage1_vit_g_retrieval_coco.yaml",
+                           "run_blip2_stage1_vit_g_zero_shot_image_classification_cifar100.yaml"}) {
     std::string path = std::string(BLIP2_CONFIG_DIR) + "/" + name;
     RunConfig c = load_run_config(path);
     EXPECT_NO_THROW(validate(c, path)) << name;
@@ -72,7 +73,7 @@ TEST(Config, UnknownKeyNamesFileAndPath) {
 }
 
 TEST(Config, WrongTypeNamesTheKey) {
-  auto msg = error_of([] { parse_run_config(tiny_with("epochs: 8", "epochs: four"), "a.yaml"); });
+  auto msg = error_of([] { parse_run_config(tiny_with("epochs: 32", "epochs: four"), "a.yaml"); });
   EXPECT_NE(msg.find("a.yaml: runner_config.epochs: expected a integer"), std::string::npos) << msg;
   msg = error_of([] { parse_run_config(tiny_with("betas: [0.9, 0.98]", "betas: 0.9"), "a.yaml"); });
   EXPECT_NE(msg.find("optimizer.betas: expected a list"), std::string::npos) << msg;
@@ -100,6 +101,11 @@ TEST(Config, BrokenConstraintsAreNamed) {
   check_msg(tiny_with("run_mode: train", "run_mode: fly"), "run_mode: 'fly' is not train|eval|predict");
   check_msg(tiny_with("      num_attention_heads: 4\n      hidden_size: 96", "      num_attention_heads: 5\n      hidden_size: 96"),
             "qformer_config.hidden_size: not divisible");
+  check_msg(tiny_with("\"a small {} on the left\"", "\"a small one on the left\""),
+            "c.yaml: eval_dataset.data_loader.hypothesis_templates: 'a small one on the left' has no '{}' for the label");
+  check_msg(tiny_with("eval_tasks: [zero_shot_image_classification, image_to_text_retrieval]",
+                      "eval_tasks: [captioning]"),
+            "runner_config.eval_tasks: 'captioning' is not image_to_text_retrieval|zero_shot_image_classification");
 }
 
 TEST(Config, MissingFileIsNamed) {

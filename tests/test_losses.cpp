@@ -106,6 +106,7 @@ TEST(HardNegatives, FollowTheSoftmaxOfTheSimilarities) {
 TEST(Stage1, ForwardReturnsTheSumAndWorksAtBatchSizeOne) {
   torch::manual_seed(0);
   Blip2Config c = find_preset("tiny")->config;
+  c.freeze_vision = true;  // as BLIP-2 (the tiny preset trains its ViT)
   Blip2Qformer model(c);
   model->train();
   auto ids = torch::tensor({{2, 7, 8, 3, 0, 0}});
@@ -121,6 +122,11 @@ TEST(Stage1, ForwardReturnsTheSumAndWorksAtBatchSizeOne) {
   EXPECT_TRUE(model->query_tokens.grad().defined());
   EXPECT_GT(model->query_tokens.grad().abs().sum().item<double>(), 0.0);
   EXPECT_FALSE(model->vision_model->layers[0]->as<EvaBlock>()->mlp->fc1->weight.grad().defined());
+  // Unfrozen (the tiny preset's default), the ViT gets gradients too.
+  Blip2Qformer trained(find_preset("tiny")->config);
+  trained->train();
+  trained->forward(torch::randn({1, 3, 32, 32}), ids, mask).loss.backward();
+  EXPECT_TRUE(trained->vision_model->layers[0]->as<EvaBlock>()->mlp->fc1->weight.grad().defined());
 }
 
 TEST(Stage1, ItmLossMatchesItsDefinitionForGivenNegatives) {

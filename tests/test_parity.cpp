@@ -140,6 +140,18 @@ TEST(Parity, PthReaderRefusesWhatIsNotAStateDict) {
   fs::remove_all(dir);
 }
 
+TEST(Parity, UnpicklerFindingsFromFuzzing) {
+  auto bytes = [](const std::string& key) { return torch::zeros({16}, torch::kUInt8); };
+  auto err = [&](const std::string& pickle) {
+    return error_of([&] { unpickle_state_dict(pickle, "f.pth", bytes); });
+  };
+  // LONG1 with 9 bytes once shifted a 64-bit value by 64 (undefined behaviour).
+  EXPECT_NE(err(std::string("\x80\x02\x8a\x09", 4) + std::string(9, '\x01') + ".").find("LONG1 integer of 9 bytes"),
+            std::string::npos);
+  // A truncated stream and a tensor larger than its storage are named.
+  EXPECT_NE(err(std::string("\x80\x02X\xff\x00\x00\x00ab", 9)).find("truncated pickle"), std::string::npos);
+}
+
 TEST(Parity, ConvertAndInspectFromTheCli) {
   auto dir = fs::temp_directory_path() / ("blip2_convert_" + std::to_string(::getpid()));
   fs::remove_all(dir);

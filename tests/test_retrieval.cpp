@@ -105,5 +105,13 @@ TEST(ZeroShot, PredictRanksCandidateLabelsAndEvalReportsAccuracy) {
   EXPECT_EQ(ev["num_labels"], 30);
   EXPECT_EQ(ev["num_images"], 32);
   EXPECT_GE(ev["top5_accuracy"].get<double>(), ev["top1_accuracy"].get<double>());
+
+  // predict without --predict_data: every eval_dataset image, its class names as candidates
+  r = blip2::testing::run_cli("run --config " + (dir / "zs_eval.yaml").string() + " --run_mode predict --output_dir " +
+                              (dir / "pred").string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto all = nlohmann::json::parse(read_file(dir / "pred" / "zero_shot_image_classification_result.json"));
+  ASSERT_EQ(all.size(), 32u);
+  EXPECT_EQ(all[0]["result"].size(), 30u);
   std::filesystem::remove_all(dir);
 }

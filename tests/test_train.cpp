@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "blip2/config/config.h"
+#include "blip2/api/api.h"
 #include "blip2/tasks/trainer.h"
 #include "blip2/util/common.h"
 #include "test_util.h"
@@ -113,8 +114,9 @@ TEST(Training, EvalLoadsTheCheckpointItWasGiven) {
 }
 
 TEST(Learning, TinyPresetLearnsTheSyntheticShapes) {
-  // The demo's own config: every loss falls, ITM well below chance, held-out retrieval far
-  // above chance.
+  // The demo's own config: every loss falls, ITM well below chance; on the held-out split
+  // (images whose attribute combinations all differ) zero-shot classification over the 30
+  // colour-shape classes reaches 90% top-1 and ITM re-ranked retrieval 80% R@1 both ways.
   auto dir = temp_dir("learn");
   RunConfig c = parse_run_config(embedded_tiny_config(), "embedded");
   c.output_dir = dir.string();
@@ -127,12 +129,28 @@ TEST(Learning, TinyPresetLearnsTheSyntheticShapes) {
     return s / static_cast<double>(e - b);
   };
   const size_t n = logs.size(), k = 20;
-  EXPECT_LT(mean(n - k, n, &StepLog::loss_itc), 0.6 * mean(0, k, &StepLog::loss_itc));
+  EXPECT_LT(mean(n - k, n, &StepLog::loss_itc), 0.5 * mean(0, k, &StepLog::loss_itc));
   EXPECT_LT(mean(n - k, n, &StepLog::loss_lm), 0.5 * mean(0, k, &StepLog::loss_lm));
-  EXPECT_LT(mean(n - k, n, &StepLog::loss_itm), 0.55);
+  EXPECT_LT(mean(n - k, n, &StepLog::loss_itm), 0.5);
   auto ev = trainer.evaluate();
-  const double chance = 100.0 / static_cast<double>(ev.itc_retrieval.num_images);
-  EXPECT_GT(ev.itc_retrieval.txt_r1, 10 * chance);
-  EXPECT_GT(ev.itc_retrieval.img_r1, 10 * chance);
+  EXPECT_GT(ev.itc_retrieval.txt_r1, 80.0);
+  EXPECT_GT(ev.itc_retrieval.img_r1, 80.0);
+
+  // The evaluations the demo runs after training (runner_config.eval_tasks), through the API.
+  Blip2Model model(trainer.model(), trainer.tokenizer(), "trained");
+  ASSERT_EQ(c.runner_config.eval_tasks.size(), 2u);
+  RunConfig zs = c;
+  zs.trainer.type = "zero_shot_image_classification";
+  zs.run_mode = "eval";
+  auto z = Trainer(zs, model).evaluate();
+  std::cout << "zero-shot: " << z.dump() << "\n";
+  EXPECT_EQ(z["num_labels"], 30);
+  EXPECT_GE(z["top1_accuracy"].get<double>(), 90.0);
+  RunConfig ret = zs;
+  ret.trainer.type = "image_to_text_retrieval";
+  auto r = Trainer(ret, model).evaluate();
+  std::cout << "retrieval: " << r.dump() << "\n";
+  EXPECT_GE(r["txt_r1"].get<double>(), 80.0);
+  EXPECT_GE(r["img_r1"].get<double>(), 80.0);
   fs::remove_all(dir);
 }

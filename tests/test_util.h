@@ -28,9 +28,9 @@ struct CliResult {
   std::string out;  // stdout and stderr
 };
 
-// Runs the blip2 binary with `args` (shell syntax).
-inline CliResult run_cli(const std::string& args) {
-  std::string cmd = std::string(BLIP2_CLI) + " " + args + " 2>&1";
+// Runs `program` with `args` (shell syntax), capturing stdout and stderr.
+inline CliResult run_program(const std::string& program, const std::string& args) {
+  std::string cmd = program + " " + args + " 2>&1";
   FILE* p = popen(cmd.c_str(), "r");
   std::string out;
   std::array<char, 4096> buf{};
@@ -38,6 +38,9 @@ inline CliResult run_cli(const std::string& args) {
   int status = pclose(p);
   return {WEXITSTATUS(status), out};
 }
+
+// Runs the blip2 binary with `args`.
+inline CliResult run_cli(const std::string& args) { return run_program(BLIP2_CLI, args); }
 
 // A fresh, empty directory under the system temp dir, unique to this process.
 inline std::filesystem::path temp_dir(const std::string& name) {

@@ -10,7 +10,8 @@
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/io/pth.h"
-#include "blip2/tasks/runner.h"
+#include "blip2/api/api.h"
+#include "blip2/api/runner.h"
 #include "blip2/text/text.h"
 #include "blip2/util/common.h"
 
@@ -64,25 +65,7 @@ int inspect_checkpoint(const std::string& path, bool raw) {
   return 0;
 }
 
-// The architecture of a preset name, a Hugging Face directory, a blip2cpp model directory or
-// checkpoint (config.yaml), or a config YAML file (a run config or a model config).
-blip2::Blip2Config model_config_of(const std::string& what) {
-  namespace fs = std::filesystem;
-  if (const auto* p = blip2::find_preset(what)) return p->config;
-  std::error_code ec;
-  fs::path yaml = what;
-  if (fs::is_directory(what, ec)) {
-    if (fs::exists(fs::path(what) / "config.yaml")) yaml = fs::path(what) / "config.yaml";
-    else if (fs::exists(fs::path(what) / "config.json")) return blip2::load_hf_directory(what).config;
-    else throw blip2::Error(what + ": no config.yaml or config.json to take the architecture from");
-  }
-  if (!fs::is_regular_file(yaml, ec))
-    throw blip2::Error(what + ": neither a preset of the support list nor a config file");
-  const std::string text = blip2::read_file(yaml);
-  if (text.find("model_config:") != std::string::npos)
-    return blip2::parse_run_config(text, yaml.string()).model.model_config;
-  return blip2::parse_model_config(text, yaml.string());
-}
+using blip2::model_config_of;
 
 int convert_checkpoint(const std::vector<std::string>& inputs, const std::string& out,
                        const std::string& model_name) {
@@ -133,7 +116,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"train", "eval", "predict"}));
   run->add_option("--train_dataset_dir", train_dir, "root of the training data");
   run->add_option("--eval_dataset_dir", eval_dir, "root of the evaluation data");
-  run->add_option("--predict_data", predict_data, "image, images or directory to predict on");
+  run->add_option("--predict_data", predict_data, "image, images (comma-separated) or directory to predict on");
+  std::vector<std::string> predict_text;
+  run->add_option("--predict_text", predict_text,
+                  "feature extraction: a text to embed (repeat the option for several)");
   run->add_option("--device_target", device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   run->add_option("--load_checkpoint", ckpt, "checkpoint directory or .safetensors file");
   run->add_flag("--resume_training", resume, "continue training from --load_checkpoint");
@@ -198,6 +184,7 @@ int main(int argc, char** argv) {
     if (!train_dir.empty()) o.train_dataset_dir = train_dir;
     if (!eval_dir.empty()) o.eval_dataset_dir = eval_dir;
     if (!predict_data.empty()) o.predict_data = predict_data;
+    o.predict_text = predict_text;
     if (!ckpt.empty()) o.load_checkpoint = ckpt;
     if (!out_dir.empty()) o.output_dir = out_dir;
     if (run->count("--seed")) o.seed = seed;

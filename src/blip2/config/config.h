@@ -158,19 +158,24 @@ struct DataLoaderConfig {
   bool shuffle = true;
   int64_t num_samples = 0;               // synthetic: images in the split (0 = its default)
   bool skip_bad_samples = false;         // skip unreadable images (counted and reported)
-  std::string hypothesis_template = "a picture of {}";  // CIFAR-100: caption from the label
+  // The sentence a class label is put into: CIFAR-100's caption of an image, and the
+  // hypothesis of zero_shot_image_classification. Must contain "{}".
+  std::string hypothesis_template = "a picture of {}";
+  // zero_shot_image_classification: several templates; a label scores its best one (the max
+  // over templates of the cosine). When given, they replace hypothesis_template there.
+  std::vector<std::string> hypothesis_templates;
   bool fine_label = true;                // CIFAR-100: 100 fine classes (else 20 coarse)
   // zero_shot_image_classification: the labels to choose from (default: the dataset's class
-  // names) and the sentence each label is put into.
+  // names).
   std::vector<std::string> candidate_labels;
-  std::string label_template = "This is a photo of {}.";
 
   template <class V> void visit(V& v) {
     v("type", type); v("dataset_dir", dataset_dir); v("annotation_files", annotation_files);
     v("image_dirs", image_dirs); v("stage", stage); v("shuffle", shuffle);
     v("num_samples", num_samples); v("skip_bad_samples", skip_bad_samples);
-    v("hypothesis_template", hypothesis_template); v("fine_label", fine_label);
-    v("candidate_labels", candidate_labels); v("label_template", label_template);
+    v("hypothesis_template", hypothesis_template); v("hypothesis_templates", hypothesis_templates);
+    v("fine_label", fine_label);
+    v("candidate_labels", candidate_labels);
   }
 };
 
@@ -227,13 +232,16 @@ struct DatasetConfig {
   int64_t k_test = 128;
   bool add_extra_itm_score = true;
   bool reuse_cross_kv = true;
+  // zero_shot_image_classification: the top labels of each image re-ranked by ITM + ITC
+  // (0 = ITC only, as the seed).
+  int64_t itm_top_k = 0;
   template <class V> void visit(V& v) {
     v("data_loader", data_loader); v("image_transforms", image_transforms);
     v("text_transforms", text_transforms);
     v("tokenizer", tokenizer); v("batch_size", batch_size);
     v("drop_remainder", drop_remainder); v("num_parallel_workers", num_parallel_workers);
     v("k_test", k_test); v("add_extra_itm_score", add_extra_itm_score);
-    v("reuse_cross_kv", reuse_cross_kv);
+    v("reuse_cross_kv", reuse_cross_kv); v("itm_top_k", itm_top_k);
   }
 };
 
@@ -246,10 +254,14 @@ struct RunnerConfig {
   double max_grad_norm = 0.0;          // gradient clipping; 0 = off
   bool bf16_autocast = false;          // CUDA only: Q-Former in fp32 under bf16 autocast
   bool save_frozen_weights = true;     // include the frozen ViT in checkpoints
+  // Evaluations `blip2 run --run_mode train` runs on eval_dataset after training, besides the
+  // losses: image_to_text_retrieval, zero_shot_image_classification.
+  std::vector<std::string> eval_tasks;
   template <class V> void visit(V& v) {
     v("epochs", epochs); v("batch_size", batch_size); v("log_interval", log_interval);
     v("save_steps", save_steps); v("max_steps", max_steps); v("max_grad_norm", max_grad_norm);
     v("bf16_autocast", bf16_autocast); v("save_frozen_weights", save_frozen_weights);
+    v("eval_tasks", eval_tasks);
   }
 };
 

@@ -5,7 +5,8 @@
 // (small, large) and position (left, right, top, bottom, center). Class = colour x shape (30
 // classes, "red circle"). Training captions use one of five phrasings chosen per sample; the
 // held-out split uses the canonical phrasing "a {size} {colour} {shape} {position}", which
-// names every attribute, so retrieval on it needs all of them.
+// names every attribute, so retrieval on it needs all of them; its images have distinct
+// attribute combinations (300 exist) until the split is larger than that.
 #pragma once
 
 #include <string>
@@ -39,6 +40,7 @@ class SyntheticShapes : public ImageTextDataset {
   static std::string canonical_caption(const ShapeAttributes& a);
   static constexpr int64_t kDefaultTrainSize = 8192;
   static constexpr int64_t kDefaultHeldoutSize = 256;
+  static constexpr int64_t kNumCombinations = 5 * 6 * 2 * 5;  // shape x colour x size x position
 
  private:
   std::string split_;

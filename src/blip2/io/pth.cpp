@@ -81,6 +81,7 @@ class Unpickler {
         case 'M': push_int(static_cast<int64_t>(le(2))); break;    // BININT2
         case 0x8a: {                                               // LONG1
           const int n = byte();
+          if (n > 8) fail("LONG1 integer of " + std::to_string(n) + " bytes does not fit 64 bits");
           uint64_t u = le(n);
           int64_t v = n == 0 ? 0 : static_cast<int64_t>(u << (64 - 8 * n)) >> (64 - 8 * n);
           push_int(v);
@@ -235,6 +236,12 @@ class Unpickler {
       for (const auto& x : arg(2)->items) size.push_back(x->i);
       for (const auto& x : arg(3)->items) stride.push_back(x->i);
       torch::Tensor flat = load_storage_(st->storage);
+      int64_t numel = 1;
+      for (int64_t d : size)
+        if (d < 0 || __builtin_mul_overflow(numel, d, &numel)) fail(name + ": bad tensor size");
+      if (numel > flat.numel())
+        fail("tensor of " + std::to_string(numel) + " elements is larger than its storage '" +
+             st->storage.key + "' (" + std::to_string(flat.numel()) + ")");
       auto t = make(Value::Tensor);
       try {
         t->tensor = flat.as_strided(size, stride, arg(1)->i).clone();
@@ -282,20 +289,29 @@ TensorMap load_pth(const std::string& path) {
                 "); files from torch < 1.6 must be re-saved with a newer torch");
   }
   std::map<std::string, torch::Tensor> storages;
-  auto load_storage = [&](const Storage& s) {
-    auto it = storages.find(s.key);
-    if (it != storages.end()) return it->second.view(s.dtype);
+  auto load_storage = [&](const std::string& key) {
+    auto it = storages.find(key);
+    if (it != storages.end()) return it->second;
     try {
-      auto [ptr, n] = reader->getRecord("data/" + s.key);
-      const int64_t elem = c10::elementSize(s.dtype);
+      auto [ptr, n] = reader->getRecord("data/" + key);
       auto bytes = torch::empty({static_cast<int64_t>(n)}, torch::kUInt8);
       if (n) std::memcpy(bytes.data_ptr(), ptr.get(), n);
-      storages[s.key] = bytes;
-      check(static_cast<int64_t>(n) % elem == 0, path + ": storage '" + s.key + "' size does not fit its dtype");
-      return bytes.view(s.dtype);
+      storages[key] = bytes;
+      return bytes;
     } catch (const c10::Error& e) {
-      throw Error(path + ": storage '" + s.key + "' is missing or unreadable");
+      throw Error(path + ": storage '" + key + "' is missing or unreadable");
     }
+  };
+  return unpickle_state_dict(pickle, path, load_storage);
+}
+
+TensorMap unpickle_state_dict(const std::string& pickle, const std::string& path,
+                              const std::function<torch::Tensor(const std::string& key)>& storage_bytes) {
+  auto load_storage = [&](const Storage& s) {
+    torch::Tensor bytes = storage_bytes(s.key);
+    const int64_t elem = c10::elementSize(s.dtype);
+    check(bytes.numel() % elem == 0, path + ": storage '" + s.key + "' size does not fit its dtype");
+    return bytes.view(s.dtype);
   };
   Unpickler up(pickle, path, load_storage);
   ValuePtr root = up.run();

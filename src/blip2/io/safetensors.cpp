@@ -6,6 +6,9 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <fstream>
+#include <map>
+#include <mutex>
 #include <set>
 #include <nlohmann/json.hpp>
 
@@ -51,11 +54,21 @@ namespace {
 
 // A read-only file mapping shared by the tensors that view it (MAP_PRIVATE: an in-place write
 // to a tensor copies the page and never reaches the file).
+// Live mappings by start address, so that load_into can give back the pages of a tensor it has
+// copied (keeping the peak at one copy of the weights, not two).
+std::mutex g_mappings_mutex;
+std::map<uintptr_t, size_t> g_mappings;
+
 struct Mapping {
   void* addr = MAP_FAILED;
   size_t size = 0;
   ~Mapping() {
-    if (addr != MAP_FAILED && size) munmap(addr, size);
+    if (addr == MAP_FAILED || !size) return;
+    {
+      std::lock_guard<std::mutex> lock(g_mappings_mutex);
+      g_mappings.erase(reinterpret_cast<uintptr_t>(addr));
+    }
+    munmap(addr, size);
   }
 };
 
@@ -71,10 +84,30 @@ std::shared_ptr<Mapping> map_file(const std::string& path) {
   if (m->size) m->addr = ::mmap(nullptr, m->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
   ::close(fd);
   if (m->size && m->addr == MAP_FAILED) throw Error(path + ": cannot memory-map the file");
+  if (m->size) {
+    std::lock_guard<std::mutex> lock(g_mappings_mutex);
+    g_mappings[reinterpret_cast<uintptr_t>(m->addr)] = m->size;
+  }
   return m;
 }
 
 }  // namespace
+
+void release_file_pages(const torch::Tensor& t) {
+  if (!t.defined() || !t.device().is_cpu() || t.nbytes() == 0) return;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  std::lock_guard<std::mutex> lock(g_mappings_mutex);
+  auto it = g_mappings.upper_bound(begin);
+  if (it == g_mappings.begin()) return;
+  --it;
+  if (end > it->first + it->second) return;  // not (wholly) inside a mapping: heap memory
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = begin & ~(page - 1);
+  const uintptr_t hi = std::min((end + page - 1) & ~(page - 1), it->first + it->second);
+  // Clean file-backed pages: dropped from memory, read again from the file if touched.
+  madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+}
 
 TensorMap load_safetensors(const std::string& path) {
   auto mapping = map_file(path);
@@ -105,11 +138,15 @@ TensorMap load_safetensors(const std::string& path) {
     if (!dt) bad("unsupported dtype " + info["dtype"].dump());
     std::vector<int64_t> shape;
     int64_t numel = 1;
+    if (!info["shape"].is_array()) bad("bad shape " + info["shape"].dump());
     for (const auto& d : info["shape"]) {
       if (!d.is_number_integer() || d.get<int64_t>() < 0) bad("bad shape " + info["shape"].dump());
       shape.push_back(d.get<int64_t>());
-      numel *= shape.back();
+      if (__builtin_mul_overflow(numel, shape.back(), &numel))
+        bad("shape " + info["shape"].dump() + " overflows");
     }
+    int64_t nbytes = 0;
+    if (__builtin_mul_overflow(numel, dt->size, &nbytes)) bad("shape " + info["shape"].dump() + " overflows");
     const auto& off = info["data_offsets"];
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() ||
         !off[1].is_number_unsigned())
@@ -118,9 +155,9 @@ TensorMap load_safetensors(const std::string& path) {
     if (begin > end || end > data_size)
       bad("data_offsets " + off.dump() + " outside the data section of " +
           std::to_string(data_size) + " bytes");
-    if (end - begin != static_cast<uint64_t>(numel * dt->size))
+    if (end - begin != static_cast<uint64_t>(nbytes))
       bad("shape " + shape_str(shape) + " x " + dt->name + " needs " +
-          std::to_string(numel * dt->size) + " bytes but data_offsets span " +
+          std::to_string(nbytes) + " bytes but data_offsets span " +
           std::to_string(end - begin));
     torch::Tensor t;
     const char* at = data + begin;
@@ -157,15 +194,20 @@ void save_safetensors(const std::string& path, const TensorMap& tensors,
   }
   std::string head = header.dump();
   head.append((8 - head.size() % 8) % 8, ' ');  // keep the data 8-byte aligned
-  std::string bytes(8, '\0');
+  std::string prefix(8, '\0');
   uint64_t n = head.size();
-  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((n >> (8 * i)) & 0xff);
-  bytes += head;
-  bytes.reserve(bytes.size() + offset);
-  for (const auto& c : ordered)
-    bytes.append(static_cast<const char*>(c.data_ptr()),
-                 static_cast<size_t>(c.numel() * c.element_size()));
-  atomic_write(path, bytes);
+  for (int i = 0; i < 8; ++i) prefix[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  // Streamed tensor by tensor: saving never holds a second copy of the weights.
+  atomic_write_with(path, [&](const std::filesystem::path& tmp) {
+    std::ofstream out(tmp, std::ios::binary);
+    check(bool(out), "cannot write " + tmp.string());
+    out.write(prefix.data(), 8);
+    out.write(head.data(), static_cast<std::streamsize>(head.size()));
+    for (const auto& c : ordered)
+      out.write(static_cast<const char*>(c.data_ptr()), static_cast<std::streamsize>(c.nbytes()));
+    out.flush();
+    check(bool(out), "write failed: " + tmp.string() + " (disk full?)");
+  });
 }
 
 std::string LoadReport::summary() const {
@@ -200,6 +242,7 @@ LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors,
                   shape_str(it->second.sizes().vec()) + " but the model expects " +
                   shape_str(target.sizes().vec()));
     target.copy_(it->second);
+    release_file_pages(it->second);
     report.loaded.push_back(name);
   };
   for (auto& p : module.named_parameters()) visit(p.key(), p.value());

@@ -76,14 +76,46 @@ torch::Tensor Blip2QformerImpl::text_features(const torch::Tensor& text_hidden) 
   return F::normalize(text_projection(text_hidden.select(1, 0)), F::NormalizeFuncOptions().dim(-1));
 }
 
-torch::Tensor Blip2QformerImpl::itm_logits(const torch::Tensor& image_embeds,
-                                           const torch::Tensor& ids, const torch::Tensor& mask) {
+torch::Tensor Blip2QformerImpl::multimodal_pass(const torch::Tensor& image_embeds,
+                                                const torch::Tensor& ids, const torch::Tensor& mask) {
   const int64_t n = ids.size(0), nq = query_tokens.size(1);
   auto queries = query_tokens.expand({n, -1, -1});
   auto embeds = torch::cat({queries, embeddings(ids)}, 1);
   auto keep = torch::cat({torch::ones({n, nq}, mask.options()), mask}, 1);
-  auto hidden = qformer->forward(embeds, padding_mask(keep), nq, image_embeds).last_hidden_state;
-  return itm_head(hidden.narrow(1, 0, nq)).mean(1);
+  return qformer->forward(embeds, padding_mask(keep), nq, image_embeds).last_hidden_state;
+}
+
+torch::Tensor Blip2QformerImpl::itm_logits(const torch::Tensor& image_embeds,
+                                           const torch::Tensor& ids, const torch::Tensor& mask) {
+  const int64_t nq = query_tokens.size(1);
+  return itm_head(multimodal_pass(image_embeds, ids, mask).narrow(1, 0, nq)).mean(1);
+}
+
+Features Blip2QformerImpl::extract_features(const torch::Tensor& images, const torch::Tensor& ids,
+                                            const torch::Tensor& mask, const std::string& mode) {
+  TORCH_CHECK(mode == "image" || mode == "text" || mode == "multimodal",
+              "extract_features: mode '", mode, "' is not image|text|multimodal");
+  const bool need_image = mode != "text", need_text = mode != "image";
+  TORCH_CHECK(!need_image || images.defined(), "extract_features: mode ", mode, " needs images");
+  TORCH_CHECK(!need_text || (ids.defined() && mask.defined()), "extract_features: mode ", mode,
+              " needs texts");
+  TORCH_CHECK(mode != "multimodal" || images.size(0) == ids.size(0), "extract_features: ",
+              images.size(0), " images but ", ids.size(0), " texts (multimodal pairs them)");
+  torch::NoGradGuard no_grad;
+  Features f;
+  torch::Tensor image_embeds;
+  if (need_image) {
+    image_embeds = encode_image(images);
+    f.image_embeds = query_pass(image_embeds, false).hidden;
+    if (mode == "image") f.image_embeds_proj = image_features(f.image_embeds);
+  }
+  if (mode == "text") {
+    f.text_embeds = text_pass(ids, mask);
+    f.text_embeds_proj = F::normalize(text_projection(f.text_embeds), F::NormalizeFuncOptions().dim(-1));
+  }
+  if (mode == "multimodal")
+    f.multimodal_embeds = multimodal_pass(image_embeds, ids, mask).narrow(1, 0, query_tokens.size(1));
+  return f;
 }
 
 torch::Tensor Blip2QformerImpl::itm_logits(const std::vector<KVCache>& cross,

@@ -22,6 +22,17 @@ struct Stage1Output {
   torch::Tensor image_feats, text_feat;             // [B,Q,E], [B,E]: the ITC features
 };
 
+// LAVIS' BlipOutputFeatures (Blip2Qformer.extract_features). Fields a mode does not compute stay
+// undefined.
+struct Features {
+  torch::Tensor image_embeds;       // [B,Q,H] query outputs            (image, multimodal)
+  torch::Tensor image_embeds_proj;  // [B,Q,E] normalised projections    (image)
+  torch::Tensor text_embeds;        // [B,L,H] text outputs              (text)
+  torch::Tensor text_embeds_proj;   // [B,L,E] normalised projections of every token (text);
+                                    //         row 0 ([CLS]) is the ITC text feature
+  torch::Tensor multimodal_embeds;  // [B,Q,H] query outputs of the joint image+text pass
+};
+
 struct QueryOutput {
   torch::Tensor hidden;        // [B, Q, H]
   std::vector<KVCache> past;   // self-attention keys/values of the queries, per layer
@@ -44,8 +55,15 @@ class Blip2QformerImpl : public torch::nn::Module {
   // normalize(vision_projection(queries)) [B,Q,E] and normalize(text_projection(CLS)) [B,E].
   torch::Tensor image_features(const torch::Tensor& query_hidden);
   torch::Tensor text_features(const torch::Tensor& text_hidden);
-  // ITM: [queries; text] with a bidirectional padding mask, queries cross-attend the image;
-  // itm_head over the query outputs, averaged over queries: [B,2].
+  // The joint pass: [queries; text] with a bidirectional padding mask, queries cross-attend the
+  // image: [B,Q+L,H].
+  torch::Tensor multimodal_pass(const torch::Tensor& image_embeds, const torch::Tensor& ids,
+                                const torch::Tensor& mask);
+  // mode "image" (needs images), "text" (needs ids, mask) or "multimodal" (needs all three; also
+  // fills image_embeds with the image-only query outputs). Runs without autograd.
+  Features extract_features(const torch::Tensor& images, const torch::Tensor& ids,
+                            const torch::Tensor& mask, const std::string& mode);
+  // ITM: the joint pass, itm_head over the query outputs, averaged over queries: [B,2].
   torch::Tensor itm_logits(const torch::Tensor& image_embeds, const torch::Tensor& ids,
                            const torch::Tensor& mask);
   // The same from precomputed cross-attention keys/values (QFormerModel::cross_kv), whose

@@ -169,4 +169,21 @@ torch::Tensor LMHeadImpl::forward(const torch::Tensor& hidden,
   return F::linear(x, word_embeddings, bias);
 }
 
+std::vector<KVCache> select_rows(const std::vector<KVCache>& cross, const torch::Tensor& rows) {
+  std::vector<KVCache> out(cross.size());
+  for (size_t l = 0; l < cross.size(); ++l)
+    if (cross[l].key.defined())
+      out[l] = {cross[l].key.index_select(0, rows), cross[l].value.index_select(0, rows)};
+  return out;
+}
+
+std::vector<KVCache> repeat_row(const std::vector<KVCache>& cross, int64_t i, int64_t k) {
+  std::vector<KVCache> out(cross.size());
+  for (size_t l = 0; l < cross.size(); ++l)
+    if (cross[l].key.defined())
+      out[l] = {cross[l].key.narrow(0, i, 1).expand({k, -1, -1, -1}),
+                cross[l].value.narrow(0, i, 1).expand({k, -1, -1, -1})};
+  return out;
+}
+
 }  // namespace blip2

@@ -102,6 +102,11 @@ class QFormerModelImpl : public torch::nn::Module {
 };
 TORCH_MODULE(QFormerModel);
 
+// Cross-attention keys/values (from cross_kv) of some images: `rows` of them, or image `i`
+// repeated `k` times (a view, no copy). Layers without cross-attention stay empty.
+std::vector<KVCache> select_rows(const std::vector<KVCache>& cross, const torch::Tensor& rows);
+std::vector<KVCache> repeat_row(const std::vector<KVCache>& cross, int64_t i, int64_t k);
+
 // Word + absolute position embeddings of the text (top-level `embeddings` in HF's layout).
 class TextEmbeddingsImpl : public torch::nn::Module {
  public:

@@ -4,26 +4,6 @@
 
 namespace blip2 {
 
-namespace {
-
-std::vector<KVCache> select(const std::vector<KVCache>& all, const torch::Tensor& rows) {
-  std::vector<KVCache> out(all.size());
-  for (size_t l = 0; l < all.size(); ++l)
-    if (all[l].key.defined())
-      out[l] = {all[l].key.index_select(0, rows), all[l].value.index_select(0, rows)};
-  return out;
-}
-
-std::vector<KVCache> repeat_one(const std::vector<KVCache>& all, int64_t i, int64_t k) {
-  std::vector<KVCache> out(all.size());
-  for (size_t l = 0; l < all.size(); ++l)
-    if (all[l].key.defined())
-      out[l] = {all[l].key.narrow(0, i, 1).expand({k, -1, -1, -1}),
-                all[l].value.narrow(0, i, 1).expand({k, -1, -1, -1})};
-  return out;
-}
-
-}  // namespace
 
 RetrievalScores rerank_top_k(Blip2Qformer& model, const RetrievalInputs& in, const RerankOptions& o,
                              const std::function<void(int64_t, int64_t)>& progress) {
@@ -40,7 +20,7 @@ RetrievalScores rerank_top_k(Blip2Qformer& model, const RetrievalInputs& in, con
     auto [vals, idx] = sim[i].topk(k_txt);
     auto ids = in.text_ids.index_select(0, idx), mask = in.text_mask.index_select(0, idx);
     auto logits = o.reuse_kv
-                      ? model->itm_logits(repeat_one(cross, i, k_txt), ids, mask)
+                      ? model->itm_logits(repeat_row(cross, i, k_txt), ids, mask)
                       : model->itm_logits(in.image_embeds.narrow(0, i, 1).expand({k_txt, -1, -1}), ids, mask);
     auto score = logits.select(1, 1) + (o.add_itc ? vals : torch::zeros_like(vals));
     s.i2t[i].index_put_({idx}, score.to(sim.scalar_type()));
@@ -52,7 +32,7 @@ RetrievalScores rerank_top_k(Blip2Qformer& model, const RetrievalInputs& in, con
     auto [vals, idx] = sim_t[t].topk(k_img);
     auto ids = in.text_ids.narrow(0, t, 1).expand({k_img, -1});
     auto mask = in.text_mask.narrow(0, t, 1).expand({k_img, -1});
-    auto logits = o.reuse_kv ? model->itm_logits(select(cross, idx), ids, mask)
+    auto logits = o.reuse_kv ? model->itm_logits(select_rows(cross, idx), ids, mask)
                              : model->itm_logits(in.image_embeds.index_select(0, idx), ids, mask);
     auto score = logits.select(1, 1) + (o.add_itc ? vals : torch::zeros_like(vals));
     s.t2i[t].index_put_({idx}, score.to(sim.scalar_type()));

@@ -158,6 +158,57 @@ std::string resolve_checkpoint(const std::string& path) {
   throw Error(path + ": not a checkpoint (no model.safetensors, no latest)");
 }
 
+std::shared_ptr<WordPieceTokenizer> model_tokenizer(const TokenizerConfig& tc, const QFormerConfig& q,
+                                                    const std::string& section) {
+  auto tok = make_tokenizer(tc);
+  auto key = std::string("model.model_config.qformer_config.");
+  check(tok->size() <= q.embedding_vocab_size(),
+        key + "vocab_size: the tokenizer has " + std::to_string(tok->size()) +
+            " tokens but the embedding table only " + std::to_string(q.embedding_vocab_size()) +
+            " (" + section + ".tokenizer.vocab_file names the vocabulary)");
+  check(tok->bos_id() == q.bos_token_id,
+        key + "bos_token_id is " + std::to_string(q.bos_token_id) + " but the tokenizer's " +
+            tc.bos_token + " is " + std::to_string(tok->bos_id()));
+  check(tok->pad_id() == q.pad_token_id,
+        key + "pad_token_id is " + std::to_string(q.pad_token_id) + " but the tokenizer's [PAD] is " +
+            std::to_string(tok->pad_id()));
+  return tok;
+}
+
+LoadReport load_model_weights(Blip2QformerImpl& model, const std::string& path) {
+  // A training output directory resolves to its latest checkpoint; anything else is read as
+  // the file or directory it is (ours, Hugging Face's or LAVIS').
+  std::error_code ec;
+  std::string where = resolve_weights(path);
+  if (fs::is_directory(where, ec) && !fs::exists(fs::path(where) / "model.safetensors") &&
+      !is_hf_directory(where) && (fs::exists(fs::path(where) / "latest") ||
+                                  fs::exists(fs::path(where) / "checkpoint" / "latest")))
+    where = resolve_checkpoint(where);
+  auto report = load_weights_into(model, load_checkpoint_tensors(where), where);
+  log_info("weights from " + where + ": " + report.summary());
+  if (!report.missing.empty()) log_info("  " + explain_missing(report.missing));
+  return report;
+}
+
+Blip2Qformer build_model(const Blip2Config& mc, std::vector<std::string>* missing) {
+  Blip2Qformer model(mc, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02});
+  if (!mc.vision_config.checkpoint_name_or_path.empty()) {
+    // The ViT alone (eva_vit_g.pth, or any checkpoint holding vision_model.*).
+    auto path = mc.vision_config.checkpoint_name_or_path;
+    TensorMap vit;
+    for (auto& [name, t] : load_checkpoint_tensors(resolve_weights(path)))
+      if (name.rfind("vision_model.", 0) == 0) vit[name] = t;
+    check(!vit.empty(), path + ": holds no ViT weights");
+    auto report = load_weights_into(*model, vit, path);
+    log_info("ViT weights from " + path + ": " + std::to_string(report.loaded.size()) + " tensors loaded");
+  }
+  if (!mc.checkpoint_name_or_path.empty()) {
+    auto report = load_model_weights(*model, mc.checkpoint_name_or_path);
+    if (missing) *missing = report.missing;
+  }
+  return model;
+}
+
 PretrainTrainer::PretrainTrainer(RunConfig cfg)
     : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)) {
   dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel,
@@ -171,48 +222,43 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg)
     throw Error(section + ".tokenizer.vocab_file is empty: give the path of BERT's vocab.txt "
                 "(bert-base-uncased for the published BLIP-2 weights); \"\" means the synthetic "
                 "vocabulary, which only suits the SyntheticShapes data");
-  tokenizer_ = make_tokenizer(data.tokenizer);
-  const auto& q = mc.qformer_config;
-  auto key = std::string("model.model_config.qformer_config.");
-  check(tokenizer_->size() <= q.embedding_vocab_size(),
-        key + "vocab_size: the tokenizer has " + std::to_string(tokenizer_->size()) +
-            " tokens but the embedding table only " + std::to_string(q.embedding_vocab_size()));
-  check(tokenizer_->bos_id() == q.bos_token_id,
-        key + "bos_token_id is " + std::to_string(q.bos_token_id) + " but the tokenizer's " +
-            data.tokenizer.bos_token + " is " + std::to_string(tokenizer_->bos_id()));
-  check(tokenizer_->pad_id() == q.pad_token_id,
-        key + "pad_token_id is " + std::to_string(q.pad_token_id) + " but the tokenizer's [PAD] is " +
-            std::to_string(tokenizer_->pad_id()));
-
-  model_ = Blip2Qformer(mc, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02});
-  if (!mc.vision_config.checkpoint_name_or_path.empty()) {
-    // The ViT alone (eva_vit_g.pth, or any checkpoint holding vision_model.*).
-    auto path = mc.vision_config.checkpoint_name_or_path;
-    TensorMap vit;
-    for (auto& [name, t] : load_checkpoint_tensors(path))
-      if (name.rfind("vision_model.", 0) == 0) vit[name] = t;
-    check(!vit.empty(), path + ": holds no ViT weights");
-    auto report = load_weights_into(*model_, vit, path);
-    log_info("ViT weights from " + path + ": " + std::to_string(report.loaded.size()) + " tensors loaded");
-  }
-  if (!mc.checkpoint_name_or_path.empty()) load_weights(mc.checkpoint_name_or_path);
+  tokenizer_ = model_tokenizer(data.tokenizer, mc.qformer_config, section);
+  model_ = build_model(mc, &missing_weights_);
   bool resuming = cfg_.run_mode == "train" && cfg_.resume_training;
   if (!cfg_.load_checkpoint.empty() && !resuming) load_weights(cfg_.load_checkpoint);
   model_->to(device_);
 }
 
+PretrainTrainer::PretrainTrainer(RunConfig cfg, Blip2Qformer model,
+                                 std::shared_ptr<WordPieceTokenizer> tokenizer,
+                                 std::vector<std::string> missing_weights)
+    : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)), model_(std::move(model)),
+      tokenizer_(std::move(tokenizer)), missing_weights_(std::move(missing_weights)) {
+  dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel,
+                      cfg_.parallel_config.model_parallel);
+  torch::manual_seed(cfg_.seed);
+  cfg_.model.model_config = model_->config();
+  if (!cfg_.load_checkpoint.empty() && !(cfg_.run_mode == "train" && cfg_.resume_training))
+    load_weights(cfg_.load_checkpoint);
+  model_->to(device_);
+}
+
 void PretrainTrainer::load_weights(const std::string& path) {
-  // A training output directory resolves to its latest checkpoint; anything else is read as
-  // the file or directory it is (ours, Hugging Face's or LAVIS').
-  std::error_code ec;
-  std::string where = resolve_weights(path);
-  if (fs::is_directory(where, ec) && !fs::exists(fs::path(where) / "model.safetensors") &&
-      !is_hf_directory(where) && (fs::exists(fs::path(where) / "latest") ||
-                                  fs::exists(fs::path(where) / "checkpoint" / "latest")))
-    where = resolve_checkpoint(where);
-  auto report = load_weights_into(*model_, load_checkpoint_tensors(where), where);
-  log_info("weights from " + where + ": " + report.summary());
-  if (!report.missing.empty()) log_info("  " + explain_missing(report.missing));
+  missing_weights_ = load_model_weights(*model_, path).missing;
+}
+
+void PretrainTrainer::require_weights(const std::vector<std::string>& prefixes, const std::string& task) const {
+  blip2::require_weights(missing_weights_, prefixes, task);
+}
+
+void require_weights(const std::vector<std::string>& missing, const std::vector<std::string>& prefixes,
+                     const std::string& task) {
+  for (const auto& prefix : prefixes)
+    for (const auto& m : missing)
+      if (m.rfind(prefix, 0) == 0)
+        throw Error("task " + task + " needs the model's " + prefix.substr(0, prefix.size() - 1) +
+                    ", but the loaded weights have none (missing '" + m + "'); load a checkpoint that "
+                    "has it (a LAVIS stage-1 file, a Hugging Face Blip2ForImageTextRetrieval, or ours)");
 }
 
 BatchLoader PretrainTrainer::make_loader(const DatasetConfig& d, bool train) const {
@@ -508,87 +554,82 @@ Stage1Eval PretrainTrainer::evaluate() {
   return ev;
 }
 
-namespace {
-
-std::string fill_template(const std::string& tmpl, const std::string& label) {
-  std::string out = tmpl;
-  auto at = out.find("{}");
-  return at == std::string::npos ? out + " " + label : out.replace(at, 2, label);
-}
-
-}  // namespace
-
-// [labels, E] text features of the filled-in template for each label.
-static torch::Tensor label_features(Blip2Qformer& model, const WordPieceTokenizer& tok,
-                                    const DatasetConfig& d, const std::vector<std::string>& labels,
-                                    const torch::Device& device) {
-  std::vector<std::string> texts;
-  for (const auto& l : labels)
-    texts.push_back(clean_caption(fill_template(d.data_loader.label_template, l),
-                                  d.text_transforms.max_words, d.text_transforms.prompt));
-  auto enc = tok.encode_batch(texts, d.text_transforms.max_length, d.text_transforms.padding);
-  return model->text_features(model->text_pass(enc.ids.to(device), enc.mask.to(device)));
+ZeroShotClassifier PretrainTrainer::zero_shot_classifier(std::vector<std::string> labels) const {
+  const auto& d = cfg_.eval_dataset;
+  require_weights({"vision_projection.", "text_projection."}, "zero_shot_image_classification");
+  if (d.itm_top_k > 0) require_weights({"itm_head."}, "zero_shot_image_classification with itm_top_k");
+  ZeroShotOptions o;
+  o.candidate_labels = d.data_loader.candidate_labels.empty() ? std::move(labels)
+                                                              : d.data_loader.candidate_labels;
+  o.hypothesis_template = d.data_loader.hypothesis_template;
+  o.hypothesis_templates = d.data_loader.hypothesis_templates;
+  o.itm_top_k = d.itm_top_k;
+  o.max_length = d.text_transforms.max_length;
+  o.max_words = d.text_transforms.max_words;
+  o.prompt = d.text_transforms.prompt;
+  try {
+    return ZeroShotClassifier(model_, tokenizer_, std::move(o));
+  } catch (const Error& e) {
+    throw Error(std::string("eval_dataset.data_loader: ") + e.what());
+  }
 }
 
 nlohmann::json PretrainTrainer::evaluate_zero_shot() {
   auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
   model_->eval();
   torch::NoGradGuard no_grad;
-  const auto& d = cfg_.eval_dataset;
-  auto labels = d.data_loader.candidate_labels.empty() ? loader.dataset().label_names()
-                                                       : d.data_loader.candidate_labels;
-  check(!labels.empty(), "eval_dataset: zero-shot evaluation needs labels (a CIFAR-100 or synthetic "
-                         "dataset, or data_loader.candidate_labels)");
-  auto text = label_features(model_, *tokenizer_, d, labels, device_);
+  auto classifier = zero_shot_classifier(loader.dataset().label_names());
   int64_t n = 0, top1 = 0, top5 = 0;
   BatchLoader::Stream stream(loader, 0, 0);
   Progress progress("zero-shot", loader.batches_per_epoch(), cfg_.runner_config.log_interval);
   for (int64_t b = 0; !stream.done(); ++b) {
     Batch batch = stream.next().to(device_);
-    auto feats = model_->image_features(model_->query_pass(model_->encode_image(batch.images), false).hidden);
-    auto logits = max_over_queries(feats, text) / model_->temp;  // [B, labels]
-    auto k = std::min<int64_t>(5, logits.size(1));
-    auto top = std::get<1>(logits.topk(k, 1)).cpu();
+    auto probs = classifier.probabilities(batch.images);  // [B, labels]
+    auto k = std::min<int64_t>(5, probs.size(1));
+    auto top = std::get<1>(probs.topk(k, 1)).cpu();
     auto gold = batch.labels.cpu();
-    for (int64_t i = 0; i < top.size(0); ++i) {
-      const int64_t g = gold[i].item<int64_t>();
-      top1 += top[i][0].item<int64_t>() == g;
-      top5 += (top[i] == g).any().item<bool>();
-    }
+    top1 += (top.select(1, 0) == gold).sum().item<int64_t>();
+    top5 += (top == gold.unsqueeze(1)).any(1).sum().item<int64_t>();
     n += top.size(0);
     progress.update(b + 1, "");
   }
   progress.finish();
   return {{"top1_accuracy", 100.0 * top1 / std::max<int64_t>(1, n)},
           {"top5_accuracy", 100.0 * top5 / std::max<int64_t>(1, n)},
-          {"num_images", n}, {"num_labels", static_cast<int64_t>(labels.size())}};
+          {"num_images", n}, {"num_labels", static_cast<int64_t>(classifier.labels().size())}};
 }
 
 nlohmann::json PretrainTrainer::predict_zero_shot(const std::vector<std::string>& inputs) {
   model_->eval();
   torch::NoGradGuard no_grad;
-  const auto& d = cfg_.eval_dataset;
-  check(!d.data_loader.candidate_labels.empty(),
-        "eval_dataset.data_loader.candidate_labels is empty: give the labels to choose from");
-  ImageFolderDataset images(inputs, make_image_transform({}, false, cfg_.model.model_config.vision_config.image_size));
-  auto text = label_features(model_, *tokenizer_, d, d.data_loader.candidate_labels, device_);
   nlohmann::json out = nlohmann::json::array();
-  for (int64_t i = 0; i < images.size(); ++i) {
-    auto img = images.get(i).image.unsqueeze(0).to(device_);
-    auto feats = model_->image_features(model_->query_pass(model_->encode_image(img), false).hidden);
-    auto probs = torch::softmax(max_over_queries(feats, text) / model_->temp, 1)[0].cpu();
-    auto order = std::get<1>(probs.sort(0, /*descending=*/true));
-    nlohmann::json ranked = nlohmann::json::array();
-    for (int64_t j = 0; j < order.size(0); ++j) {
-      int64_t l = order[j].item<int64_t>();
-      ranked.push_back({{"score", probs[l].item<double>()}, {"label", d.data_loader.candidate_labels[l]}});
+  if (inputs.empty()) {  // the eval dataset, its class names as candidates (as the seed's CIFAR-100)
+    auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
+    auto classifier = zero_shot_classifier(loader.dataset().label_names());
+    BatchLoader::Stream stream(loader, 0, 0);
+    Progress progress("predict", loader.batches_per_epoch(), cfg_.runner_config.log_interval);
+    for (int64_t b = 0; !stream.done(); ++b) {
+      Batch batch = stream.next();
+      auto probs = classifier.probabilities(batch.images.to(device_));
+      for (int64_t i = 0; i < probs.size(0); ++i)
+        out.push_back({{"image", loader.dataset().describe(batch.image_ids[i].item<int64_t>())},
+                       {"result", classifier.ranked(probs[i])}});
+      progress.update(b + 1, "");
     }
-    out.push_back({{"image", images.paths()[i]}, {"result", ranked}});
+    progress.finish();
+    return out;
+  }
+  auto classifier = zero_shot_classifier({});
+  ImageFolderDataset images(inputs, make_image_transform({}, false, cfg_.model.model_config.vision_config.image_size));
+  for (int64_t i = 0; i < images.size(); ++i) {
+    auto probs = classifier.probabilities(images.get(i).image.unsqueeze(0).to(device_));
+    out.push_back({{"image", images.paths()[i]}, {"result", classifier.ranked(probs[0])}});
   }
   return out;
 }
 
 nlohmann::json PretrainTrainer::evaluate_retrieval() {
+  require_weights({"vision_projection.", "text_projection.", "itm_head."}, "image_to_text_retrieval");
   auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
   model_->eval();
   torch::NoGradGuard no_grad;

@@ -11,7 +11,9 @@
 
 #include "blip2/config/config.h"
 #include "blip2/data/dataset.h"
+#include "blip2/io/safetensors.h"
 #include "blip2/models/blip2_qformer.h"
+#include "blip2/tasks/zero_shot.h"
 
 namespace blip2 {
 
@@ -57,21 +59,36 @@ struct TrainState {
 
 class PretrainTrainer {
  public:
+  // Builds the model the config describes and loads its weights (model_config's vision and model
+  // checkpoint_name_or_path, then load_checkpoint).
   explicit PretrainTrainer(RunConfig cfg);
+  // Works on a model already built (and its tokenizer); load_checkpoint still applies.
+  // `missing_weights`: what loading it left at random init (a task needing those refuses).
+  PretrainTrainer(RunConfig cfg, Blip2Qformer model, std::shared_ptr<WordPieceTokenizer> tokenizer,
+                  std::vector<std::string> missing_weights = {});
   std::vector<StepLog> train();
   Stage1Eval evaluate();
   // The image_to_text_retrieval task on eval_dataset (ITC top-k, ITM re-ranking).
   nlohmann::json evaluate_retrieval();
   // zero_shot_image_classification. Label probabilities = softmax over labels of
   // (max over queries of the cosine) / temp. evaluate: top-1/top-5 accuracy on a labelled
-  // eval_dataset; predict: the sorted {score, label} list of each image of `inputs`.
+  // eval_dataset; predict: the sorted {score, label} list of each image of `inputs` (paths or
+  // directories), or of each eval_dataset image when `inputs` is empty.
   nlohmann::json evaluate_zero_shot();
   nlohmann::json predict_zero_shot(const std::vector<std::string>& inputs);
+  // The classifier the config describes: eval_dataset's candidate_labels (else `labels`),
+  // hypothesis_template, itm_top_k and text transform.
+  ZeroShotClassifier zero_shot_classifier(std::vector<std::string> labels) const;
   Blip2Qformer model() const { return model_; }
+  std::shared_ptr<WordPieceTokenizer> tokenizer() const { return tokenizer_; }
+  // Loads weights into the model (a checkpoint, output directory, HF or LAVIS file).
+  void load_weights(const std::string& path);
+  // An error naming `task` when a loaded checkpoint lacked parameters under these prefixes
+  // (e.g. "itm_head."). A model never loaded (random init) passes.
+  void require_weights(const std::vector<std::string>& prefixes, const std::string& task) const;
   const RunConfig& config() const { return cfg_; }
 
  private:
-  void load_weights(const std::string& path);
   void save_checkpoint(const TrainState& st, torch::optim::Optimizer& opt);
   TrainState resume(const std::string& path, torch::optim::Optimizer& opt);
   BatchLoader make_loader(const DatasetConfig& d, bool train) const;
@@ -80,7 +97,24 @@ class PretrainTrainer {
   torch::Device device_;
   Blip2Qformer model_{nullptr};
   std::shared_ptr<WordPieceTokenizer> tokenizer_;
+  std::vector<std::string> missing_weights_;  // of the last checkpoint loaded
 };
+
+// The model a config describes, with the weights its vision_config and model_config
+// checkpoint_name_or_path name (random where none is named).
+// `missing`, when given, receives what the model checkpoint lacked.
+Blip2Qformer build_model(const Blip2Config& config, std::vector<std::string>* missing = nullptr);
+// Loads weights from a checkpoint, training output directory (its latest), Hugging Face
+// directory, LAVIS .pth or safetensors file; logs the load report.
+LoadReport load_model_weights(Blip2QformerImpl& model, const std::string& path);
+// The tokenizer `tc` describes, checked against the Q-Former's vocabulary and special ids.
+std::shared_ptr<WordPieceTokenizer> model_tokenizer(const TokenizerConfig& tc, const QFormerConfig& q,
+                                                    const std::string& section);
+
+// An error naming `task` when `missing` (what a checkpoint lacked) has a name under one of the
+// prefixes, e.g. "itm_head." for ITM re-ranking.
+void require_weights(const std::vector<std::string>& missing, const std::vector<std::string>& prefixes,
+                     const std::string& task);
 
 // Resolves --load_checkpoint: a checkpoint directory, an output directory's checkpoint/ root
 // (its `latest`), or a .safetensors file. Returns the directory or file to read.

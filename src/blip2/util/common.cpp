@@ -85,4 +85,10 @@ void Progress::finish() {
   if (tty_) std::cerr << "\n";
 }
 
+std::string join(const std::vector<std::string>& parts, const std::string& sep) {
+  std::string out;
+  for (size_t i = 0; i < parts.size(); ++i) out += (i ? sep : "") + parts[i];
+  return out;
+}
+
 }  // namespace blip2

@@ -9,6 +9,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace blip2 {
 
@@ -51,5 +52,7 @@ class Progress {
 };
 
 std::string format_float(double v, int precision = 4);
+// "a, b, c"
+std::string join(const std::vector<std::string>& parts, const std::string& sep);
 
 }  // namespace blip2

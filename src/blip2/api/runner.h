@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "blip2/config/config.h"
 
@@ -15,6 +16,7 @@ struct RunOverrides {
       device_target, load_checkpoint, output_dir;
   std::optional<int64_t> seed;
   std::optional<bool> resume_training;
+  std::vector<std::string> predict_text;  // feature extraction: texts (with images: multimodal too)
 };
 
 // config_path "" = the embedded tiny config. Returns the process exit code.

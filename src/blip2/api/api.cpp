@@ -1,0 +1,385 @@
+#include "blip2/api/api.h"
+
+#include <filesystem>
+#include <iostream>
+
+#include "blip2/data/caption_datasets.h"
+#include "blip2/data/synthetic.h"
+#include "blip2/io/checkpoint.h"
+#include "blip2/io/hf.h"
+#include "blip2/io/safetensors.h"
+#include "blip2/tasks/trainer.h"
+#include "blip2/tasks/zero_shot.h"
+#include "blip2/util/common.h"
+
+namespace blip2 {
+namespace fs = std::filesystem;
+
+namespace {
+
+bool has_checkpoint_root(const fs::path& p) {
+  return fs::exists(p / "latest") || fs::exists(p / "checkpoint" / "latest");
+}
+
+// Where weights and config of a path live: a training output directory becomes its latest
+// checkpoint; anything else stays as it is.
+std::string weights_location(const std::string& path) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec) && !fs::exists(fs::path(path) / "model.safetensors") &&
+      !is_hf_directory(path) && has_checkpoint_root(path))
+    return resolve_checkpoint(path);
+  return path;
+}
+
+}  // namespace
+
+Blip2Config model_config_of(const std::string& what) {
+  if (const auto* p = find_preset(what)) return p->config;
+  std::error_code ec;
+  fs::path yaml = what;
+  if (fs::is_directory(what, ec)) {
+    fs::path dir = weights_location(what);
+    if (fs::exists(dir / "config.yaml")) yaml = dir / "config.yaml";
+    else if (fs::exists(dir / "config.json")) return load_hf_directory(dir.string()).config;
+    else throw Error(what + ": no config.yaml or config.json to take the architecture from");
+  }
+  if (!fs::is_regular_file(yaml, ec))
+    throw Error(what + ": neither a model of the support list (blip2 list-models) nor a model "
+                "directory or config file");
+  const std::string text = read_file(yaml);
+  if (text.find("model_config:") != std::string::npos)
+    return parse_run_config(text, yaml.string()).model.model_config;
+  return parse_model_config(text, yaml.string());
+}
+
+// ---- Blip2Model ----
+
+Blip2Model::Blip2Model(Blip2Qformer module, std::shared_ptr<WordPieceTokenizer> tokenizer,
+                       std::string source, std::vector<std::string> missing_weights)
+    : module_(std::move(module)), tokenizer_(std::move(tokenizer)), source_(std::move(source)),
+      missing_(std::move(missing_weights)) {}
+
+Blip2Model Blip2Model::from_pretrained(const std::string& name_or_path,
+                                       const FromPretrainedOptions& o) {
+  std::error_code ec;
+  std::string weights;  // "" = random weights
+  Blip2Config config;
+  if (const Preset* preset = find_preset(name_or_path)) {
+    const fs::path dir = fs::path(blip2_home()) / name_or_path;
+    if (fs::is_directory(dir, ec)) {
+      weights = dir.string();
+      const bool has_config = fs::exists(dir / "config.yaml") || fs::exists(dir / "config.json");
+      config = has_config ? model_config_of(weights) : preset->config;
+    } else {
+      if (!(o.allow_random_init || name_or_path == "tiny"))
+        resolve_weights(name_or_path);  // throws, saying which files to place where
+      config = preset->config;
+    }
+  } else {
+    check(fs::exists(name_or_path, ec),
+          name_or_path + ": not a model of the support list (" + join(support_list(), ", ") +
+              ") and no such file or directory");
+    weights = weights_location(name_or_path);
+    // A bare weight file (.pth, .safetensors) carries no architecture: take it from o.config.
+    config = model_config_of(fs::is_directory(weights, ec) ? weights : o.config);
+  }
+  config.checkpoint_name_or_path.clear();  // the weights are loaded below, once
+
+  TokenizerConfig tc;
+  const fs::path beside = fs::is_directory(weights, ec) ? fs::path(weights) / "vocab.txt" : fs::path();
+  if (!o.vocab_file.empty()) tc.vocab_file = o.vocab_file;
+  else if (!beside.empty() && fs::exists(beside, ec)) tc.vocab_file = beside.string();
+  else if (config.qformer_config.vocab_size != static_cast<int64_t>(SyntheticShapes::vocabulary().size()))
+    throw Error(name_or_path + ": no vocab.txt beside the weights; give the BERT vocabulary "
+                "(bert-base-uncased's vocab.txt for the published weights) as the vocab file");
+  auto tokenizer = model_tokenizer(tc, config.qformer_config, "from_pretrained");
+
+  Blip2Qformer module = build_model(config);
+  std::vector<std::string> missing;
+  if (!weights.empty()) missing = load_model_weights(*module, weights).missing;
+  else log_info(name_or_path + ": random weights (nothing under " + blip2_home() + ")");
+  module->to(torch::Device(o.device));
+  module->eval();
+  return Blip2Model(module, tokenizer, weights.empty() ? "random" : weights, std::move(missing));
+}
+
+std::vector<std::string> Blip2Model::support_list() { return blip2::support_list(); }
+
+void Blip2Model::show_support_list(std::ostream& out) {
+  out << "Blip2Model support list:\n";
+  for (const auto& p : presets()) out << "  " << p.name << "  (" << p.task << ") " << p.description << "\n";
+}
+
+torch::Tensor Blip2Model::preprocess(const std::vector<Image>& images) const {
+  check(!images.empty(), "preprocess: no images");
+  std::vector<torch::Tensor> out;
+  for (const auto& img : images) out.push_back(eval_transform(img, config().vision_config.image_size));
+  return torch::stack(out).to(device());
+}
+
+torch::Tensor Blip2Model::preprocess(const std::vector<std::string>& image_paths) const {
+  std::vector<Image> images;
+  for (const auto& p : image_paths) images.push_back(load_image(p));
+  return preprocess(images);
+}
+
+std::pair<torch::Tensor, torch::Tensor> Blip2Model::tokenize(const std::vector<std::string>& texts,
+                                                             int64_t max_length) const {
+  check(!texts.empty(), "tokenize: no texts");
+  std::vector<std::string> cleaned;
+  for (const auto& t : texts) cleaned.push_back(clean_caption(t, 50, ""));
+  auto enc = tokenizer_->encode_batch(cleaned, max_length, "max_length");
+  return {enc.ids.to(device()), enc.mask.to(device())};
+}
+
+Features Blip2Model::extract_features(const torch::Tensor& images, const std::vector<std::string>& texts,
+                                      const std::string& mode) const {
+  check(mode == "image" || mode == "text" || mode == "multimodal",
+        "feature mode '" + mode + "' is not image|text|multimodal");
+  check(mode == "text" || images.defined(), "feature mode " + mode + " needs images");
+  check(mode == "image" || !texts.empty(), "feature mode " + mode + " needs texts");
+  check(mode != "multimodal" || images.size(0) == static_cast<int64_t>(texts.size()),
+        "feature mode multimodal pairs images with texts: got " + std::to_string(images.size(0)) +
+            " images and " + std::to_string(texts.size()) + " texts");
+  torch::Tensor ids, mask;
+  if (mode != "image") std::tie(ids, mask) = tokenize(texts, config().max_txt_len);
+  Blip2Qformer m = module_;  // the holder is shared; calls are not const
+  return m->extract_features(images, ids, mask, mode);
+}
+
+Stage1Output Blip2Model::losses(const torch::Tensor& images, const std::vector<std::string>& captions) const {
+  check(images.size(0) == static_cast<int64_t>(captions.size()),
+        "losses: " + std::to_string(images.size(0)) + " images but " + std::to_string(captions.size()) + " captions");
+  auto [ids, mask] = tokenize(captions, config().max_txt_len);
+  Blip2Qformer m = module_;
+  return m->forward(images, ids, mask);
+}
+
+void Blip2Model::save_pretrained(const std::string& dir) const {
+  fs::create_directories(dir);
+  save_safetensors((fs::path(dir) / "model.safetensors").string(), state_dict(*module_),
+                   {{"format", "blip2cpp"}, {"arch", "Blip2Qformer"}});
+  atomic_write(fs::path(dir) / "config.yaml", to_yaml(config()));
+}
+
+// ---- Trainer ----
+
+namespace {
+
+RunConfig trainer_config(const std::string& task, const TrainerOptions& o) {
+  RunConfig cfg = o.config.empty() ? parse_run_config(embedded_tiny_config(), "embedded tiny config")
+                                   : load_run_config(o.config);
+  cfg.trainer.type = task;
+  if (!o.output_dir.empty()) cfg.output_dir = o.output_dir;
+  if (o.train_dataset) cfg.train_dataset = *o.train_dataset;
+  if (o.eval_dataset) cfg.eval_dataset = *o.eval_dataset;
+  if (o.seed) cfg.seed = *o.seed;
+  if (!o.device.empty()) cfg.device_target = o.device;
+  return cfg;
+}
+
+const std::vector<std::string>& trainer_tasks() {
+  static const std::vector<std::string> tasks = {"contrastive_language_image_pretrain",
+                                                 "image_to_text_retrieval",
+                                                 "zero_shot_image_classification"};
+  return tasks;
+}
+
+void check_task(const std::string& task) {
+  for (const auto& t : trainer_tasks())
+    if (t == task) return;
+  throw Error("task '" + task + "' is not available (available: " + join(trainer_tasks(), ", ") + ")");
+}
+
+}  // namespace
+
+Trainer::Trainer(const std::string& task, const std::string& model, const TrainerOptions& o) {
+  check_task(task);
+  RunConfig cfg = trainer_config(task, o);
+  std::error_code ec;
+  if (find_preset(model) || fs::exists(model, ec)) {
+    // The architecture and weights of the name or path (a preset without local weights starts
+    // from random weights when it is the tiny one, as from_pretrained does).
+    if (find_preset(model)) cfg.trainer.model_name = model;
+    FromPretrainedOptions load;
+    load.device = cfg.device_target == "gpu" ? "cuda" : cfg.device_target;
+    load.allow_random_init = task == "contrastive_language_image_pretrain";  // training from scratch
+    auto loaded = Blip2Model::from_pretrained(model, load);
+    cfg.model.model_config = loaded.config();
+    validate(cfg, "Trainer");
+    impl_ = std::make_unique<PretrainTrainer>(cfg, loaded.module(), loaded.tokenizer(), loaded.missing_weights());
+    return;
+  }
+  throw Error("model '" + model + "' is neither a model of the support list (" +
+              join(support_list(), ", ") + ") nor an existing path");
+}
+
+Trainer::Trainer(const std::string& task, const Blip2Model& model, const TrainerOptions& o) {
+  check_task(task);
+  RunConfig cfg = trainer_config(task, o);
+  cfg.model.model_config = model.config();
+  validate(cfg, "Trainer");
+  impl_ = std::make_unique<PretrainTrainer>(cfg, model.module(), model.tokenizer(), model.missing_weights());
+}
+
+Trainer::Trainer(RunConfig config) {
+  check_task(config.trainer.type);
+  impl_ = std::make_unique<PretrainTrainer>(std::move(config));
+}
+
+Trainer::Trainer(RunConfig config, const Blip2Model& model) {
+  check_task(config.trainer.type);
+  config.model.model_config = model.config();
+  impl_ = std::make_unique<PretrainTrainer>(std::move(config), model.module(), model.tokenizer(),
+                                            model.missing_weights());
+}
+
+Trainer::~Trainer() = default;
+Trainer::Trainer(Trainer&&) noexcept = default;
+
+const RunConfig& Trainer::config() const { return impl_->config(); }
+
+Blip2Model Trainer::model() const { return Blip2Model(impl_->model(), impl_->tokenizer(), "trainer"); }
+
+nlohmann::json Trainer::train() {
+  check(config().trainer.type == "contrastive_language_image_pretrain",
+        "task " + config().trainer.type + " does not train (contrastive_language_image_pretrain does)");
+  auto logs = impl_->train();
+  nlohmann::json out = {{"steps", logs.empty() ? 0 : logs.back().step}};
+  if (!logs.empty())
+    out["final"] = {{"loss", logs.back().loss}, {"loss_itc", logs.back().loss_itc},
+                    {"loss_itm", logs.back().loss_itm}, {"loss_lm", logs.back().loss_lm}};
+  out["checkpoint"] = (fs::path(config().output_dir) / "checkpoint").string();
+  return out;
+}
+
+nlohmann::json Trainer::evaluate() {
+  const auto& task = config().trainer.type;
+  if (task == "image_to_text_retrieval") return impl_->evaluate_retrieval();
+  if (task == "zero_shot_image_classification") return impl_->evaluate_zero_shot();
+  return impl_->evaluate().to_json();
+}
+
+nlohmann::json Trainer::predict(const std::vector<std::string>& inputs, const std::string& checkpoint,
+                                const std::vector<std::string>& texts) {
+  if (!checkpoint.empty()) impl_->load_weights(checkpoint);
+  const auto& task = config().trainer.type;
+  if (task == "zero_shot_image_classification") return impl_->predict_zero_shot(inputs);
+  if (task != "contrastive_language_image_pretrain")
+    throw Error("task " + task + " has no predict mode (zero_shot_image_classification and "
+                "contrastive_language_image_pretrain have)");
+  check(!inputs.empty() || !texts.empty(), "predict: give images or texts to extract features of");
+  Blip2Model m = model();
+  m.module()->eval();
+  nlohmann::json out = {{"images", nlohmann::json::array()}, {"texts", texts}};
+  Features all;
+  torch::Tensor pixels;
+  if (!inputs.empty()) {
+    ImageFolderDataset images(inputs, make_image_transform({}, false, m.config().vision_config.image_size));
+    std::vector<torch::Tensor> batch;
+    for (int64_t i = 0; i < images.size(); ++i) batch.push_back(images.get(i).image);
+    pixels = torch::stack(batch).to(m.device());
+    out["images"] = images.paths();
+    Features f = m.extract_features(pixels, {}, "image");
+    all.image_embeds = f.image_embeds;
+    all.image_embeds_proj = f.image_embeds_proj;
+  }
+  if (!texts.empty()) {
+    Features f = m.extract_features({}, texts, "text");
+    all.text_embeds = f.text_embeds;
+    all.text_embeds_proj = f.text_embeds_proj;
+  }
+  if (pixels.defined() && pixels.size(0) == static_cast<int64_t>(texts.size()))
+    all.multimodal_embeds = m.extract_features(pixels, texts, "multimodal").multimodal_embeds;
+  fs::create_directories(config().output_dir);
+  const auto path = (fs::path(config().output_dir) / "features.safetensors").string();
+  save_features(path, all);
+  out["features"] = path;
+  out["shapes"] = feature_shapes(all);
+  return out;
+}
+
+// ---- pipeline ----
+
+std::vector<std::string> pipeline_tasks() { return {"zero_shot_image_classification", "feature_extraction"}; }
+
+Pipeline::Pipeline(std::string task, Blip2Model model, PipelineOptions options)
+    : task_(std::move(task)), model_(std::move(model)), options_(std::move(options)) {
+  model_.module()->eval();
+  if (task_ == "zero_shot_image_classification") {
+    require_weights(model_.missing_weights(), {"vision_projection.", "text_projection."}, task_);
+    if (options_.itm_top_k > 0) require_weights(model_.missing_weights(), {"itm_head."}, task_ + " with itm_top_k");
+    ZeroShotOptions z;
+    z.candidate_labels = options_.candidate_labels;
+    z.hypothesis_template = options_.hypothesis_template;
+    z.hypothesis_templates = options_.hypothesis_templates;
+    z.itm_top_k = options_.itm_top_k;
+    z.max_length = options_.max_length;
+    classifier_ = std::make_shared<ZeroShotClassifier>(model_.module(), model_.tokenizer(), z);
+  } else if (task_ == "feature_extraction") {
+    check(options_.mode == "image" || options_.mode == "text" || options_.mode == "multimodal",
+          "feature_extraction: mode '" + options_.mode + "' is not image|text|multimodal");
+  } else {
+    throw Error("pipeline task '" + task_ + "' is not available (available: " +
+                join(pipeline_tasks(), ", ") + ")");
+  }
+}
+
+nlohmann::json Pipeline::operator()(const std::vector<PipelineInput>& inputs,
+                                    const std::vector<std::string>& texts) {
+  std::vector<Image> images;
+  std::vector<std::string> names;
+  for (const auto& in : inputs) {
+    if (const auto* path = std::get_if<std::string>(&in)) {
+      images.push_back(load_image(*path));
+      names.push_back(*path);
+    } else {
+      images.push_back(std::get<Image>(in));
+      names.push_back("image " + std::to_string(names.size()));
+    }
+  }
+  if (task_ == "zero_shot_image_classification") {
+    check(!images.empty(), "zero_shot_image_classification: no images given");
+    auto probs = classifier_->probabilities(model_.preprocess(images));
+    nlohmann::json out = nlohmann::json::array();
+    for (int64_t i = 0; i < probs.size(0); ++i) out.push_back(classifier_->ranked(probs[i], options_.top_k));
+    return out;
+  }
+  torch::Tensor pixels = images.empty() ? torch::Tensor() : model_.preprocess(images);
+  features_ = model_.extract_features(pixels, texts, options_.mode);
+  return feature_shapes(features_);
+}
+
+Pipeline pipeline(const std::string& task, const std::string& model, PipelineOptions options) {
+  auto loaded = Blip2Model::from_pretrained(model, options.load);
+  return Pipeline(task, std::move(loaded), std::move(options));
+}
+
+Pipeline pipeline(const std::string& task, const Blip2Model& model, PipelineOptions options) {
+  return Pipeline(task, model, std::move(options));
+}
+
+TensorMap feature_tensors(const Features& f) {
+  TensorMap t;
+  const std::pair<const char*, const torch::Tensor*> fields[] = {
+      {"image_embeds", &f.image_embeds}, {"image_embeds_proj", &f.image_embeds_proj},
+      {"text_embeds", &f.text_embeds}, {"text_embeds_proj", &f.text_embeds_proj},
+      {"multimodal_embeds", &f.multimodal_embeds}};
+  for (const auto& [name, x] : fields)
+    if (x->defined()) t[name] = x->detach().to(torch::kCPU).contiguous();
+  return t;
+}
+
+nlohmann::json feature_shapes(const Features& f) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& [name, t] : feature_tensors(f)) out[name] = t.sizes().vec();
+  return out;
+}
+
+void save_features(const std::string& path, const Features& f) {
+  TensorMap t = feature_tensors(f);
+  check(!t.empty(), path + ": no features to save");
+  save_safetensors(path, t, {{"format", "blip2cpp-features"}});
+}
+
+}  // namespace blip2

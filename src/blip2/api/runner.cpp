@@ -1,0 +1,144 @@
+#include "blip2/api/runner.h"
+
+#include <iostream>
+
+#include "blip2/api/api.h"
+#include "blip2/tasks/trainer.h"
+#include "blip2/util/common.h"
+
+namespace blip2 {
+namespace fs = std::filesystem;
+
+RunConfig resolve_config(const std::string& path, const RunOverrides& o) {
+  const std::string source = path.empty() ? "<embedded tiny config>" : path;
+  RunConfig cfg = path.empty() ? parse_run_config(embedded_tiny_config(), source)
+                               : load_run_config(path);
+  if (o.run_mode) cfg.run_mode = *o.run_mode;
+  if (o.train_dataset_dir) cfg.train_dataset.data_loader.dataset_dir = *o.train_dataset_dir;
+  if (o.eval_dataset_dir) cfg.eval_dataset.data_loader.dataset_dir = *o.eval_dataset_dir;
+  if (o.device_target) cfg.device_target = *o.device_target;
+  if (o.load_checkpoint) cfg.load_checkpoint = *o.load_checkpoint;
+  if (o.output_dir) cfg.output_dir = *o.output_dir;
+  if (o.seed) cfg.seed = *o.seed;
+  if (o.resume_training) cfg.resume_training = *o.resume_training;
+  validate(cfg, source);
+  for (const auto* dir : {&cfg.train_dataset.data_loader.dataset_dir,
+                          &cfg.eval_dataset.data_loader.dataset_dir}) {
+    std::error_code ec;
+    if (!dir->empty() && !fs::is_directory(*dir, ec))
+      throw Error(*dir + ": dataset directory not found or unreadable");
+  }
+  return cfg;
+}
+
+static void print_eval(const nlohmann::json& ev) {
+  const auto& r = ev["itc_retrieval"];
+  std::cout << "eval loss " << format_float(ev["loss"]) << " (itc " << format_float(ev["loss_itc"])
+            << ", itm " << format_float(ev["loss_itm"]) << ", lm " << format_float(ev["loss_lm"])
+            << ")\n"
+            << "held-out ITC retrieval over " << r["num_images"].get<int64_t>()
+            << " images: image->text R@1 " << format_float(r["txt_r1"], 1) << "% R@5 "
+            << format_float(r["txt_r5"], 1) << "%, text->image R@1 " << format_float(r["img_r1"], 1)
+            << "% R@5 " << format_float(r["img_r5"], 1) << "%\n";
+}
+
+namespace {
+
+std::vector<std::string> split_commas(const std::string& list) {
+  std::vector<std::string> out;
+  for (size_t a = 0, b; a <= list.size(); a = b + 1) {
+    b = list.find(',', a);
+    if (b == std::string::npos) b = list.size();
+    if (b > a) out.push_back(list.substr(a, b - a));
+  }
+  return out;
+}
+
+void write_result(const RunConfig& cfg, const std::string& name, const nlohmann::json& j) {
+  std::cout << j.dump(2) << "\n";
+  atomic_write(fs::path(cfg.output_dir) / name, j.dump(2) + "\n");
+}
+
+}  // namespace
+
+int run(const std::string& path, const RunOverrides& overrides) {
+  RunConfig cfg = resolve_config(path, overrides);
+  const std::string resolved = to_yaml(cfg);
+  std::cout << "---- resolved config ----\n" << resolved << "-------------------------\n";
+  fs::create_directories(cfg.output_dir);
+  atomic_write(fs::path(cfg.output_dir) / "resolved_config.yaml", resolved);
+
+  const std::string& task = cfg.trainer.type;
+  const std::string& mode = cfg.run_mode;
+  auto modes_error = [&](const std::string& available) {
+    return Error("run_mode " + mode + ": task " + task + " has " + available);
+  };
+  const std::vector<std::string> inputs =
+      overrides.predict_data ? split_commas(*overrides.predict_data) : std::vector<std::string>{};
+  if (mode == "predict" && task != "zero_shot_image_classification")  // which also predicts on eval_dataset
+    check(!inputs.empty() || !overrides.predict_text.empty(),
+          "--predict_data: give an image, several images (comma-separated) or a directory");
+
+  if (task == "image_to_text_retrieval" || task == "blip2_retrieval") {
+    if (mode != "eval") throw modes_error("eval only (use --run_mode eval)");
+    cfg.trainer.type = "image_to_text_retrieval";
+    Trainer trainer(cfg);
+    write_result(cfg, "retrieval_results.json", trainer.evaluate());
+    return 0;
+  }
+  if (task == "zero_shot_image_classification") {
+    if (mode != "eval" && mode != "predict") throw modes_error("eval and predict");
+    Trainer trainer(cfg);
+    if (mode == "eval") {
+      write_result(cfg, "zero_shot_eval_results.json", trainer.evaluate());
+      return 0;
+    }
+    auto results = trainer.predict(inputs);
+    std::string text;
+    for (const auto& r : results) text += r["result"].dump() + "\n";  // the seed's result file
+    std::cout << "output result is: " << text;
+    const auto txt = fs::path(cfg.output_dir) / "zero_shot_image_classification_result.txt";
+    atomic_write(txt, text);
+    atomic_write(fs::path(cfg.output_dir) / "zero_shot_image_classification_result.json", results.dump(2) + "\n");
+    std::cout << "output result is saved at: " << txt.string() << "\n";
+    return 0;
+  }
+  if (task != "contrastive_language_image_pretrain")
+    throw Error("trainer.type: task '" + task + "' is not available in this build (available: "
+                "contrastive_language_image_pretrain, image_to_text_retrieval, "
+                "zero_shot_image_classification)");
+
+  Trainer trainer(cfg);
+  if (mode == "predict") {  // LAVIS' extract_features
+    auto report = trainer.predict(inputs, "", overrides.predict_text);
+    write_result(cfg, "features.json", report);
+    return 0;
+  }
+  if (mode == "train") trainer.train();
+  auto ev = trainer.evaluate();
+  print_eval(ev);
+  atomic_write(fs::path(cfg.output_dir) / "eval_results.json", ev.dump(2) + "\n");
+  if (mode != "train") return 0;
+  for (const auto& t : cfg.runner_config.eval_tasks) {  // further held-out evaluations
+    RunConfig c = cfg;
+    c.trainer.type = t;
+    c.run_mode = "eval";
+    c.load_checkpoint.clear();
+    auto r = Trainer(c, trainer.model()).evaluate();
+    if (t == "zero_shot_image_classification") {
+      std::cout << "held-out zero-shot classification over " << r["num_images"].get<int64_t>()
+                << " images, " << r["num_labels"].get<int64_t>() << " labels: top-1 "
+                << format_float(r["top1_accuracy"], 1) << "%, top-5 " << format_float(r["top5_accuracy"], 1)
+                << "%\n";
+      atomic_write(fs::path(cfg.output_dir) / "zero_shot_eval_results.json", r.dump(2) + "\n");
+    } else {
+      std::cout << "held-out retrieval, ITM re-ranked: image->text R@1 " << format_float(r["txt_r1"], 1)
+                << "% R@5 " << format_float(r["txt_r5"], 1) << "%, text->image R@1 "
+                << format_float(r["img_r1"], 1) << "% R@5 " << format_float(r["img_r5"], 1) << "%\n";
+      atomic_write(fs::path(cfg.output_dir) / "retrieval_results.json", r.dump(2) + "\n");
+    }
+  }
+  return 0;
+}
+
+}  // namespace blip2
