@@ -5,6 +5,7 @@
 #include "blip2/api/api.h"
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
+#include "blip2/tasks/retrieval.h"
 #include "blip2/tasks/zero_shot.h"
 #include "test_util.h"
 
@@ -112,7 +113,7 @@ TEST(Api, ExtractFeaturesMatchesTheTaskComputations) {
 TEST(ZeroShot, ClassifierMatchesTheHuggingFaceFixtureScores) {
   // A vocabulary under which "w15 w16 w17 w18" tokenises to the fixture's ids [2 15 16 17 18 3 0].
   std::vector<std::string> vocab = {"[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"};
-  for (int i = 5; i < 100; ++i) vocab.push_back("w" + std::to_string(i));
+  for (int i = 5; i < 100; ++i) vocab.push_back(std::to_string(i).insert(0, 1, 'w'));
   auto tok = std::make_shared<WordPieceTokenizer>(vocab, true, "[DEC]");
   auto hf = load_hf_directory((kParity / "hf_itm").string());
   Blip2Qformer model(hf.config);
@@ -146,6 +147,18 @@ TEST(ZeroShot, ClassifierMatchesTheHuggingFaceFixtureScores) {
     auto itm = model->itm_logits(embeds.narrow(0, b, 1), ids.narrow(0, b, 1), mask.narrow(0, b, 1));
     EXPECT_LT(max_diff(itm[0], io.at("itm_logits")[b]), 1e-4);
   }
+  // The retrieval task's scores on the same model (keys/values reused): each matching pair
+  // scores the fixture's ITM logit + its ITC similarity.
+  RetrievalInputs in;
+  in.image_embeds = embeds;
+  in.image_feats = model->image_features(model->query_pass(embeds, false).hidden);
+  in.text_ids = ids;
+  in.text_mask = mask;
+  in.text_feats = model->text_features(model->text_pass(ids, mask));
+  auto scores = rerank_top_k(model, in, RerankOptions{});
+  auto itc_diag = io.at("itc_logits_per_image").diagonal();
+  EXPECT_LT(max_diff(scores.i2t.diagonal(), io.at("itm_logits").select(1, 1) + itc_diag), 1e-4);
+  EXPECT_LT(max_diff(scores.t2i.diagonal(), io.at("itm_logits").select(1, 1) + itc_diag), 1e-4);
   // Re-ranking only the top 2 keeps the third label's ITC probability and the total.
   o.itm_top_k = 2;
   auto top2 = ZeroShotClassifier(model, tok, o).probabilities(io.at("pixel_values"));

@@ -191,6 +191,27 @@ TEST(Datasets, Cifar100Binary) {
   write(dir / "test.bin", bytes.substr(0, 5000));
   EXPECT_NE(error_of([&] { Cifar100Dataset(c, eval32()); }).find("test.bin: size 5000 is not a multiple of the 3074-byte"),
             std::string::npos);
+
+  // zero_shot_image_classification --run_mode eval on it: top-1/top-5 over the 100 fine labels.
+  write(dir / "test.bin", bytes);
+  std::string cfg = read_file(fs::path(BLIP2_CONFIG_DIR) / "tiny_zero_shot.yaml");
+  auto replace = [&](const std::string& from, const std::string& to) {
+    auto at = cfg.find(from);
+    ASSERT_NE(at, std::string::npos) << from;
+    cfg.replace(at, from.size(), to);
+  };
+  replace("    type: SyntheticShapes\n", "    type: Cifar100DataLoader\n    dataset_dir: " + dir.string() + "\n");
+  replace("    stage: eval\n", "    stage: test\n");
+  replace("    max_length: 16\n  batch_size: 64",
+          "    max_length: 16\n    vocab_file: " + (kFixtures / "text" / "vocab_uncased.txt").string() + "\n  batch_size: 64");
+  replace("    max_txt_len: 16\n", "    max_txt_len: 16\n    qformer_config: {vocab_size: 439, bos_token_id: 439}\n");
+  write(dir / "zs.yaml", cfg);
+  auto r = run_cli("run --config " + (dir / "zs.yaml").string() + " --output_dir " + (dir / "out").string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto ev = nlohmann::json::parse(read_file(dir / "out" / "zero_shot_eval_results.json"));
+  EXPECT_EQ(ev["num_labels"], 100);
+  EXPECT_EQ(ev["num_images"], 3);
+  EXPECT_TRUE(ev.contains("top5_accuracy"));
   fs::remove_all(dir.parent_path());
 }
 
