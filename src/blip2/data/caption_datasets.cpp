@@ -179,9 +179,7 @@ ImageTextSample Cifar100Dataset::get(int64_t index, uint64_t sample_seed) const 
   s.image = transform_(raw_image(index), sample_seed);
   s.label = label;
   s.image_id = index;
-  std::string caption = template_;
-  auto at = caption.find("{}");
-  s.caption = at == std::string::npos ? caption : caption.replace(at, 2, names_[label]);
+  s.caption = fill_template(template_, names_[label]);
   return s;
 }
 

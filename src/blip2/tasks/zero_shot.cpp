@@ -4,14 +4,6 @@
 
 namespace blip2 {
 
-std::string fill_template(const std::string& tmpl, const std::string& label) {
-  auto at = tmpl.find("{}");
-  check(at != std::string::npos, "hypothesis_template '" + tmpl +
-                                     "' has no '{}' to put the label in (e.g. \"This is a photo of {}.\")");
-  std::string out = tmpl;
-  return out.replace(at, 2, label);
-}
-
 ZeroShotClassifier::ZeroShotClassifier(Blip2Qformer model,
                                        std::shared_ptr<const WordPieceTokenizer> tokenizer,
                                        ZeroShotOptions options)

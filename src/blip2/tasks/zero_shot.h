@@ -33,9 +33,6 @@ struct ZeroShotOptions {
   std::string prompt;      // prepended after caption cleaning (as the caption transform does)
 };
 
-// The template with its "{}" replaced by `label`. A template without "{}" is an error.
-std::string fill_template(const std::string& tmpl, const std::string& label);
-
 class ZeroShotClassifier {
  public:
   // Checks the options (labels present, template with "{}") and encodes the label sentences.

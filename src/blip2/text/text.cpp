@@ -140,6 +140,14 @@ std::vector<std::u32string> python_split(const std::u32string& s) {
 
 }  // namespace
 
+std::string fill_template(const std::string& tmpl, const std::string& label) {
+  auto at = tmpl.find("{}");
+  check(at != std::string::npos, "hypothesis_template '" + tmpl +
+                                     "' has no '{}' to put the label in (e.g. \"This is a photo of {}.\")");
+  std::string out = tmpl;
+  return out.replace(at, 2, label);
+}
+
 std::string clean_caption(const std::string& caption, int64_t max_words,
                           const std::string& prompt) {
   std::u32string s = python_lower(to_u32(caption));

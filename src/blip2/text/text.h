@@ -22,6 +22,10 @@ namespace blip2 {
 std::string clean_caption(const std::string& caption, int64_t max_words = 50,
                           const std::string& prompt = "");
 
+// A hypothesis template with its "{}" replaced by `label` ("a picture of {}" -> "a picture of
+// cat"). A template without "{}" is an error.
+std::string fill_template(const std::string& tmpl, const std::string& label);
+
 struct Encoded {
   torch::Tensor ids;   // [B, L] int64
   torch::Tensor mask;  // [B, L] int64, 1 = token, 0 = padding
