@@ -15,24 +15,6 @@
 namespace blip2 {
 namespace fs = std::filesystem;
 
-namespace {
-
-bool has_checkpoint_root(const fs::path& p) {
-  return fs::exists(p / "latest") || fs::exists(p / "checkpoint" / "latest");
-}
-
-// Where weights and config of a path live: a training output directory becomes its latest
-// checkpoint; anything else stays as it is.
-std::string weights_location(const std::string& path) {
-  std::error_code ec;
-  if (fs::is_directory(path, ec) && !fs::exists(fs::path(path) / "model.safetensors") &&
-      !is_hf_directory(path) && has_checkpoint_root(path))
-    return resolve_checkpoint(path);
-  return path;
-}
-
-}  // namespace
-
 Blip2Config model_config_of(const std::string& what) {
   if (const auto* p = find_preset(what)) return p->config;
   std::error_code ec;

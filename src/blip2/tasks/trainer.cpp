@@ -175,15 +175,17 @@ std::shared_ptr<WordPieceTokenizer> model_tokenizer(const TokenizerConfig& tc, c
   return tok;
 }
 
-LoadReport load_model_weights(Blip2QformerImpl& model, const std::string& path) {
-  // A training output directory resolves to its latest checkpoint; anything else is read as
-  // the file or directory it is (ours, Hugging Face's or LAVIS').
+std::string weights_location(const std::string& path) {
   std::error_code ec;
-  std::string where = resolve_weights(path);
-  if (fs::is_directory(where, ec) && !fs::exists(fs::path(where) / "model.safetensors") &&
-      !is_hf_directory(where) && (fs::exists(fs::path(where) / "latest") ||
-                                  fs::exists(fs::path(where) / "checkpoint" / "latest")))
-    where = resolve_checkpoint(where);
+  if (fs::is_directory(path, ec) && !fs::exists(fs::path(path) / "model.safetensors") &&
+      !is_hf_directory(path) &&
+      (fs::exists(fs::path(path) / "latest") || fs::exists(fs::path(path) / "checkpoint" / "latest")))
+    return resolve_checkpoint(path);
+  return path;
+}
+
+LoadReport load_model_weights(Blip2QformerImpl& model, const std::string& path) {
+  const std::string where = weights_location(resolve_weights(path));
   auto report = load_weights_into(model, load_checkpoint_tensors(where), where);
   log_info("weights from " + where + ": " + report.summary());
   if (!report.missing.empty()) log_info("  " + explain_missing(report.missing));

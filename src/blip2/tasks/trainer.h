@@ -116,6 +116,10 @@ std::shared_ptr<WordPieceTokenizer> model_tokenizer(const TokenizerConfig& tc, c
 void require_weights(const std::vector<std::string>& missing, const std::vector<std::string>& prefixes,
                      const std::string& task);
 
+// Where the weights of a path are: a training output directory (or its checkpoint/ root) is its
+// latest checkpoint; anything else (a checkpoint, HF or LAVIS file or directory) is itself.
+std::string weights_location(const std::string& path);
+
 // Resolves --load_checkpoint: a checkpoint directory, an output directory's checkpoint/ root
 // (its `latest`), or a .safetensors file. Returns the directory or file to read.
 std::string resolve_checkpoint(const std::string& path);
