@@ -94,8 +94,12 @@ TEST(Config, BrokenConstraintsAreNamed) {
     });
     EXPECT_NE(msg.find(want), std::string::npos) << msg;
   };
-  check_msg(tiny_with("    max_txt_len: 16", "    max_txt_len: 16\n    text_config: {seq_length: 30}"),
-            "c.yaml: model.model_config.text_config.seq_length: 30 != qformer_config.query_length + max_txt_len = 24");
+  check_msg(tiny_with("    max_txt_len: 16", "    max_txt_len: 16\n    text_config: {seq_length: 20}"),
+            "c.yaml: model.model_config.text_config.seq_length: 20 < qformer_config.query_length + max_txt_len = 24");
+  check_msg(tiny_with("    max_txt_len: 16", "    max_txt_len: 16\n    text_config: {num_beams: 0}"),
+            "c.yaml: model.model_config.text_config.num_beams: must be >= 1, got 0");
+  check_msg(tiny_with("    max_txt_len: 16", "    max_txt_len: 16\n    text_config: {type: GPT2Config}"),
+            "text_config.type: 'GPT2Config' is not LlamaConfig (Llama, Baichuan) or OPTConfig");
   check_msg(tiny_with("      patch_size: 4", "      patch_size: 5"),
             "vision_config.image_size: 32 is not a multiple of patch_size 5");
   check_msg(tiny_with("run_mode: train", "run_mode: fly"), "run_mode: 'fly' is not train|eval|predict");

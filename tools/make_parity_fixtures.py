@@ -7,6 +7,14 @@ ITM logits. The same weights are also written in LAVIS' .pth layout (torch.save 
 temp), the ViT alone as eva_vit_g.pth has it (no prefix), and a bicubic position-embedding
 interpolation.
 
+The generation half (write_generation) builds tiny random Blip2ForConditionalGeneration models
+with an OPT and with a Llama language model, saves them (hf_opt/, hf_llama/), their language
+models alone (opt_llm/, llama_llm/, and llama_llm as Baichuan-7B lays it out with the fused
+W_pack: baichuan_llm/), the OPT model in LAVIS' stage-2 layout (blip2_opt_lavis.pth: query path,
+ln_vision, opt_proj; eva_vit_opt.pth: its ViT), and what transformers computes: logits, and the
+token ids `generate` returns for greedy, beam and repetition-penalty settings, batched with
+left padding.
+
     .venv/bin/pip install transformers safetensors && .venv/bin/python tools/make_parity_fixtures.py
 """
 import collections
@@ -15,7 +23,7 @@ import re
 
 import torch
 from safetensors.torch import save_file
-from transformers import Blip2Config, Blip2ForImageTextRetrieval
+from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "parity")
 
@@ -63,6 +71,8 @@ def main():
     }, os.path.join(ROOT, "hf_itm_io.safetensors"))
     sd = write_lavis(model)
     write_stage1_losses(model, sd)
+    write_generation("opt")
+    write_generation("llama")
     print("parity fixtures written to", os.path.normpath(ROOT))
 
 
@@ -195,6 +205,149 @@ def write_lavis(model):
                "cls_bias": sd["Qformer.cls.predictions.bias"]},
               os.path.join(ROOT, "lavis_extras.safetensors"))
     return sd
+
+
+VISION = dict(hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+              image_size=28, patch_size=7, layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu")
+TEXT = {
+    "opt": dict(model_type="opt", vocab_size=96, hidden_size=40, num_hidden_layers=2, ffn_dim=72,
+                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=40,
+                do_layer_norm_before=True, activation_function="relu", dropout=0.0,
+                attention_dropout=0.0, bos_token_id=2, eos_token_id=50, pad_token_id=1,
+                tie_word_embeddings=True),
+    "llama": dict(model_type="llama", vocab_size=96, hidden_size=48, intermediate_size=88,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                  max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000.0,
+                  hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  tie_word_embeddings=False),
+}
+IMAGE_TOKEN = 95  # the last row of the tiny vocabularies, as <image> is in the hub's OPT config
+
+
+def generated(out, prompt_len, eos):
+    """The new tokens of each row, -1 after the first EOS (transformers pads finished rows)."""
+    new = out[:, prompt_len:].clone()
+    for row in new:
+        hit = (row == eos).nonzero()
+        if len(hit):
+            row[hit[0, 0] + 1:] = -1
+    return new
+
+
+def write_generation(kind):
+    torch.manual_seed(3 if kind == "opt" else 4)
+    config = Blip2Config(
+        vision_config=VISION,
+        qformer_config=dict(vocab_size=101, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                            intermediate_size=80, max_position_embeddings=40, cross_attention_frequency=2,
+                            encoder_hidden_size=32, layer_norm_eps=1e-12, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0, use_qformer_text_input=False),
+        text_config=dict(TEXT[kind]), num_query_tokens=6, image_token_index=IMAGE_TOKEN)
+    model = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if not name.startswith("language_model") else 0.3))
+            if name.endswith("self_attn.qkv.bias"):
+                d = p.shape[0] // 3
+                p[d:2 * d] = 0
+    text = config.text_config
+    q, bos, pad = config.num_query_tokens, text.bos_token_id, text.pad_token_id
+    img = [IMAGE_TOKEN] * q
+    pixel_values = torch.randn(2, 3, 28, 28)
+    # Same-length prompts (logits, repetition penalty) and left-padded ones (batched generation).
+    full = torch.tensor([img + [bos, 10, 11, 12], img + [bos, 20, 21, 22]])
+    padded = torch.tensor([img + [bos, 30, 31, 32], [pad, pad] + img + [bos, 40]])
+    padded_mask = (torch.arange(padded.shape[1])[None] >= torch.tensor([[0], [2]])).long()
+
+    def gen(ids, mask, eos, **kw):
+        with torch.no_grad():
+            out = model.generate(pixel_values=pixel_values, input_ids=ids, attention_mask=mask,
+                                 do_sample=False, max_new_tokens=7, eos_token_id=eos,
+                                 pad_token_id=pad, **kw)
+        return generated(out, ids.shape[1], eos)
+
+    # EOS is a token greedy decoding reaches mid-way, so stopping at EOS is exercised.
+    probe = gen(padded, padded_mask, IMAGE_TOKEN)
+    eos = int(probe[0, 3])
+    model.config.text_config.eos_token_id = eos
+    model.language_model.config.eos_token_id = eos
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values, input_ids=full,
+                       attention_mask=torch.ones_like(full)).logits
+        prefix = model.get_image_features(pixel_values=pixel_values).pooler_output
+    tensors = {
+        "pixel_values": pixel_values, "input_ids": full, "logits": logits.contiguous(),
+        "language_model_inputs": prefix.contiguous(),
+        "padded_ids": padded, "padded_mask": padded_mask,
+        "eos_token_id": torch.tensor([eos]),
+        "greedy": gen(padded, padded_mask, eos),
+        "beam3": gen(padded, padded_mask, eos, num_beams=3, length_penalty=1.0),
+        "beam3_lp0_min2": gen(padded, padded_mask, eos, num_beams=3, length_penalty=0.0, min_new_tokens=2),
+        "beam2_lp2": gen(full, torch.ones_like(full), eos, num_beams=2, length_penalty=2.0),
+        "greedy_rep_min5": gen(full, torch.ones_like(full), eos, repetition_penalty=1.5, min_new_tokens=5),
+        "no_prompt": gen(torch.tensor([img + [bos]] * 2), torch.ones(2, q + 1, dtype=torch.long), eos),
+    }
+    root = os.path.join(ROOT, "hf_" + kind)
+    model.save_pretrained(root, safe_serialization=True)
+    save_file(tensors, os.path.join(ROOT, "hf_%s_io.safetensors" % kind))
+    llm = model.language_model
+    if kind == "opt":
+        llm.save_pretrained(os.path.join(ROOT, "opt_llm"), safe_serialization=True)
+        write_lavis_stage2(model, "opt_proj")
+    else:  # sharded, as 7B checkpoints are
+        llm.save_pretrained(os.path.join(ROOT, "llama_llm"), safe_serialization=True, max_shard_size="40KB")
+        write_baichuan(llm)
+
+
+def write_lavis_stage2(model, proj):
+    """LAVIS' stage-2 file keeps only what it trained: query path, ln_vision, the projection."""
+    sd = collections.OrderedDict()
+    vit = collections.OrderedDict()
+    for name, t in model.state_dict().items():
+        if name.startswith("language_model."):
+            continue
+        if name.startswith("language_projection."):
+            sd[proj + name[len("language_projection"):]] = t.clone()
+        elif name.startswith("vision_model.") and not name.startswith("vision_model.post_layernorm"):
+            lavis = to_lavis(name)[len("visual_encoder."):]
+            if name.endswith("self_attn.qkv.bias"):
+                d = t.shape[0] // 3
+                base = lavis[: -len("qkv.bias")]
+                vit[base + "q_bias"] = t[:d].clone()
+                vit[base + "v_bias"] = t[2 * d:].clone()
+            else:
+                vit[lavis] = t.clone()
+        else:
+            sd[to_lavis(name)] = t.clone()
+    torch.save({"model": sd, "epoch": 1}, os.path.join(ROOT, "blip2_opt_lavis.pth"))
+    torch.save(vit, os.path.join(ROOT, "eva_vit_opt.pth"))
+
+
+def write_baichuan(llm):
+    """Baichuan-7B is Llama with q, k and v fused into one W_pack projection; its release is a
+    pytorch_model.bin next to a config.json of model_type "baichuan"."""
+    import json
+    sd = collections.OrderedDict()
+    for name, t in llm.state_dict().items():
+        m = re.match(r"(model\.layers\.\d+\.self_attn\.)([qkv])_proj\.weight$", name)
+        if m:
+            if m.group(2) == "q":
+                p = m.group(1)
+                sd[p + "W_pack.weight"] = torch.cat([llm.state_dict()[p + x + "_proj.weight"] for x in "qkv"])
+            continue
+        sd[name] = t.clone()
+    out = os.path.join(ROOT, "baichuan_llm")
+    os.makedirs(out, exist_ok=True)
+    torch.save(sd, os.path.join(out, "pytorch_model.bin"))
+    c = llm.config
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"architectures": ["BaiChuanForCausalLM"], "model_type": "baichuan",
+                   "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+                   "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+                   "vocab_size": c.vocab_size, "rms_norm_eps": c.rms_norm_eps, "hidden_act": "silu",
+                   "max_position_embeddings": c.max_position_embeddings, "bos_token_id": c.bos_token_id,
+                   "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+                   "tie_word_embeddings": False}, f, indent=2)
 
 
 if __name__ == "__main__":

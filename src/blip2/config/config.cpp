@@ -184,6 +184,39 @@ Blip2Config parse_model_config(const std::string& text, const std::string& sourc
 std::string to_yaml(const RunConfig& cfg) { return emit(cfg); }
 std::string to_yaml(const Blip2Config& cfg) { return emit(cfg); }
 
+static void validate_text(const TextConfig& t, int64_t train_length, const std::string& s,
+                          const std::string& at) {
+  if (!t.is_opt() && t.type != "LlamaConfig")
+    bad(s, at + "type", "'" + t.type + "' is not LlamaConfig (Llama, Baichuan) or OPTConfig");
+  auto positive = [&](int64_t x, const std::string& key) {
+    if (x <= 0) bad(s, at + key, "must be positive, got " + std::to_string(x));
+  };
+  positive(t.hidden_size, "hidden_size");
+  positive(t.num_layers, "num_layers");
+  positive(t.num_heads, "num_heads");
+  positive(t.vocab_size, "vocab_size");
+  positive(t.max_position_embeddings, "max_position_embeddings");
+  if (t.hidden_size % t.num_heads != 0) bad(s, at + "hidden_size", "not divisible by num_heads");
+  if (!t.is_opt() && (t.hidden_size / t.num_heads) % 2 != 0)
+    bad(s, at + "num_heads", "rotary embeddings need an even head size");
+  if (t.seq_length < train_length)
+    bad(s, at + "seq_length", std::to_string(t.seq_length) +
+        " < qformer_config.query_length + max_txt_len = " + std::to_string(train_length));
+  for (auto [id, key] : {std::pair{t.bos_token_id, "bos_token_id"}, {t.eos_token_id, "eos_token_id"},
+                         {t.pad_token_id, "pad_token_id"}})
+    if (id < 0 || id >= t.vocab_size)
+      bad(s, at + key, std::to_string(id) + " is outside the vocabulary of " +
+          std::to_string(t.vocab_size));
+  if (t.num_beams < 1) bad(s, at + "num_beams", "must be >= 1, got " + std::to_string(t.num_beams));
+  positive(t.max_new_tokens, "max_new_tokens");
+  if (t.min_new_tokens < 0 || t.min_new_tokens > t.max_new_tokens)
+    bad(s, at + "min_new_tokens", "must be in [0, max_new_tokens]");
+  if (!(t.repetition_penalty > 0)) bad(s, at + "repetition_penalty", "must be positive");
+  if (!(t.temperature > 0)) bad(s, at + "temperature", "must be positive");
+  if (!(t.top_p > 0 && t.top_p <= 1)) bad(s, at + "top_p", "must be in (0, 1]");
+  if (t.top_k < 0) bad(s, at + "top_k", "must be >= 0 (0 = no limit)");
+}
+
 static void validate_model(const Blip2Config& m, const std::string& s, const std::string& at) {
   const auto& v = m.vision_config;
   const auto& q = m.qformer_config;
@@ -224,13 +257,7 @@ static void validate_model(const Blip2Config& m, const std::string& s, const std
   if (m.max_txt_len > q.max_position_embeddings)
     bad(s, at + "max_txt_len", "exceeds qformer_config.max_position_embeddings");
   if (!(m.temperature > 0)) bad(s, at + "temperature", "must be positive");
-  if (m.text_config) {
-    int64_t want = q.query_length + m.max_txt_len;
-    if (m.text_config->seq_length != want)
-      bad(s, at + "text_config.seq_length",
-          std::to_string(m.text_config->seq_length) +
-              " != qformer_config.query_length + max_txt_len = " + std::to_string(want));
-  }
+  if (m.text_config) validate_text(*m.text_config, q.query_length + m.max_txt_len, s, at + "text_config.");
 }
 
 void validate(const RunConfig& c, const std::string& s) {

@@ -85,26 +85,64 @@ struct QFormerConfig {
   }
 };
 
-// The frozen decoder LLM of stage 2 (LlamaConfig in the seed).
+// The frozen decoder LLM of stage 2 (LlamaConfig in the seed). type LlamaConfig covers Llama and
+// Baichuan-7B (Llama with a fused W_pack projection, vocabulary 64000); OPTConfig is OPT.
+// Defaults are Llama-7B's. The generation keys are the seed's (top_k, top_p, do_sample,
+// repetition_penalty, max_decode_length, use_past) plus LAVIS' captioning settings.
 struct TextConfig {
-  std::string type = "LlamaConfig";
-  int64_t seq_length = 64;             // must equal query_length + max_txt_len
+  std::string type = "LlamaConfig";    // LlamaConfig | OPTConfig
+  int64_t seq_length = 64;             // longest training sequence: query_length + max_txt_len
   int64_t hidden_size = 4096;
   int64_t num_layers = 32;
   int64_t num_heads = 32;
   int64_t vocab_size = 32000;
-  double rms_norm_eps = 1e-6;
+  int64_t intermediate_size = 0;       // FFN width; 0 = Llama's rule from multiple_of (11008)
+  int64_t multiple_of = 256;
+  int64_t max_position_embeddings = 2048;  // context length (OPT: its learned positions)
+  double rms_norm_eps = 1e-6;          // Llama
+  double layer_norm_eps = 1e-5;        // OPT
+  double rope_theta = 10000.0;         // Llama
+  bool tie_word_embeddings = false;    // lm_head shares embed_tokens (OPT: true)
   int64_t bos_token_id = 1;
-  int64_t eos_token_id = 2;
+  int64_t eos_token_id = 2;            // OPT: 50118 ("\n")
   int64_t pad_token_id = 0;
-  std::string checkpoint_name_or_path;
+  int64_t image_token_id = -1;         // Hugging Face's <image> placeholder id; -1 = none
+  std::string checkpoint_name_or_path; // the LLM's own weights (a Hugging Face directory)
+  // Generation (LAVIS captioning defaults: 5 beams, at most 30 new tokens).
+  int64_t num_beams = 5;
+  int64_t max_new_tokens = 30;
+  int64_t min_new_tokens = 1;
+  double length_penalty = 1.0;
+  double repetition_penalty = 1.0;
+  bool do_sample = false;
+  double temperature = 1.0;
+  int64_t top_k = 0;                   // sampling: keep the k most likely tokens (0 = all)
+  double top_p = 1.0;                  // sampling: nucleus mass
+  int64_t max_decode_length = 512;     // prompt + new tokens, at most
+  bool use_past = true;                // key/value cache while decoding
 
   template <class V> void visit(V& v) {
     v("type", type); v("seq_length", seq_length); v("hidden_size", hidden_size);
     v("num_layers", num_layers); v("num_heads", num_heads); v("vocab_size", vocab_size);
-    v("rms_norm_eps", rms_norm_eps); v("bos_token_id", bos_token_id);
-    v("eos_token_id", eos_token_id); v("pad_token_id", pad_token_id);
+    v("intermediate_size", intermediate_size); v("multiple_of", multiple_of);
+    v("max_position_embeddings", max_position_embeddings);
+    v("rms_norm_eps", rms_norm_eps); v("layer_norm_eps", layer_norm_eps);
+    v("rope_theta", rope_theta); v("tie_word_embeddings", tie_word_embeddings);
+    v("bos_token_id", bos_token_id); v("eos_token_id", eos_token_id);
+    v("pad_token_id", pad_token_id); v("image_token_id", image_token_id);
     v("checkpoint_name_or_path", checkpoint_name_or_path);
+    v("num_beams", num_beams); v("max_new_tokens", max_new_tokens);
+    v("min_new_tokens", min_new_tokens); v("length_penalty", length_penalty);
+    v("repetition_penalty", repetition_penalty); v("do_sample", do_sample);
+    v("temperature", temperature); v("top_k", top_k); v("top_p", top_p);
+    v("max_decode_length", max_decode_length); v("use_past", use_past);
+  }
+  bool is_opt() const { return type == "OPTConfig"; }
+  // Llama: multiple_of * ceil(int(2 * 4h / 3) / multiple_of) = 11008 for h = 4096.
+  int64_t ffn_size() const {
+    if (intermediate_size > 0) return intermediate_size;
+    const int64_t base = 2 * 4 * hidden_size / 3;
+    return multiple_of * ((base + multiple_of - 1) / multiple_of);
   }
 };
 

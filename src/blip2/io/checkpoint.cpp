@@ -41,6 +41,7 @@ TensorMap load_checkpoint_tensors(const std::string& name_or_path) {
   const std::string path = resolve_weights(name_or_path);
   const fs::path p(path);
   if (fs::is_directory(p, ec)) {
+    if (is_hf_llm_directory(path)) return load_hf_llm(path).tensors;  // an LLM alone
     if (is_hf_directory(path) && !fs::exists(p / "trainer_state.pt"))
       return canonical_from_hf(load_safetensors_dir(path), path);
     if (fs::exists(p / "model.safetensors")) return load_safetensors((p / "model.safetensors").string());
@@ -70,9 +71,10 @@ LoadReport load_weights_into(torch::nn::Module& model, TensorMap tensors, const 
 }
 
 std::string explain_missing(const std::vector<std::string>& missing) {
-  int vit = 0, lm = 0, temp = 0, other = 0;
+  int vit = 0, lm = 0, temp = 0, llm = 0, other = 0;
   for (const auto& k : missing) {
     if (k.rfind("vision_model.", 0) == 0 && k.rfind("vision_model.post_layernorm", 0) != 0) ++vit;
+    else if (k.rfind("language_model.", 0) == 0) ++llm;
     else if (k.rfind("cls.", 0) == 0) ++lm;
     else if (k == "temp") ++temp;
     else ++other;
@@ -80,6 +82,7 @@ std::string explain_missing(const std::vector<std::string>& missing) {
   std::string s;
   if (vit) s += "no ViT weights (LAVIS stage-1/stage-2 files hold only trained weights: give the ViT as vision_config.checkpoint_name_or_path); ";
   if (lm) s += "no stage-1 LM head (retrieval checkpoints have none); ";
+  if (llm) s += "no LLM weights (stage-2 files hold none: give the LLM's Hugging Face directory as text_config.checkpoint_name_or_path); ";
   if (temp) s += "no temperature (Hugging Face drops it; 0.07 is used); ";
   if (other) s += std::to_string(other) + " other tensors missing; ";
   return s;

@@ -1,13 +1,19 @@
 #include "blip2/io/hf.h"
 
+#include <functional>
 #include <set>
 
+#include "blip2/io/pth.h"
 #include "blip2/util/common.h"
 
 namespace blip2 {
 namespace fs = std::filesystem;
 
 namespace {
+
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
 
 template <class T>
 void take(const nlohmann::json& j, const char* key, T& out, const std::string& where) {
@@ -62,14 +68,150 @@ Blip2Config blip2_config_from_hf(const nlohmann::json& j, const std::string& sou
   take(j, "num_query_tokens", q.query_length, source);
   take(j, "image_text_hidden_size", q.head_embed_dim, source);
   c.max_txt_len = std::min<int64_t>(c.max_txt_len, q.max_position_embeddings);
+  // Every Blip2Config carries a text_config (OPT's defaults when unset); only the models with a
+  // language model use it.
+  bool has_llm = false;
+  for (const auto& a : j.value("architectures", nlohmann::json::array()))
+    if (a.is_string() && (a == "Blip2ForConditionalGeneration" || a == "Blip2Model")) has_llm = true;
+  if (has_llm && j.contains("text_config") && j["text_config"].is_object()) {
+    c.text_config = text_config_from_hf(j["text_config"], source + ": text_config");
+    c.text_config->seq_length = q.query_length + c.max_txt_len;
+    take(j, "image_token_index", c.text_config->image_token_id, source);
+  }
   return c;
+}
+
+TextConfig text_config_from_hf(const nlohmann::json& j, const std::string& where) {
+  check(j.is_object(), where + ": not a JSON object");
+  const std::string type = j.value("model_type", "");
+  TextConfig t;
+  auto must = [&](bool ok, const std::string& key, const std::string& why) {
+    if (!ok) throw Error(where + "." + key + ": " + why);
+  };
+  if (type == "opt") {
+    t.type = "OPTConfig";
+    t.tie_word_embeddings = true;  // OPTConfig's default
+    t.bos_token_id = 2;
+    t.pad_token_id = 1;
+    t.max_position_embeddings = 2048;
+    take(j, "ffn_dim", t.intermediate_size, where);
+    int64_t proj = -1;
+    take(j, "word_embed_proj_dim", proj, where);
+    take(j, "hidden_size", t.hidden_size, where);
+    must(proj < 0 || proj == t.hidden_size, "word_embed_proj_dim",
+         "differs from hidden_size (OPT-350m's projections are not supported)");
+    bool before = true;
+    take(j, "do_layer_norm_before", before, where);
+    must(before, "do_layer_norm_before", "false (post-LayerNorm OPT) is not supported");
+    std::string act = "relu";
+    take(j, "activation_function", act, where);
+    must(act == "relu", "activation_function", "'" + act + "' is not relu");
+    bool remove_final = false;
+    take(j, "_remove_final_layer_norm", remove_final, where);
+    must(!remove_final, "_remove_final_layer_norm", "true is not supported");
+  } else if (type == "llama" || type == "baichuan") {
+    t.type = "LlamaConfig";
+    take(j, "intermediate_size", t.intermediate_size, where);
+    take(j, "rms_norm_eps", t.rms_norm_eps, where);
+    take(j, "rope_theta", t.rope_theta, where);
+    if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
+      take(j["rope_parameters"], "rope_theta", t.rope_theta, where + ".rope_parameters");
+      const std::string rope = j["rope_parameters"].value("rope_type", "default");
+      must(rope == "default", "rope_parameters.rope_type", "'" + rope + "' scaling is not supported");
+    }
+    must(!j.contains("rope_scaling") || j["rope_scaling"].is_null(), "rope_scaling", "is not supported");
+    for (const char* key : {"attention_bias", "mlp_bias"}) {
+      bool b = false;
+      take(j, key, b, where);
+      must(!b, key, "true is not supported (Llama-7B and Baichuan-7B have no biases)");
+    }
+    std::string act = "silu";
+    take(j, "hidden_act", act, where);
+    must(act == "silu", "hidden_act", "'" + act + "' is not silu");
+  } else {
+    throw Error(where + ".model_type: '" + type + "' is not an LLM blip2cpp implements (opt, llama, baichuan)");
+  }
+  take(j, "hidden_size", t.hidden_size, where);
+  take(j, "num_hidden_layers", t.num_layers, where);
+  take(j, "num_attention_heads", t.num_heads, where);
+  take(j, "vocab_size", t.vocab_size, where);
+  take(j, "max_position_embeddings", t.max_position_embeddings, where);
+  take(j, "tie_word_embeddings", t.tie_word_embeddings, where);
+  take(j, "bos_token_id", t.bos_token_id, where);
+  take(j, "pad_token_id", t.pad_token_id, where);
+  if (j.contains("eos_token_id") && j["eos_token_id"].is_array()) {
+    must(!j["eos_token_id"].empty(), "eos_token_id", "empty list");
+    t.eos_token_id = j["eos_token_id"][0].get<int64_t>();
+  } else {
+    take(j, "eos_token_id", t.eos_token_id, where);
+  }
+  int64_t kv_heads = t.num_heads;
+  take(j, "num_key_value_heads", kv_heads, where);
+  must(kv_heads == t.num_heads, "num_key_value_heads",
+       "grouped-query attention (" + std::to_string(kv_heads) + " key/value heads for " +
+           std::to_string(t.num_heads) + ") is not supported");
+  int64_t head_dim = 0;
+  take(j, "head_dim", head_dim, where);
+  must(head_dim == 0 || head_dim * t.num_heads == t.hidden_size, "head_dim",
+       "differs from hidden_size / num_attention_heads");
+  t.seq_length = t.max_position_embeddings;
+  return t;
+}
+
+static nlohmann::json read_json(const std::string& path) {
+  try {
+    return nlohmann::json::parse(read_file(path));
+  } catch (const nlohmann::json::parse_error& e) {
+    throw Error(path + ": malformed JSON at byte " + std::to_string(e.byte));
+  }
+}
+
+bool is_hf_llm_directory(const std::string& dir) {
+  const fs::path cfg = fs::path(dir) / "config.json";
+  std::error_code ec;
+  if (!fs::is_regular_file(cfg, ec)) return false;
+  const auto j = read_json(cfg.string());
+  const std::string type = j.is_object() ? j.value("model_type", "") : "";
+  return type == "opt" || type == "llama" || type == "baichuan";
+}
+
+HfLlm load_hf_llm(const std::string& dir) {
+  const fs::path d(dir);
+  const std::string cfg_path = (d / "config.json").string();
+  std::error_code ec;
+  check(fs::is_regular_file(cfg_path, ec), dir + ": no config.json (expected a Hugging Face LLM directory)");
+  HfLlm m;
+  m.config = text_config_from_hf(read_json(cfg_path), cfg_path);
+  TensorMap raw;
+  if (fs::exists(d / "model.safetensors", ec) || fs::exists(d / "model.safetensors.index.json", ec)) {
+    raw = load_safetensors_dir(dir);
+  } else if (fs::exists(d / "pytorch_model.bin", ec)) {
+    raw = load_pth((d / "pytorch_model.bin").string());
+  } else if (fs::exists(d / "pytorch_model.bin.index.json", ec)) {
+    raw = load_sharded_bin(dir);
+  } else {
+    throw Error(dir + ": no weights (model.safetensors, its index, pytorch_model.bin or its index)");
+  }
+  for (auto& [name, t] : canonical_from_hf(std::move(raw), dir)) m.tensors["language_model." + name] = t;
+  return m;
 }
 
 TensorMap canonical_from_hf(TensorMap tensors, const std::string& source) {
   TensorMap out;
   const std::string fused = "self_attn.qkv.bias";
+  const std::string pack = "self_attn.W_pack.weight";  // Baichuan: [q; k; v] rows
   for (auto& [name, t] : tensors) {
-    if (name.size() > fused.size() && name.compare(name.size() - fused.size(), fused.size(), fused) == 0) {
+    if (ends_with(name, pack)) {
+      check(t.dim() == 2 && t.size(0) == 3 * t.size(1),
+            source + ": tensor '" + name + "' should be [3 x hidden, hidden], got " +
+                std::to_string(t.size(0)) + " x " + std::to_string(t.dim() == 2 ? t.size(1) : 0));
+      const int64_t h = t.size(1);
+      const std::string prefix = name.substr(0, name.size() - std::string("W_pack.weight").size());
+      const char* parts[] = {"q_proj.weight", "k_proj.weight", "v_proj.weight"};
+      for (int i = 0; i < 3; ++i) out[prefix + parts[i]] = t.narrow(0, i * h, h);
+      continue;
+    }
+    if (ends_with(name, fused)) {
       check(t.dim() == 1 && t.size(0) % 3 == 0,
             source + ": tensor '" + name + "' should be [3 x width], got " + std::to_string(t.size(0)));
       const int64_t d = t.size(0) / 3;
@@ -85,18 +227,17 @@ TensorMap canonical_from_hf(TensorMap tensors, const std::string& source) {
   return out;
 }
 
-TensorMap load_safetensors_dir(const std::string& dir) {
-  const fs::path d(dir);
-  if (fs::exists(d / "model.safetensors")) return load_safetensors((d / "model.safetensors").string());
-  const fs::path index = d / "model.safetensors.index.json";
-  check(fs::exists(index), dir + ": no model.safetensors or model.safetensors.index.json");
+// The shards an index file (`weight_map`: tensor -> file) lists, each read by `load_one`; every
+// listed tensor must be in its shard.
+static TensorMap load_indexed(const fs::path& dir, const fs::path& index,
+                              const std::function<TensorMap(const std::string&)>& load_one) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(read_file(index));
   } catch (const nlohmann::json::parse_error& e) {
     throw Error(index.string() + ": malformed JSON at byte " + std::to_string(e.byte));
   }
-  check(j.contains("weight_map") && j["weight_map"].is_object(),
+  check(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(),
         index.string() + ": missing the 'weight_map' object");
   std::set<std::string> shards;
   for (const auto& [name, file] : j["weight_map"].items()) {
@@ -104,14 +245,29 @@ TensorMap load_safetensors_dir(const std::string& dir) {
     shards.insert(file.get<std::string>());
   }
   TensorMap out;
+  std::error_code ec;
   for (const auto& shard : shards) {
-    auto part = load_safetensors((d / shard).string());
-    for (auto& [name, t] : part) out[name] = t;
+    check(fs::is_regular_file(dir / shard, ec),
+          index.string() + ": shard " + shard + " is missing from " + dir.string());
+    for (auto& [name, t] : load_one((dir / shard).string())) out[name] = t;
   }
   for (const auto& [name, file] : j["weight_map"].items())
     check(out.count(name), index.string() + ": '" + name + "' is listed in " +
                                file.get<std::string>() + " but that shard lacks it");
   return out;
+}
+
+TensorMap load_safetensors_dir(const std::string& dir) {
+  const fs::path d(dir);
+  if (fs::exists(d / "model.safetensors")) return load_safetensors((d / "model.safetensors").string());
+  const fs::path index = d / "model.safetensors.index.json";
+  check(fs::exists(index), dir + ": no model.safetensors or model.safetensors.index.json");
+  return load_indexed(d, index, [](const std::string& f) { return load_safetensors(f); });
+}
+
+TensorMap load_sharded_bin(const std::string& dir) {
+  const fs::path d(dir);
+  return load_indexed(d, d / "pytorch_model.bin.index.json", [](const std::string& f) { return load_pth(f); });
 }
 
 bool is_hf_directory(const std::string& dir) {

@@ -17,10 +17,27 @@ namespace blip2 {
 
 // Reads the fields of a BLIP-2 config.json, using transformers' defaults for absent keys.
 Blip2Config blip2_config_from_hf(const nlohmann::json& j, const std::string& source);
-// Renames/splits Hugging Face tensors into canonical ones. `source` names the file in errors.
+// The decoder LLM of a Hugging Face config: Blip2Config's text_config, or the config.json of an
+// OPTForCausalLM / LlamaForCausalLM / Baichuan-7B directory. Architectures blip2cpp does not
+// implement (OPT-350m's projections, grouped-query attention, biased Llama projections) are
+// errors naming the key.
+TextConfig text_config_from_hf(const nlohmann::json& j, const std::string& where);
+// True if `dir` holds a Hugging Face causal LM (config.json of model_type opt/llama/baichuan).
+bool is_hf_llm_directory(const std::string& dir);
+// Its config and weights, named as inside BLIP-2 (language_model.*).
+struct HfLlm {
+  TextConfig config;
+  TensorMap tensors;
+};
+HfLlm load_hf_llm(const std::string& dir);
+
+// Renames/splits Hugging Face tensors into canonical ones (also Baichuan's fused W_pack into
+// q_proj/k_proj/v_proj). `source` names the file in errors.
 TensorMap canonical_from_hf(TensorMap tensors, const std::string& source);
 // model.safetensors, or the shards listed by model.safetensors.index.json.
 TensorMap load_safetensors_dir(const std::string& dir);
+// pytorch_model.bin.index.json and its .bin shards.
+TensorMap load_sharded_bin(const std::string& dir);
 // True if `dir` looks like a Hugging Face model directory (config.json + safetensors).
 bool is_hf_directory(const std::string& dir);
 

@@ -358,6 +358,9 @@ TensorMap canonical_from_lavis(const TensorMap& lavis) {
       {std::regex(R"(^Qformer\.cls\.)"), "cls."},
       {std::regex(R"(^vision_proj\.)"), "vision_projection."},
       {std::regex(R"(^text_proj\.)"), "text_projection."},
+      // Stage 2: the projection into the LLM (OPT, InstructBLIP's llm_proj, T5) and the LLM.
+      {std::regex(R"(^(opt|llm|t5)_proj\.)"), "language_projection."},
+      {std::regex(R"(^(opt|llm)_model\.)"), "language_model."},
   };
   // eva_vit_g.pth holds the bare ViT: give it the prefix of the finetuned files.
   const bool bare_vit = lavis.count("cls_token") && lavis.count("pos_embed");

@@ -51,6 +51,11 @@ torch::Tensor merge_heads(const torch::Tensor& x);
 torch::Tensor padding_mask(const torch::Tensor& keep);
 torch::Tensor causal_prefix_mask(const torch::Tensor& keep, int64_t prefix_len);
 
+// Keys and values of one self-attention layer, [B, heads, L, head_dim].
+struct KVCache {
+  torch::Tensor key, value;
+};
+
 int64_t count_parameters(const torch::nn::Module& m);
 
 }  // namespace blip2

@@ -62,14 +62,16 @@ torch::Tensor BertAttentionImpl::forward(const torch::Tensor& hidden,
 }
 
 QFormerLayerImpl::QFormerLayerImpl(const QFormerConfig& c, int64_t encoder_width, bool cross,
-                                   const InitOptions& init)
+                                   const InitOptions& init, bool text_path)
     : has_cross(cross) {
   attention = register_module("attention", BertAttention(c, c.hidden_size, init));
   if (cross) crossattention = register_module("crossattention", BertAttention(c, encoder_width, init));
   auto h = c.hidden_size, i = c.intermediate_size;
-  intermediate = register_module("intermediate", std::make_shared<torch::nn::Module>())
-                     ->register_module("dense", Linear(h, i, true, init));
-  output = register_module("output", BertOutput(i, h, c.layer_norm_eps, c.hidden_dropout_prob, init));
+  if (text_path) {
+    intermediate = register_module("intermediate", std::make_shared<torch::nn::Module>())
+                       ->register_module("dense", Linear(h, i, true, init));
+    output = register_module("output", BertOutput(i, h, c.layer_norm_eps, c.hidden_dropout_prob, init));
+  }
   intermediate_query = register_module("intermediate_query", std::make_shared<torch::nn::Module>())
                            ->register_module("dense", Linear(h, i, true, init));
   output_query = register_module("output_query",
@@ -78,6 +80,7 @@ QFormerLayerImpl::QFormerLayerImpl(const QFormerConfig& c, int64_t encoder_width
 
 torch::Tensor QFormerLayerImpl::ffn(const torch::Tensor& x, bool query) {
   if (query) return output_query(torch::gelu(intermediate_query(x)), x);
+  TORCH_CHECK(!intermediate.is_empty(), "this Q-Former has the query path only (stage 2): no text input");
   return output(torch::gelu(intermediate(x)), x);
 }
 
@@ -100,13 +103,13 @@ torch::Tensor QFormerLayerImpl::forward(const torch::Tensor& hidden, const torch
 }
 
 QFormerModelImpl::QFormerModelImpl(const QFormerConfig& c, int64_t encoder_width,
-                                   const InitOptions& init)
+                                   const InitOptions& init, bool text_path)
     : config(c) {
   layernorm = register_module("layernorm", LayerNorm(c.hidden_size, c.layer_norm_eps, init));
   layers = register_module("encoder", std::make_shared<torch::nn::Module>())
                ->register_module("layer", torch::nn::ModuleList());
   for (int64_t i = 0; i < c.num_hidden_layers; ++i)
-    layers->push_back(QFormerLayer(c, encoder_width, i % c.cross_attention_freq == 0, init));
+    layers->push_back(QFormerLayer(c, encoder_width, i % c.cross_attention_freq == 0, init, text_path));
 }
 
 QFormerOutput QFormerModelImpl::forward(const torch::Tensor& embeds, const torch::Tensor& mask,

@@ -20,11 +20,6 @@
 
 namespace blip2 {
 
-// Keys and values of one self-attention layer, [B, heads, L, head_dim].
-struct KVCache {
-  torch::Tensor key, value;
-};
-
 class BertSelfAttentionImpl : public torch::nn::Module {
  public:
   BertSelfAttentionImpl(const QFormerConfig& c, int64_t kv_width, const InitOptions& init);
@@ -63,8 +58,10 @@ TORCH_MODULE(BertAttention);
 
 class QFormerLayerImpl : public torch::nn::Module {
  public:
+  // text_path = false builds the query path only (no intermediate/output): stage 2, where LAVIS
+  // deletes the text FFN and Hugging Face has use_qformer_text_input = false.
   QFormerLayerImpl(const QFormerConfig& c, int64_t encoder_width, bool cross,
-                   const InitOptions& init);
+                   const InitOptions& init, bool text_path = true);
   // hidden [B, L, H] whose first `query_length` rows are queries.
   // `cross` (optional) replaces image_embeds with this layer's precomputed image keys/values.
   torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& mask,
@@ -87,7 +84,8 @@ struct QFormerOutput {
 
 class QFormerModelImpl : public torch::nn::Module {
  public:
-  QFormerModelImpl(const QFormerConfig& c, int64_t encoder_width, const InitOptions& init);
+  QFormerModelImpl(const QFormerConfig& c, int64_t encoder_width, const InitOptions& init,
+                   bool text_path = true);
   // embeds: [queries; text word+position embeddings], before the embedding LayerNorm.
   QFormerOutput forward(const torch::Tensor& embeds, const torch::Tensor& mask,
                         int64_t query_length, const torch::Tensor& image_embeds = {},

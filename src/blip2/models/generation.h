@@ -1,0 +1,59 @@
+// Text generation with a CausalLM behind a prefix of embeddings (BLIP-2's projected queries):
+// greedy, beam search and sampling, following transformers' `generate` step for step so the
+// same settings give the same token ids:
+//   - scores: logits -> repetition penalty -> min_new_tokens (EOS banned) -> [sampling:
+//     temperature -> top-k -> top-p]; beam search applies the processors to log-softmax scores;
+//   - beam search keeps 2 x num_beams candidates per step, finished hypotheses are scored
+//     sum(log p) / new_tokens^length_penalty, and a batch row stops when its best running beam
+//     can no longer beat its worst finished one (transformers' early_stopping=False heuristic);
+//   - batched prompts are left-padded: `keep` marks the real tokens, positions count them only.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "blip2/models/llm/llm.h"
+
+namespace blip2 {
+
+struct GenerationOptions {
+  int64_t num_beams = 5;
+  int64_t max_new_tokens = 30;
+  int64_t min_new_tokens = 1;
+  double length_penalty = 1.0;
+  double repetition_penalty = 1.0;  // > 1 discourages tokens already in the prompt or output
+  bool do_sample = false;
+  double temperature = 1.0;
+  int64_t top_k = 0;                // 0 = no top-k filter
+  double top_p = 1.0;
+  uint64_t seed = 0;                // sampling
+  std::vector<int64_t> eos_token_ids;
+  bool use_cache = true;            // false recomputes the whole sequence each step
+  int64_t max_context = 0;          // prefix + prompt + new tokens may not exceed it (0 = no check)
+  // The id the prefix positions stand for, as far as repetition_penalty goes: transformers
+  // feeds <image> placeholder ids there and penalises them like prompt tokens (-1 = none).
+  int64_t prefix_token_id = -1;
+
+  // The text_config's generation settings (LAVIS captioning defaults unless the config says).
+  static GenerationOptions from(const TextConfig& t);
+};
+
+struct GenerationStats {
+  double prefill_s = 0;        // prefix + prompt through the model: time to the first token
+  double decode_s = 0;         // the remaining steps
+  int64_t new_tokens = 0;      // tokens produced over all rows (beam search: of the returned ones)
+  int64_t steps = 0;           // decoding steps after the prefill
+};
+
+// prefix [B, P, H] (undefined = none); ids, keep [B, L] left-padded prompts (L may be 0).
+// Returns each row's new tokens, ending with EOS when one was produced.
+std::vector<std::vector<int64_t>> generate(CausalLMImpl& lm, const torch::Tensor& prefix,
+                                           const torch::Tensor& ids, const torch::Tensor& keep,
+                                           const GenerationOptions& o, GenerationStats* stats = nullptr);
+
+// The score processors, exposed for tests. seen [B, S] ids (seen_keep marks which count).
+torch::Tensor apply_repetition_penalty(torch::Tensor scores, const torch::Tensor& seen,
+                                       const torch::Tensor& seen_keep, double penalty);
+torch::Tensor apply_top_k_top_p(torch::Tensor scores, int64_t top_k, double top_p);
+
+}  // namespace blip2

@@ -1,0 +1,103 @@
+#include "blip2/models/llm/llama.h"
+
+namespace blip2 {
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const InitOptions& init) : eps(eps_) {
+  weight = register_parameter("weight", torch::ones({dim}, init.options));
+}
+
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) const {
+  auto xf = x.to(torch::kFloat32);
+  xf = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  return weight * xf.to(x.scalar_type());
+}
+
+std::pair<torch::Tensor, torch::Tensor> rotary_cos_sin(const torch::Tensor& inv_freq,
+                                                       const torch::Tensor& positions,
+                                                       torch::Dtype dtype) {
+  auto freqs = positions.to(torch::kFloat32).unsqueeze(-1) * inv_freq.to(positions.device());
+  auto emb = torch::cat({freqs, freqs}, -1);
+  return {emb.cos().to(dtype), emb.sin().to(dtype)};
+}
+
+torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  auto rotated = torch::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1);
+}
+
+LlamaAttentionImpl::LlamaAttentionImpl(const TextConfig& c, const InitOptions& init)
+    : heads(c.num_heads) {
+  const int64_t h = c.hidden_size;
+  q_proj = register_module("q_proj", Linear(h, h, false, init));
+  k_proj = register_module("k_proj", Linear(h, h, false, init));
+  v_proj = register_module("v_proj", Linear(h, h, false, init));
+  o_proj = register_module("o_proj", Linear(h, h, false, init));
+}
+
+torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
+                                          const torch::Tensor& sin, const torch::Tensor& mask,
+                                          KVCache* cache) {
+  auto q = apply_rotary(split_heads(q_proj(x), heads), cos, sin);
+  auto k = apply_rotary(split_heads(k_proj(x), heads), cos, sin);
+  auto v = split_heads(v_proj(x), heads);
+  return o_proj(merge_heads(cached_attention(q, k, v, mask, cache)));
+}
+
+LlamaMLPImpl::LlamaMLPImpl(const TextConfig& c, const InitOptions& init) {
+  const int64_t h = c.hidden_size, f = c.ffn_size();
+  gate_proj = register_module("gate_proj", Linear(h, f, false, init));
+  up_proj = register_module("up_proj", Linear(h, f, false, init));
+  down_proj = register_module("down_proj", Linear(f, h, false, init));
+}
+
+torch::Tensor LlamaMLPImpl::forward(const torch::Tensor& x) {
+  return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
+}
+
+LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const TextConfig& c, const InitOptions& init) {
+  input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, init));
+  self_attn = register_module("self_attn", LlamaAttention(c, init));
+  post_attention_layernorm =
+      register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps, init));
+  mlp = register_module("mlp", LlamaMLP(c, init));
+}
+
+torch::Tensor LlamaDecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
+                                             const torch::Tensor& sin, const torch::Tensor& mask,
+                                             KVCache* cache) {
+  auto h = x + self_attn(input_layernorm(x), cos, sin, mask, cache);
+  return h + mlp(post_attention_layernorm(h));
+}
+
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const TextConfig& c, const InitOptions& init)
+    : CausalLMImpl(c) {
+  auto model = register_module("model", std::make_shared<torch::nn::Module>());
+  embed_tokens = model->register_module("embed_tokens", Embedding(c.vocab_size, c.hidden_size, init));
+  layers = model->register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(LlamaDecoderLayer(c, init));
+  norm = model->register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, init));
+  if (!c.tie_word_embeddings)
+    lm_head = register_module("lm_head", Linear(c.hidden_size, c.vocab_size, false, init));
+  const int64_t d = c.hidden_size / c.num_heads;
+  inv_freq = 1.0 / torch::pow(c.rope_theta, torch::arange(0, d, 2, torch::kLong).to(torch::kFloat32) / d);
+}
+
+torch::Tensor LlamaForCausalLMImpl::embed(const torch::Tensor& ids) { return embed_tokens(ids); }
+
+torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& embeds, const torch::Tensor& keep,
+                                            const torch::Tensor& positions, LlmCache* cache,
+                                            bool last_only) {
+  const int64_t n = embeds.size(1);
+  if (cache && cache->layers.empty()) cache->layers.resize(layers->size());
+  auto [cos, sin] = rotary_cos_sin(inv_freq, positions, embeds.scalar_type());
+  auto mask = causal_mask(keep, n, embeds.scalar_type());
+  auto h = embeds;
+  for (size_t i = 0; i < layers->size(); ++i)
+    h = layers[i]->as<LlamaDecoderLayer>()->forward(h, cos, sin, mask, cache ? &cache->layers[i] : nullptr);
+  if (last_only) h = h.narrow(1, n - 1, 1);
+  h = norm(h);
+  return lm_head.is_empty() ? torch::matmul(h, embed_tokens->weight.t()) : lm_head(h);
+}
+
+}  // namespace blip2

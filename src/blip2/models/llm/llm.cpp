@@ -1,0 +1,57 @@
+#include "blip2/models/llm/llm.h"
+
+#include "blip2/models/llm/llama.h"
+#include "blip2/models/llm/opt.h"
+#include "blip2/util/common.h"
+
+namespace blip2 {
+
+void LlmCache::select_rows(const torch::Tensor& rows) {
+  for (auto& l : layers) {
+    if (!l.key.defined()) continue;
+    l.key = l.key.index_select(0, rows);
+    l.value = l.value.index_select(0, rows);
+  }
+}
+
+std::shared_ptr<CausalLMImpl> make_causal_lm(const TextConfig& c, const InitOptions& init) {
+  if (c.is_opt()) return std::make_shared<OptForCausalLMImpl>(c, init);
+  if (c.type == "LlamaConfig") return std::make_shared<LlamaForCausalLMImpl>(c, init);
+  throw Error("text_config.type: '" + c.type + "' is not LlamaConfig or OPTConfig");
+}
+
+torch::Tensor causal_mask(const torch::Tensor& keep, int64_t new_len, torch::Dtype dtype) {
+  const int64_t total = keep.size(1);
+  const auto opts = torch::TensorOptions().device(keep.device());
+  // Query i (absolute index total - new_len + i) sees keys j <= that index.
+  auto qi = torch::arange(total - new_len, total, opts.dtype(torch::kLong)).unsqueeze(1);
+  auto kj = torch::arange(total, opts.dtype(torch::kLong)).unsqueeze(0);
+  auto allowed = (kj <= qi).unsqueeze(0) & keep.to(torch::kBool).unsqueeze(1);  // [B, L, T]
+  auto lowest = std::numeric_limits<float>::lowest();
+  if (dtype == torch::kBFloat16) lowest = -3.3895313892515355e38f;
+  if (dtype == torch::kHalf) lowest = -65504.0f;
+  return torch::zeros(allowed.sizes(), opts.dtype(dtype))
+      .masked_fill(allowed.logical_not(), lowest)
+      .unsqueeze(1);
+}
+
+torch::Tensor positions_from_keep(const torch::Tensor& keep, int64_t new_len) {
+  auto k = keep.to(torch::kLong);
+  auto pos = (k.cumsum(1) - 1).masked_fill(k == 0, 0);
+  return pos.narrow(1, keep.size(1) - new_len, new_len);
+}
+
+torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v,
+                               const torch::Tensor& mask, KVCache* cache) {
+  if (cache) {
+    if (cache->key.defined()) {
+      k = torch::cat({cache->key, k}, 2);
+      v = torch::cat({cache->value, v}, 2);
+    }
+    cache->key = k;
+    cache->value = v;
+  }
+  return at::scaled_dot_product_attention(q, k, v, mask.to(q.scalar_type()));
+}
+
+}  // namespace blip2

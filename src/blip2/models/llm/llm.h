@@ -1,0 +1,57 @@
+// The frozen decoder LLMs of stage 2, behind one interface: embed token ids, and run embeddings
+// (the projected queries, then the prompt) through the decoder with a key/value cache.
+//
+// One file per family, parameter names as Hugging Face's *ForCausalLM (so a Hugging Face
+// directory loads as it is): llama.{h,cpp} (Llama; Baichuan-7B is Llama whose W_pack is split at
+// load time) and opt.{h,cpp}.
+//
+// Shapes: B batch, L new positions, T = past + L attended positions, H hidden, V vocabulary.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "blip2/config/config.h"
+#include "blip2/models/layers.h"
+
+namespace blip2 {
+
+// Keys/values of every layer, [B, heads, T, head_dim], grown by each forward.
+struct LlmCache {
+  std::vector<KVCache> layers;
+  int64_t length() const { return layers.empty() || !layers[0].key.defined() ? 0 : layers[0].key.size(2); }
+  // Keeps (and reorders) batch rows: beam search continues the beams it chose.
+  void select_rows(const torch::Tensor& rows);
+};
+
+class CausalLMImpl : public torch::nn::Module {
+ public:
+  explicit CausalLMImpl(TextConfig c) : config(std::move(c)) {}
+  // [B, L] ids -> [B, L, H] input embeddings.
+  virtual torch::Tensor embed(const torch::Tensor& ids) = 0;
+  // embeds [B, L, H]; keep [B, T] (1 = attend, 0 = padding) over the cached positions and these;
+  // positions [B, L] (a token's index among the kept ones). With `cache`, its keys/values are
+  // attended and this call's appended. Returns logits [B, L, V], or [B, 1, V] of the last
+  // position when last_only.
+  virtual torch::Tensor forward(const torch::Tensor& embeds, const torch::Tensor& keep,
+                                const torch::Tensor& positions, LlmCache* cache,
+                                bool last_only = false) = 0;
+  TextConfig config;
+};
+
+// Llama or OPT as `c.type` says, parameters created with `init`.
+std::shared_ptr<CausalLMImpl> make_causal_lm(const TextConfig& c, const InitOptions& init);
+
+// Additive mask [B, 1, L, T] for the last L of T positions: causal, and padding (keep = 0)
+// hidden. Masked entries are the dtype's lowest value (as transformers does), so a fully masked
+// row (a left pad) stays finite.
+torch::Tensor causal_mask(const torch::Tensor& keep, int64_t new_len, torch::Dtype dtype);
+// Position of each of the last L columns of keep among the kept tokens (cumsum - 1; pads 0).
+torch::Tensor positions_from_keep(const torch::Tensor& keep, int64_t new_len);
+
+// Attention over cached + new keys/values: q [B,h,L,D], k/v [B,h,L,D] appended to `cache`
+// (when given), mask additive. Returns [B,h,L,D].
+torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v,
+                               const torch::Tensor& mask, KVCache* cache);
+
+}  // namespace blip2

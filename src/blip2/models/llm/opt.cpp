@@ -1,0 +1,63 @@
+#include "blip2/models/llm/opt.h"
+
+namespace blip2 {
+
+OptAttentionImpl::OptAttentionImpl(const TextConfig& c, const InitOptions& init) : heads(c.num_heads) {
+  const int64_t h = c.hidden_size;
+  q_proj = register_module("q_proj", Linear(h, h, true, init));
+  k_proj = register_module("k_proj", Linear(h, h, true, init));
+  v_proj = register_module("v_proj", Linear(h, h, true, init));
+  out_proj = register_module("out_proj", Linear(h, h, true, init));
+}
+
+torch::Tensor OptAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask, KVCache* cache) {
+  auto ctx = cached_attention(split_heads(q_proj(x), heads), split_heads(k_proj(x), heads),
+                              split_heads(v_proj(x), heads), mask, cache);
+  return out_proj(merge_heads(ctx));
+}
+
+OptDecoderLayerImpl::OptDecoderLayerImpl(const TextConfig& c, const InitOptions& init) {
+  const int64_t h = c.hidden_size, f = c.ffn_size();
+  self_attn = register_module("self_attn", OptAttention(c, init));
+  self_attn_layer_norm = register_module("self_attn_layer_norm", LayerNorm(h, c.layer_norm_eps, init));
+  fc1 = register_module("fc1", Linear(h, f, true, init));
+  fc2 = register_module("fc2", Linear(f, h, true, init));
+  final_layer_norm = register_module("final_layer_norm", LayerNorm(h, c.layer_norm_eps, init));
+}
+
+torch::Tensor OptDecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& mask, KVCache* cache) {
+  auto h = x + self_attn(self_attn_layer_norm(x), mask, cache);
+  return h + fc2(torch::relu(fc1(final_layer_norm(h))));
+}
+
+OptForCausalLMImpl::OptForCausalLMImpl(const TextConfig& c, const InitOptions& init) : CausalLMImpl(c) {
+  auto decoder = register_module("model", std::make_shared<torch::nn::Module>())
+                     ->register_module("decoder", std::make_shared<torch::nn::Module>());
+  embed_tokens = decoder->register_module("embed_tokens", Embedding(c.vocab_size, c.hidden_size, init));
+  embed_positions = decoder->register_module(
+      "embed_positions", Embedding(c.max_position_embeddings + kPositionOffset, c.hidden_size, init));
+  layers = decoder->register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(OptDecoderLayer(c, init));
+  final_layer_norm = decoder->register_module("final_layer_norm",
+                                              LayerNorm(c.hidden_size, c.layer_norm_eps, init));
+  if (!c.tie_word_embeddings)
+    lm_head = register_module("lm_head", Linear(c.hidden_size, c.vocab_size, false, init));
+}
+
+torch::Tensor OptForCausalLMImpl::embed(const torch::Tensor& ids) { return embed_tokens(ids); }
+
+torch::Tensor OptForCausalLMImpl::forward(const torch::Tensor& embeds, const torch::Tensor& keep,
+                                          const torch::Tensor& positions, LlmCache* cache,
+                                          bool last_only) {
+  const int64_t n = embeds.size(1);
+  if (cache && cache->layers.empty()) cache->layers.resize(layers->size());
+  auto h = embeds + embed_positions(positions + kPositionOffset);
+  auto mask = causal_mask(keep, n, embeds.scalar_type());
+  for (size_t i = 0; i < layers->size(); ++i)
+    h = layers[i]->as<OptDecoderLayer>()->forward(h, mask, cache ? &cache->layers[i] : nullptr);
+  if (last_only) h = h.narrow(1, n - 1, 1);
+  h = final_layer_norm(h);
+  return lm_head.is_empty() ? torch::matmul(h, embed_tokens->weight.t()) : lm_head(h);
+}
+
+}  // namespace blip2

@@ -1,0 +1,244 @@
+// Stage 2: the LLM decoders, the BLIP-2 generation model and text generation, against tiny
+// random Hugging Face Blip2ForConditionalGeneration models (OPT and Llama) that
+// tools/make_parity_fixtures.py saved with what transformers computed: logits and the token ids
+// of `generate` (greedy, beam search, repetition penalty, min_new_tokens, left padding).
+#include <gtest/gtest.h>
+
+#include "blip2/io/checkpoint.h"
+#include "blip2/io/hf.h"
+#include "blip2/models/blip2_llm.h"
+#include "blip2/util/common.h"
+#include "test_util.h"
+
+using namespace blip2;
+using namespace blip2::testing;
+namespace fs = std::filesystem;
+
+namespace {
+
+const fs::path kParity = fs::path(BLIP2_FIXTURE_DIR) / "parity";
+
+double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  EXPECT_EQ(a.sizes(), b.sizes());
+  return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
+}
+
+// Rows of a fixture's [B, N] id table, each cut at its first -1.
+std::vector<std::vector<int64_t>> rows_of(const torch::Tensor& t) {
+  std::vector<std::vector<int64_t>> out(t.size(0));
+  for (int64_t i = 0; i < t.size(0); ++i)
+    for (int64_t j = 0; j < t.size(1) && t[i][j].item<int64_t>() >= 0; ++j)
+      out[i].push_back(t[i][j].item<int64_t>());
+  return out;
+}
+
+struct Fixture {
+  Blip2Config config;
+  Blip2Llm model{nullptr};
+  TensorMap io;
+  LoadReport report;
+};
+
+Fixture load_fixture(const std::string& kind) {
+  Fixture f;
+  auto hf = load_hf_directory((kParity / ("hf_" + kind)).string());
+  f.config = hf.config;
+  f.model = Blip2Llm(hf.config);
+  f.report = load_weights_into(*f.model, hf.tensors, "hf_" + kind);
+  f.model->eval();
+  f.io = load_safetensors((kParity / ("hf_" + kind + "_io.safetensors")).string());
+  return f;
+}
+
+GenerationOptions options(const Fixture& f) {
+  GenerationOptions o;
+  o.num_beams = 1;
+  o.max_new_tokens = 7;
+  o.min_new_tokens = 0;
+  o.eos_token_ids = {f.io.at("eos_token_id")[0].item<int64_t>()};
+  o.prefix_token_id = f.config.text_config->image_token_id;
+  return o;
+}
+
+// Generation on the fixture's images for a transformers-style batch (with <image> tokens).
+std::vector<std::vector<int64_t>> run(Fixture& f, const std::string& ids_key, const torch::Tensor& mask,
+                                      const GenerationOptions& o) {
+  auto [ids, keep] = strip_image_tokens(f.io.at(ids_key), mask, f.config.text_config->image_token_id);
+  return f.model->generate(f.io.at("pixel_values"), ids, keep, o);
+}
+
+class Stage2Parity : public ::testing::TestWithParam<std::string> {};
+
+}  // namespace
+
+TEST_P(Stage2Parity, LogitsMatchTransformers) {
+  auto f = load_fixture(GetParam());
+  EXPECT_TRUE(f.report.missing.empty()) << f.report.summary();
+  EXPECT_TRUE(f.report.unexpected.empty()) << f.report.summary();
+  torch::NoGradGuard no_grad;
+  EXPECT_LT(max_abs_diff(f.model->image_prefix(f.io.at("pixel_values")), f.io.at("language_model_inputs")), 1e-4);
+  auto ids = f.io.at("input_ids");
+  auto [text, keep] = strip_image_tokens(ids, torch::ones_like(ids), f.config.text_config->image_token_id);
+  EXPECT_EQ(text.size(1), ids.size(1) - f.config.qformer_config.query_length);
+  double d = max_abs_diff(f.model->forward(f.io.at("pixel_values"), text, keep), f.io.at("logits"));
+  std::cout << "  logits max |diff| " << d << "\n";
+  EXPECT_LT(d, 1e-4);
+}
+
+TEST_P(Stage2Parity, GenerateMatchesTransformers) {
+  auto f = load_fixture(GetParam());
+  auto padded_mask = f.io.at("padded_mask");
+  auto full_mask = torch::ones_like(f.io.at("input_ids"));
+  auto o = options(f);
+  EXPECT_EQ(run(f, "padded_ids", padded_mask, o), rows_of(f.io.at("greedy")));
+  {  // the same without the key/value cache
+    auto u = o;
+    u.use_cache = false;
+    EXPECT_EQ(run(f, "padded_ids", padded_mask, u), rows_of(f.io.at("greedy")));
+  }
+  {
+    auto b = o;
+    b.num_beams = 3;
+    b.length_penalty = 1.0;
+    EXPECT_EQ(run(f, "padded_ids", padded_mask, b), rows_of(f.io.at("beam3")));
+    b.length_penalty = 0.0;
+    b.min_new_tokens = 2;
+    EXPECT_EQ(run(f, "padded_ids", padded_mask, b), rows_of(f.io.at("beam3_lp0_min2")));
+  }
+  {
+    auto b = o;
+    b.num_beams = 2;
+    b.length_penalty = 2.0;
+    EXPECT_EQ(run(f, "input_ids", full_mask, b), rows_of(f.io.at("beam2_lp2")));
+  }
+  {
+    auto r = o;
+    r.repetition_penalty = 1.5;
+    r.min_new_tokens = 5;
+    EXPECT_EQ(run(f, "input_ids", full_mask, r), rows_of(f.io.at("greedy_rep_min5")));
+  }
+  {  // no prompt: transformers starts from [<image> x Q, BOS]
+    auto bos = torch::full({2, 1}, f.config.text_config->bos_token_id, torch::kLong);
+    auto out = f.model->generate(f.io.at("pixel_values"), bos, torch::ones_like(bos), o);
+    EXPECT_EQ(out, rows_of(f.io.at("no_prompt")));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Llm, Stage2Parity, ::testing::Values("opt", "llama"));
+
+TEST(Stage2Weights, LavisStage2FileWithSeparateVitAndLlm) {
+  // LAVIS' blip2_pretrained_opt*.pth keeps the query path, ln_vision and opt_proj; the ViT and
+  // the LLM come from their own files, as the configs name them.
+  auto f = load_fixture("opt");
+  Blip2Llm model(f.config);
+  auto vit = load_weights_into(*model, load_checkpoint_tensors((kParity / "eva_vit_opt.pth").string()), "vit");
+  auto llm = load_weights_into(*model, load_checkpoint_tensors((kParity / "opt_llm").string()), "llm");
+  auto lavis = load_weights_into(*model, load_checkpoint_tensors((kParity / "blip2_opt_lavis.pth").string()), "lavis");
+  EXPECT_TRUE(lavis.unexpected.empty()) << lavis.summary();
+  for (const auto& k : lavis.missing)
+    EXPECT_TRUE(k.rfind("language_model.", 0) == 0 ||
+                (k.rfind("vision_model.", 0) == 0 && k.rfind("vision_model.post_layernorm", 0) != 0))
+        << "missing " << k;
+  EXPECT_FALSE(lavis.missing.empty());
+  EXPECT_TRUE(llm.unexpected.empty()) << llm.summary();
+  EXPECT_NE(explain_missing(lavis.missing).find("LLM"), std::string::npos) << explain_missing(lavis.missing);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto ids = f.io.at("input_ids");
+  auto [text, keep] = strip_image_tokens(ids, torch::ones_like(ids), f.config.text_config->image_token_id);
+  EXPECT_LT(max_abs_diff(model->forward(f.io.at("pixel_values"), text, keep), f.io.at("logits")), 1e-4);
+}
+
+TEST(Stage2Weights, LlamaAndBaichuanCheckpointsOfTheLlmAlone) {
+  auto f = load_fixture("llama");
+  torch::NoGradGuard no_grad;
+  auto ids = f.io.at("input_ids");
+  auto [text, keep] = strip_image_tokens(ids, torch::ones_like(ids), f.config.text_config->image_token_id);
+  // llama_llm: sharded safetensors with an index; baichuan_llm: pytorch_model.bin with W_pack.
+  for (const char* dir : {"llama_llm", "baichuan_llm"}) {
+    SCOPED_TRACE(dir);
+    auto llm = load_hf_llm((kParity / dir).string());
+    EXPECT_EQ(llm.config.type, "LlamaConfig");
+    EXPECT_EQ(llm.config.hidden_size, f.config.text_config->hidden_size);
+    EXPECT_EQ(llm.config.ffn_size(), f.config.text_config->ffn_size());
+    Blip2Llm model(f.config);
+    for (auto& p : model->named_parameters())  // everything but the LLM from the fixture model
+      if (p.key().rfind("language_model.", 0) != 0) p.value().detach().copy_(f.model->named_parameters()[p.key()]);
+    auto report = load_weights_into(*model, llm.tensors, dir);
+    EXPECT_TRUE(report.unexpected.empty()) << report.summary();
+    EXPECT_EQ(report.loaded.size(), model->language_model->parameters().size());
+    model->eval();
+    EXPECT_LT(max_abs_diff(model->forward(f.io.at("pixel_values"), text, keep), f.io.at("logits")), 1e-4);
+  }
+}
+
+TEST(Stage2Weights, BadLlmCheckpointsAreOneLineErrors) {
+  auto dir = temp_dir("bad_llm");
+  fs::copy(kParity / "llama_llm", dir / "llm", fs::copy_options::recursive);
+  fs::remove(dir / "llm" / "model-00003-of-00006.safetensors");
+  auto msg = error_of([&] { load_hf_llm((dir / "llm").string()); });
+  EXPECT_NE(msg.find("model-00003-of-00006.safetensors"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("missing"), std::string::npos) << msg;
+
+  // A config whose vocabulary does not match the weights: the tensor is named.
+  auto f = load_fixture("llama");
+  auto c = f.config;
+  c.text_config->vocab_size = 100;
+  Blip2Llm model(c);
+  msg = error_of([&] { load_weights_into(*model, load_hf_llm((kParity / "llama_llm").string()).tensors, "llama_llm"); });
+  EXPECT_NE(msg.find("language_model.model.embed_tokens.weight"), std::string::npos) << msg;
+
+  // Unsupported architectures are refused by key.
+  nlohmann::json gqa = {{"model_type", "llama"}, {"num_attention_heads", 8}, {"num_key_value_heads", 2}};
+  msg = error_of([&] { text_config_from_hf(gqa, "config.json"); });
+  EXPECT_NE(msg.find("config.json.num_key_value_heads"), std::string::npos) << msg;
+  msg = error_of([&] { text_config_from_hf({{"model_type", "gpt2"}}, "config.json"); });
+  EXPECT_NE(msg.find("'gpt2'"), std::string::npos) << msg;
+}
+
+TEST(Generation, BadSettingsAreOneLineErrors) {
+  auto f = load_fixture("opt");
+  auto ids = torch::full({2, 1}, f.config.text_config->bos_token_id, torch::kLong);
+  auto keep = torch::ones_like(ids);
+  auto o = options(f);
+  o.num_beams = 0;
+  auto msg = error_of([&] { f.model->generate(f.io.at("pixel_values"), ids, keep, o); });
+  EXPECT_NE(msg.find("num_beams must be >= 1"), std::string::npos) << msg;
+  o = GenerationOptions::from(*f.config.text_config);  // context 64 positions
+  auto long_prompt = torch::ones({2, 40}, torch::kLong);
+  msg = error_of([&] { f.model->generate(f.io.at("pixel_values"), long_prompt, torch::ones_like(long_prompt), o); });
+  EXPECT_NE(msg.find("exceed the model's context of 64"), std::string::npos) << msg;
+  msg = error_of([&] { f.model->generate(f.io.at("pixel_values").narrow(0, 0, 1), ids, keep, options(f)); });
+  EXPECT_NE(msg.find("1 images but 2 prompts"), std::string::npos) << msg;
+}
+
+TEST(Generation, RepetitionPenaltyAndFilters) {
+  auto scores = torch::tensor({{2.0f, -1.0f, 0.5f, 3.0f}});
+  auto seen = torch::tensor({{0, 1, 3}}, torch::kLong);
+  auto keep = torch::tensor({{1, 1, 0}}, torch::kLong);  // token 3 is padding: not penalised
+  auto p = apply_repetition_penalty(scores, seen, keep, 2.0);
+  EXPECT_TRUE(torch::allclose(p, torch::tensor({{1.0f, -2.0f, 0.5f, 3.0f}})));
+  auto top2 = apply_top_k_top_p(scores, 2, 1.0);
+  EXPECT_TRUE(std::isinf(top2[0][1].item<float>()) && std::isinf(top2[0][2].item<float>()));
+  EXPECT_EQ(top2[0][0].item<float>(), 2.0f);
+  // top-p keeps the smallest set whose mass reaches p: softmax = [.24, .01, .05, .66] -> {3, 0}.
+  auto nucleus = apply_top_k_top_p(scores, 0, 0.8);
+  EXPECT_FALSE(std::isinf(nucleus[0][3].item<float>()));
+  EXPECT_FALSE(std::isinf(nucleus[0][0].item<float>()));
+  EXPECT_TRUE(std::isinf(nucleus[0][2].item<float>()));
+}
+
+TEST(Generation, SamplingIsSeededAndTopKOneIsGreedy) {
+  auto f = load_fixture("llama");
+  auto ids = torch::full({2, 1}, f.config.text_config->bos_token_id, torch::kLong);
+  auto keep = torch::ones_like(ids);
+  auto o = options(f);
+  o.do_sample = true;
+  o.temperature = 1.5;
+  o.seed = 7;
+  auto a = f.model->generate(f.io.at("pixel_values"), ids, keep, o);
+  auto b = f.model->generate(f.io.at("pixel_values"), ids, keep, o);
+  EXPECT_EQ(a, b);
+  o.top_k = 1;
+  EXPECT_EQ(f.model->generate(f.io.at("pixel_values"), ids, keep, o), rows_of(f.io.at("no_prompt")));
+}
