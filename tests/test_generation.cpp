@@ -7,6 +7,7 @@
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/models/blip2_llm.h"
+#include "blip2/text/llm_tokenizer.h"
 #include "blip2/util/common.h"
 #include "test_util.h"
 
@@ -241,4 +242,86 @@ TEST(Generation, SamplingIsSeededAndTopKOneIsGreedy) {
   EXPECT_EQ(a, b);
   o.top_k = 1;
   EXPECT_EQ(f.model->generate(f.io.at("pixel_values"), ids, keep, o), rows_of(f.io.at("no_prompt")));
+}
+
+// ---- the LLM tokenizers, against transformers' on the text fixtures' corpus ----
+
+namespace {
+
+const fs::path kTokenizers = fs::path(BLIP2_FIXTURE_DIR) / "llm_tokenizers";
+
+std::vector<nlohmann::json> expected_tokenizations() {
+  std::vector<nlohmann::json> rows;
+  std::istringstream in(read_file(kTokenizers / "expected.jsonl"));
+  std::string line;
+  while (std::getline(in, line)) rows.push_back(nlohmann::json::parse(line));
+  return rows;
+}
+
+void expect_same_ids(const LlmTokenizer& tok, const std::string& key) {
+  auto rows = expected_tokenizations();
+  ASSERT_GT(rows.size(), 400u);
+  const auto& head = rows[0][key];
+  EXPECT_EQ(tok.vocab_size(), head["vocab_size"].get<int64_t>());
+  EXPECT_EQ(tok.bos_id, head["bos"].get<int64_t>());
+  int id_mismatch = 0, text_mismatch = 0;
+  for (size_t i = 1; i < rows.size(); ++i) {
+    const std::string text = rows[i]["text"];
+    auto ids = tok.encode(text);
+    auto want = rows[i][key].get<std::vector<int64_t>>();
+    if (ids != want && ++id_mismatch <= 3)
+      ADD_FAILURE() << key << " ids differ for line " << i << ": " << nlohmann::json(text).dump();
+    if (tok.decode(want) != rows[i][key + "_decoded"].get<std::string>() && ++text_mismatch <= 3)
+      ADD_FAILURE() << key << " decode differs for line " << i << ": got " << nlohmann::json(tok.decode(want)).dump()
+                    << " want " << rows[i][key + "_decoded"].dump();
+  }
+  EXPECT_EQ(id_mismatch, 0);
+  EXPECT_EQ(text_mismatch, 0);
+  auto with_bos = tok.encode("a photo of", true);
+  EXPECT_EQ(with_bos.front(), tok.bos_id);
+}
+
+}  // namespace
+
+TEST(LlmTokenizer, SentencePieceMatchesTransformersLlamaTokenizer) {
+  auto tok = load_llm_tokenizer((kTokenizers / "spm").string());
+  EXPECT_EQ(tok->eos_id, 2);
+  expect_same_ids(*tok, "spm");
+}
+
+TEST(LlmTokenizer, ByteLevelBpeMatchesTransformersOptTokenizer) {
+  auto tok = load_llm_tokenizer((kTokenizers / "bpe").string());
+  EXPECT_EQ(tok->pad_id, 1);
+  expect_same_ids(*tok, "bpe");
+  // GPT-2's pre-tokenisation keeps a space with the word after it.
+  auto pieces = ByteLevelBpeTokenizer::pretokenize(U"a  b's 12\t x!?");
+  std::vector<std::u32string> want = {U"a", U" ", U" b", U"'s", U" 12", U"\t", U" x", U"!?"};
+  EXPECT_EQ(pieces, want);
+}
+
+TEST(LlmTokenizer, PromptsAreLeftPadded) {
+  auto tok = load_llm_tokenizer((kTokenizers / "bpe").string());
+  auto batch = encode_prompts(*tok, {"a photo of", "a"}, true);
+  ASSERT_EQ(batch.ids.size(0), 2);
+  auto longer = tok->encode("a photo of", true), shorter = tok->encode("a", true);
+  ASSERT_EQ(batch.ids.size(1), static_cast<int64_t>(longer.size()));
+  const int64_t pad = batch.ids.size(1) - static_cast<int64_t>(shorter.size());
+  EXPECT_EQ(batch.keep[1].sum().item<int64_t>(), static_cast<int64_t>(shorter.size()));
+  EXPECT_EQ(batch.keep[1][pad - 1].item<int64_t>(), 0);
+  EXPECT_EQ(batch.ids[1][pad].item<int64_t>(), tok->bos_id);
+  EXPECT_EQ(batch.ids[1][0].item<int64_t>(), tok->pad_id);
+}
+
+TEST(LlmTokenizer, BadTokenizerFilesAreOneLineErrors) {
+  auto dir = temp_dir("bad_tok");
+  atomic_write(dir / "tokenizer.model", "\x0a\xff\xff\xff\xff\x0f");  // a piece longer than the file
+  auto msg = error_of([&] { load_llm_tokenizer(dir.string()); });
+  EXPECT_NE(msg.find("tokenizer.model: a field runs past the end"), std::string::npos) << msg;
+  fs::remove(dir / "tokenizer.model");
+  atomic_write(dir / "vocab.json", "{\"a\": 0, \"b\": \"x\"}");
+  atomic_write(dir / "merges.txt", "#version: 0.2\na b\n");
+  msg = error_of([&] { load_llm_tokenizer(dir.string()); });
+  EXPECT_NE(msg.find("vocab.json: the id of 'b' is not a non-negative integer"), std::string::npos) << msg;
+  msg = error_of([&] { load_llm_tokenizer((dir / "nothing").string()); });
+  EXPECT_NE(msg.find("tokenizer not found"), std::string::npos) << msg;
 }

@@ -8,7 +8,6 @@
 #include "blip2/util/common.h"
 
 namespace blip2 {
-namespace {
 
 std::u32string to_u32(const std::string& s) {
   std::u32string out;
@@ -39,6 +38,8 @@ std::string to_utf8(const std::u32string& s) {
   }
   return out;
 }
+
+namespace {
 
 utf8proc_category_t category(char32_t cp) {
   return utf8proc_category(static_cast<utf8proc_int32_t>(cp));

@@ -17,6 +17,10 @@
 
 namespace blip2 {
 
+// UTF-8 <-> code points; an invalid byte decodes to U+FFFD (Python's errors="replace").
+std::u32string to_u32(const std::string& s);
+std::string to_utf8(const std::u32string& s);
+
 // LAVIS' BlipCaptionProcessor: lower-case; each of .!"()*#:;~ becomes a space; whitespace runs collapse; strip; keep the
 // first `max_words` words; prepend `prompt`.
 std::string clean_caption(const std::string& caption, int64_t max_words = 50,
