@@ -1,5 +1,6 @@
 # The two commands a newcomer runs (see README.md):
-#   make demo   set up, build, and train + evaluate the tiny preset on the built-in synthetic data
+#   make demo   set up, build, and train + evaluate the tiny preset on the built-in synthetic data:
+#               stage 1 (Q-Former), then stage 2 (tiny LLM pretrained, frozen; captions held-out images)
 #   make test   set up, build, and run the whole test suite
 BUILD_DIR ?= build
 JOBS ?= $(shell nproc)
@@ -18,6 +19,7 @@ setup: build
 
 demo: build
 	./$(BUILD_DIR)/blip2 run --run_mode train --output_dir output/demo
+	./$(BUILD_DIR)/blip2 run --config configs/blip2/tiny_pretrain_stage_2.yaml --output_dir output/demo_stage2
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure

@@ -325,3 +325,75 @@ TEST(LlmTokenizer, BadTokenizerFilesAreOneLineErrors) {
   msg = error_of([&] { load_llm_tokenizer((dir / "nothing").string()); });
   EXPECT_NE(msg.find("tokenizer not found"), std::string::npos) << msg;
 }
+
+// ---- the stage-2 tasks through the CLI ----
+
+namespace {
+
+// The tiny stage-2 config with its stage-1 checkpoint replaced (a random model: fast, and what
+// it writes is checked, not what it says).
+fs::path tiny_stage2_config(const fs::path& dir, const std::string& extra_replace = "",
+                            const std::string& with = "") {
+  std::string yaml = read_file(fs::path(BLIP2_CONFIG_DIR) / "tiny_pretrain_stage_2.yaml");
+  auto swap = [&](const std::string& a, const std::string& b) {
+    auto at = yaml.find(a);
+    EXPECT_NE(at, std::string::npos) << a;
+    if (at != std::string::npos) yaml.replace(at, a.size(), b);
+  };
+  swap("checkpoint_name_or_path: ./output/demo", "checkpoint_name_or_path: \"\"");
+  swap("llm_pretrain_epochs: 6", "llm_pretrain_epochs: 1");
+  swap("  epochs: 8", "  epochs: 1");
+  swap("num_samples: 4096", "num_samples: 128");
+  swap("num_samples: 256", "num_samples: 8");
+  if (!extra_replace.empty()) swap(extra_replace, with);
+  auto path = dir / "stage2.yaml";
+  atomic_write(path, yaml);
+  return path;
+}
+
+}  // namespace
+
+TEST(Stage2Cli, TrainsThenCaptionsImagesWithThePromptTemplate) {
+  auto dir = temp_dir("s2cli");
+  auto cfg = tiny_stage2_config(dir);
+  auto train = run_cli("run --config " + cfg.string() + " --output_dir " + (dir / "out").string());
+  ASSERT_EQ(train.code, 0) << train.out;
+  EXPECT_NE(train.out.find("held-out captioning (greedy)"), std::string::npos) << train.out;
+  EXPECT_TRUE(fs::exists(dir / "out" / "llm" / "config.json"));
+  EXPECT_TRUE(fs::exists(dir / "out" / "checkpoint" / "latest"));
+  // Predict from the trained checkpoint on image files, with the seed's example prompt.
+  const std::string images = std::string(BLIP2_FIXTURE_DIR) + "/images/rgb.png," + BLIP2_FIXTURE_DIR + "/images/l.png";
+  auto pred = run_cli("run --config " + cfg.string() + " --run_mode predict --load_checkpoint " +
+                      (dir / "out").string() + " --output_dir " + (dir / "pred").string() + " --predict_data " +
+                      images + " --predict_text '###问题:\n详细描述图片内容。\n\n###答案:'");
+  ASSERT_EQ(pred.code, 0) << pred.out;
+  auto result = nlohmann::json::parse(read_file(dir / "pred" / "image_to_text_generation_result.json"));
+  ASSERT_EQ(result.size(), 2u);
+  EXPECT_NE(result[0]["image"].get<std::string>().find("rgb.png"), std::string::npos);
+  EXPECT_NE(result[0]["prompt"].get<std::string>().find("详细描述图片内容"), std::string::npos);
+  EXPECT_TRUE(fs::exists(dir / "pred" / "image_to_text_generation_result.txt"));
+  // No images: the eval dataset's (8 held-out shapes).
+  auto all = run_cli("run --config " + cfg.string() + " --run_mode predict --load_checkpoint " +
+                     (dir / "out").string() + " --output_dir " + (dir / "pred2").string());
+  ASSERT_EQ(all.code, 0) << all.out;
+  EXPECT_EQ(nlohmann::json::parse(read_file(dir / "pred2" / "image_to_text_generation_result.json")).size(), 8u);
+  fs::remove_all(dir);
+}
+
+TEST(Stage2Cli, BadStage2InputIsAOneLineError) {
+  auto dir = temp_dir("s2bad");
+  // A tokenizer that does not belong to the LLM (its vocabulary is larger than the LLM's).
+  auto cfg = tiny_stage2_config(dir, "vocab_file: \"\"       # \"\" = the built-in synthetic vocabulary (the tiny LLM's)",
+                                "vocab_file: " + (kTokenizers / "spm").string());
+  auto r = run_cli("run --config " + cfg.string() + " --output_dir " + (dir / "out").string());
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("train_dataset.tokenizer (" + (kTokenizers / "spm" / "tokenizer.model").string() +
+                          ") has 800 tokens but the LLM's vocabulary (text_config.vocab_size) has 50"),
+            std::string::npos) << r.out;
+  // num_beams 0 is refused by the config check.
+  cfg = tiny_stage2_config(dir, "num_beams: 1                           # greedy captions", "num_beams: 0");
+  r = run_cli("run --config " + cfg.string() + " --output_dir " + (dir / "out").string());
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("model.model_config.text_config.num_beams: must be >= 1, got 0"), std::string::npos) << r.out;
+  fs::remove_all(dir);
+}

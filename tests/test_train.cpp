@@ -4,7 +4,9 @@
 
 #include "blip2/config/config.h"
 #include "blip2/api/api.h"
+#include "blip2/tasks/stage2.h"
 #include "blip2/tasks/trainer.h"
+#include "blip2/io/hf.h"
 #include "blip2/util/common.h"
 #include "test_util.h"
 
@@ -152,5 +154,23 @@ TEST(Learning, TinyPresetLearnsTheSyntheticShapes) {
   std::cout << "retrieval: " << r.dump() << "\n";
   EXPECT_GE(r["txt_r1"].get<double>(), 80.0);
   EXPECT_GE(r["img_r1"].get<double>(), 80.0);
+
+  // Stage 2 from this stage-1 run, as the demo continues: the tiny LLM is pretrained on the
+  // captions, frozen, and the query path learns to caption; greedy captions of the held-out
+  // images name colour and shape right for at least 80% of them.
+  RunConfig s2 = load_run_config(std::string(BLIP2_CONFIG_DIR) + "/tiny_pretrain_stage_2.yaml");
+  s2.model.model_config.checkpoint_name_or_path = dir.string();
+  s2.output_dir = (dir / "stage2").string();
+  validate(s2, "tiny_pretrain_stage_2.yaml");
+  Stage2Trainer stage2(s2);
+  auto s2_logs = stage2.train();
+  ASSERT_GE(s2_logs.size(), 100u);
+  auto cap = stage2.evaluate();
+  std::cout << "stage 2: " << cap.dump() << "\n";
+  EXPECT_GE(cap["caption_accuracy"].get<double>(), 80.0);
+  // The pretrained tiny LLM was written as a Hugging Face directory that loads back.
+  auto llm = load_hf_llm((dir / "stage2" / "llm").string());
+  EXPECT_EQ(llm.config.hidden_size, 128);
+  EXPECT_EQ(llm.tensors.size(), stage2.model()->language_model->parameters().size());
   fs::remove_all(dir);
 }

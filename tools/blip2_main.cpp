@@ -119,7 +119,8 @@ int main(int argc, char** argv) {
   run->add_option("--predict_data", predict_data, "image, images (comma-separated) or directory to predict on");
   std::vector<std::string> predict_text;
   run->add_option("--predict_text", predict_text,
-                  "feature extraction: a text to embed (repeat the option for several)");
+                  "feature extraction: a text to embed (repeat for several); image_to_text_generation: "
+                  "the prompt (filled into hypothesis_template)");
   run->add_option("--device_target", device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   run->add_option("--load_checkpoint", ckpt, "checkpoint directory or .safetensors file");
   run->add_flag("--resume_training", resume, "continue training from --load_checkpoint");

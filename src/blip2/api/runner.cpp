@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include "blip2/api/api.h"
+#include "blip2/tasks/stage2.h"
 #include "blip2/tasks/trainer.h"
 #include "blip2/util/common.h"
 
@@ -59,6 +60,47 @@ void write_result(const RunConfig& cfg, const std::string& name, const nlohmann:
   atomic_write(fs::path(cfg.output_dir) / name, j.dump(2) + "\n");
 }
 
+void print_captioning(const nlohmann::json& r) {
+  std::cout << "held-out caption loss " << format_float(r["loss"]) << " over " << r["num_images"].get<int64_t>()
+            << " images\n";
+  if (!r.contains("caption_accuracy")) return;
+  for (const auto& e : r["examples"])
+    std::cout << "  " << (e["correct"].get<bool>() ? "ok   " : "WRONG") << " \"" << e["caption"].get<std::string>()
+              << "\"  (reference: \"" << e["reference"].get<std::string>() << "\")\n";
+  std::cout << "held-out captioning (" << r["decoding"].get<std::string>() << "): colour and shape right in "
+            << format_float(r["caption_accuracy"], 1) << "% of " << r["num_images"].get<int64_t>() << " images\n";
+}
+
+// Stage 2 (a config with a text_config): training, caption evaluation, image-to-text generation.
+int run_stage2(RunConfig& cfg, const std::vector<std::string>& inputs, const RunOverrides& o) {
+  const std::string& task = cfg.trainer.type;
+  const std::string& mode = cfg.run_mode;
+  if (task != "contrastive_language_image_pretrain" && task != "image_to_text_generation")
+    throw Error("trainer.type: task '" + task + "' does not take a stage-2 model (one with text_config); "
+                "use contrastive_language_image_pretrain or image_to_text_generation");
+  if (task == "image_to_text_generation" && mode == "train")
+    throw Error("run_mode train: task image_to_text_generation has eval and predict (train with "
+                "contrastive_language_image_pretrain)");
+  Stage2Trainer trainer(cfg);
+  if (mode == "predict") {
+    const std::string prompt = o.predict_text.empty() ? "" : o.predict_text.front();
+    auto results = trainer.predict(inputs, prompt);
+    std::string text;
+    for (const auto& r : results) text += r["image"].get<std::string>() + "\t" + r["text"].get<std::string>() + "\n";
+    std::cout << "output result is:\n" << text;
+    const auto txt = fs::path(cfg.output_dir) / "image_to_text_generation_result.txt";
+    atomic_write(txt, text);
+    atomic_write(fs::path(cfg.output_dir) / "image_to_text_generation_result.json", results.dump(2) + "\n");
+    std::cout << "output result is saved at: " << txt.string() << "\n";
+    return 0;
+  }
+  if (mode == "train") trainer.train();
+  auto r = trainer.evaluate();
+  print_captioning(r);
+  atomic_write(fs::path(cfg.output_dir) / "eval_results.json", r.dump(2) + "\n");
+  return 0;
+}
+
 }  // namespace
 
 int run(const std::string& path, const RunOverrides& overrides) {
@@ -75,6 +117,7 @@ int run(const std::string& path, const RunOverrides& overrides) {
   };
   const std::vector<std::string> inputs =
       overrides.predict_data ? split_commas(*overrides.predict_data) : std::vector<std::string>{};
+  if (is_stage2(cfg)) return run_stage2(cfg, inputs, overrides);
   if (mode == "predict" && task != "zero_shot_image_classification")  // which also predicts on eval_dataset
     check(!inputs.empty() || !overrides.predict_text.empty(),
           "--predict_data: give an image, several images (comma-separated) or a directory");

@@ -351,6 +351,50 @@ static Blip2Config tiny() {
   return c;
 }
 
+// Stage 2: the query path of stage 1 + a frozen LLM.
+static Blip2Config with_llm(Blip2Config c, const TextConfig& t) {
+  c.text_config = t;
+  c.text_config->seq_length = c.qformer_config.query_length + c.max_txt_len;
+  return c;
+}
+
+static TextConfig llama_7b() { return TextConfig{}; }  // the defaults are Llama-7B's
+
+static TextConfig baichuan_7b() {
+  TextConfig t;  // Llama-7B's shape; its own vocabulary (the seed's configs say 64001)
+  t.vocab_size = 64000;
+  t.max_position_embeddings = 4096;
+  return t;
+}
+
+static TextConfig opt(int64_t hidden, int64_t layers, int64_t heads) {
+  TextConfig t;
+  t.type = "OPTConfig";
+  t.hidden_size = hidden; t.num_layers = layers; t.num_heads = heads;
+  t.intermediate_size = 4 * hidden;
+  t.vocab_size = 50272;
+  t.tie_word_embeddings = true;
+  t.bos_token_id = 2; t.eos_token_id = 50118; t.pad_token_id = 1;  // EOS "\n", as LAVIS
+  return t;
+}
+
+// The tiny LLM of the synthetic demo: a 2-layer Llama over the built-in WordPiece vocabulary
+// ([CLS] = BOS 2, [SEP] = EOS 3, [PAD] 0), pretrained on the training captions before stage 2.
+static TextConfig tiny_llama() {
+  TextConfig t;
+  t.hidden_size = 128; t.num_layers = 2; t.num_heads = 4; t.intermediate_size = 256;
+  t.vocab_size = 50; t.max_position_embeddings = 64;
+  t.bos_token_id = 2; t.eos_token_id = 3; t.pad_token_id = 0;
+  t.num_beams = 1; t.max_new_tokens = 12; t.min_new_tokens = 1;
+  return t;
+}
+
+static Blip2Config tiny_stage2() {
+  Blip2Config c = with_llm(tiny(), tiny_llama());
+  c.freeze_vision = true;  // the ViT stage 1 trained
+  return c;
+}
+
 const std::vector<Preset>& presets() {
   static const std::vector<Preset> list = {
       {"blip2_stage1_vit_g", "contrastive_language_image_pretrain",
@@ -361,6 +405,23 @@ const std::vector<Preset>& presets() {
       {"tiny", "contrastive_language_image_pretrain",
        "debug size (32 px, 2-block ViT, 4-layer Q-Former) for the synthetic shapes data",
        tiny()},
+      {"blip2_stage2_vit_g_llama_7b", "contrastive_language_image_pretrain",
+       "stage 2: blip2_stage1_vit_g's query path + frozen Llama-7B", with_llm(stage1_vit_g(), llama_7b())},
+      {"blip2_stage2_vit_g_baichuan_7b", "contrastive_language_image_pretrain",
+       "stage 2: blip2_stage1_vit_g's query path + frozen Baichuan-7B", with_llm(stage1_vit_g(), baichuan_7b())},
+      {"itt_blip2_stage2_vit_g_llama_7b", "image_to_text_generation",
+       "image-to-text generation with the stage-2 Llama-7B model", with_llm(stage1_vit_g(), llama_7b())},
+      {"itt_blip2_stage2_vit_g_baichuan_7b", "image_to_text_generation",
+       "image-to-text generation with the stage-2 Baichuan-7B model", with_llm(stage1_vit_g(), baichuan_7b())},
+      {"blip2_opt_2.7b", "image_to_text_generation",
+       "BLIP-2 with OPT-2.7B (Salesforce/blip2-opt-2.7b, LAVIS blip2_pretrained_opt2.7b.pth)",
+       with_llm(stage1_vit_g(), opt(2560, 32, 32))},
+      {"blip2_opt_6.7b", "image_to_text_generation",
+       "BLIP-2 with OPT-6.7B (Salesforce/blip2-opt-6.7b, LAVIS blip2_pretrained_opt6.7b.pth)",
+       with_llm(stage1_vit_g(), opt(4096, 32, 32))},
+      {"tiny_stage2", "contrastive_language_image_pretrain",
+       "the tiny preset's stage 2: its query path + a 2-layer Llama pretrained on the synthetic captions",
+       tiny_stage2()},
   };
   return list;
 }

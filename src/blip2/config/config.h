@@ -295,11 +295,16 @@ struct RunnerConfig {
   // Evaluations `blip2 run --run_mode train` runs on eval_dataset after training, besides the
   // losses: image_to_text_retrieval, zero_shot_image_classification.
   std::vector<std::string> eval_tasks;
+  // Stage 2 with a randomly initialised LLM (the tiny preset): epochs of language-model
+  // pretraining on the training captions before the LLM is frozen; 0 = none (a real LLM).
+  int64_t llm_pretrain_epochs = 0;
+  double llm_pretrain_lr = 1e-3;
   template <class V> void visit(V& v) {
     v("epochs", epochs); v("batch_size", batch_size); v("log_interval", log_interval);
     v("save_steps", save_steps); v("max_steps", max_steps); v("max_grad_norm", max_grad_norm);
     v("bf16_autocast", bf16_autocast); v("save_frozen_weights", save_frozen_weights);
-    v("eval_tasks", eval_tasks);
+    v("eval_tasks", eval_tasks); v("llm_pretrain_epochs", llm_pretrain_epochs);
+    v("llm_pretrain_lr", llm_pretrain_lr);
   }
 };
 

@@ -47,7 +47,7 @@ struct Batch {
   torch::Tensor image_ids; // [B]
   torch::Tensor labels;    // [B]
   std::vector<std::string> captions;  // cleaned
-  Batch to(const torch::Device& device) const;
+  Batch to(const torch::Device& device) const;  // ids/mask stay undefined without a tokenizer
 };
 
 struct LoaderOptions {
@@ -62,6 +62,7 @@ struct LoaderOptions {
 
 class BatchLoader {
  public:
+  // A null tokenizer leaves ids/mask undefined (the captions are still cleaned).
   BatchLoader(std::shared_ptr<const ImageTextDataset> dataset,
               std::shared_ptr<const WordPieceTokenizer> tokenizer, TextTransformConfig text,
               LoaderOptions options);

@@ -10,8 +10,8 @@ namespace blip2 {
 Batch Batch::to(const torch::Device& device) const {
   Batch b = *this;
   b.images = images.to(device);
-  b.ids = ids.to(device);
-  b.mask = mask.to(device);
+  if (ids.defined()) b.ids = ids.to(device);
+  if (mask.defined()) b.mask = mask.to(device);
   b.image_ids = image_ids.to(device);
   b.labels = labels.to(device);
   return b;
@@ -104,9 +104,11 @@ Batch BatchLoader::collate(const std::vector<int64_t>& indices, int64_t epoch) c
     labels.push_back(s.label);
   }
   b.images = torch::stack(images);
-  auto enc = tokenizer_->encode_batch(b.captions, text_.max_length, text_.padding);
-  b.ids = enc.ids;
-  b.mask = enc.mask;
+  if (tokenizer_) {  // stage 2 tokenises with the LLM's tokenizer itself
+    auto enc = tokenizer_->encode_batch(b.captions, text_.max_length, text_.padding);
+    b.ids = enc.ids;
+    b.mask = enc.mask;
+  }
   b.image_ids = torch::tensor(ids, torch::kLong);
   b.labels = torch::tensor(labels, torch::kLong);
   return b;

@@ -339,6 +339,32 @@ TensorMap hf_from_canonical(const TensorMap& tensors) {
   return out;
 }
 
+nlohmann::json hf_config_from_text(const TextConfig& t) {
+  nlohmann::json j = {{"vocab_size", t.vocab_size}, {"hidden_size", t.hidden_size},
+                      {"num_hidden_layers", t.num_layers}, {"num_attention_heads", t.num_heads},
+                      {"max_position_embeddings", t.max_position_embeddings},
+                      {"tie_word_embeddings", t.tie_word_embeddings}, {"bos_token_id", t.bos_token_id},
+                      {"eos_token_id", t.eos_token_id}, {"pad_token_id", t.pad_token_id}};
+  if (t.is_opt()) {
+    j.update({{"architectures", {"OPTForCausalLM"}}, {"model_type", "opt"}, {"ffn_dim", t.ffn_size()},
+              {"word_embed_proj_dim", t.hidden_size}, {"do_layer_norm_before", true},
+              {"activation_function", "relu"}, {"enable_bias", true}, {"dropout", 0.0},
+              {"attention_dropout", 0.0}, {"layer_norm_elementwise_affine", true}});
+  } else {
+    j.update({{"architectures", {"LlamaForCausalLM"}}, {"model_type", "llama"},
+              {"intermediate_size", t.ffn_size()}, {"num_key_value_heads", t.num_heads},
+              {"rms_norm_eps", t.rms_norm_eps}, {"rope_theta", t.rope_theta}, {"hidden_act", "silu"},
+              {"attention_bias", false}, {"mlp_bias", false}});
+  }
+  return j;
+}
+
+void export_hf_llm(const TextConfig& t, const TensorMap& tensors, const std::string& dir) {
+  fs::create_directories(dir);
+  save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  atomic_write(fs::path(dir) / "config.json", hf_config_from_text(t).dump(2) + "\n");
+}
+
 void export_hf_directory(const Blip2Config& c, const TensorMap& tensors, const std::string& dir) {
   fs::create_directories(dir);
   save_safetensors((fs::path(dir) / "model.safetensors").string(), hf_from_canonical(tensors),

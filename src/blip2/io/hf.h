@@ -47,6 +47,11 @@ struct HfModel {
 };
 HfModel load_hf_directory(const std::string& dir);
 
+// An LLM as a Hugging Face directory (config.json of LlamaForCausalLM / OPTForCausalLM +
+// model.safetensors) from tensors named as inside the LLM (model.*, lm_head.*).
+nlohmann::json hf_config_from_text(const TextConfig& t);
+void export_hf_llm(const TextConfig& t, const TensorMap& tensors, const std::string& dir);
+
 // The other way: config.json of a Blip2ForImageTextRetrieval, and tensors with Hugging Face's
 // names (q_bias/v_bias folded into qkv.bias; the stage-1 LM head and temp dropped, as
 // transformers has no place for them).

@@ -46,21 +46,8 @@ class AutocastGuard {
   at::ScalarType prev_dtype_ = at::kBFloat16;
 };
 
-torch::Device pick_device(const std::string& target) {
-  if (target == "cuda") {
-    check(torch::cuda::is_available(),
-          "device_target is cuda but no CUDA device is available to this torch build");
-    return torch::Device(torch::kCUDA);
-  }
-  return torch::Device(torch::kCPU);
-}
-
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-void set_lr(torch::optim::Optimizer& opt, double lr) {
-  for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
 }
 
 torch::Tensor rng_state(torch::DeviceType type) {
@@ -88,6 +75,39 @@ double mean_of(const std::vector<StepLog>& logs, size_t begin, size_t end,
 }
 
 }  // namespace
+
+torch::Device pick_device(const std::string& target) {
+  if (target == "cuda") {
+    check(torch::cuda::is_available(),
+          "device_target is cuda but no CUDA device is available to this torch build");
+    return torch::Device(torch::kCUDA);
+  }
+  return torch::Device(torch::kCPU);
+}
+
+void set_lr(torch::optim::Optimizer& opt, double lr) {
+  for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+}
+
+std::unique_ptr<torch::optim::AdamW> make_adamw(const torch::nn::Module& model, const OptimizerConfig& oc,
+                                              double lr, int64_t* trainable) {
+  std::vector<torch::Tensor> decay, no_decay;
+  int64_t n = 0;
+  for (const auto& p : model.named_parameters()) {
+    if (!p.value().requires_grad()) continue;
+    const bool no_wd = p.value().dim() < 2 || ends_with(p.key(), ".bias");
+    (no_wd ? no_decay : decay).push_back(p.value());
+    n += p.value().numel();
+  }
+  if (trainable) *trainable = n;
+  auto opts = torch::optim::AdamWOptions(lr).betas({oc.betas[0], oc.betas[1]}).eps(oc.eps).weight_decay(oc.weight_decay);
+  auto no_wd_opts = std::make_unique<torch::optim::AdamWOptions>(opts);
+  no_wd_opts->weight_decay(0.0);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(opts));
+  groups.emplace_back(no_decay, std::move(no_wd_opts));
+  return std::make_unique<torch::optim::AdamW>(std::move(groups), opts);
+}
 
 double warmup_cosine_lr(const LrScheduleConfig& s, int64_t step, int64_t total_steps) {
   if (step < s.warmup_steps)
@@ -280,27 +300,35 @@ BatchLoader PretrainTrainer::make_loader(const DatasetConfig& d, bool train) con
 
 void PretrainTrainer::save_checkpoint(const TrainState& st, torch::optim::Optimizer& opt) {
   if (!dist::is_main_process()) return;
-  fs::path root = fs::path(cfg_.output_dir) / "checkpoint";
-  fs::path dir = root / step_dir_name(st.step);
-  fs::path tmp = root / (step_dir_name(st.step) + ".tmp");
+  write_checkpoint(cfg_.output_dir, st.step, [&](const fs::path& tmp) {
+    save_safetensors((tmp / "model.safetensors").string(),
+                     state_dict(*model_, !cfg_.runner_config.save_frozen_weights),
+                     {{"format", "blip2cpp"}, {"arch", cfg_.model.arch.type}});
+    torch::serialize::OutputArchive archive;
+    opt.save(archive);
+    archive.write("step", torch::tensor(st.step));
+    archive.write("epoch", torch::tensor(st.epoch));
+    archive.write("batch", torch::tensor(st.batch));
+    archive.write("rng_cpu", rng_state(torch::kCPU));
+    if (device_.is_cuda()) archive.write("rng_cuda", rng_state(torch::kCUDA));
+    archive.save_to((tmp / "trainer_state.pt").string());
+    atomic_write(tmp / "config.yaml", to_yaml(cfg_));
+  });
+}
+
+fs::path write_checkpoint(const std::string& output_dir, int64_t step,
+                          const std::function<void(const fs::path& tmp)>& fill) {
+  const fs::path root = fs::path(output_dir) / "checkpoint";
+  const fs::path dir = root / step_dir_name(step);
+  const fs::path tmp = root / (step_dir_name(step) + ".tmp");
   fs::remove_all(tmp);
   fs::create_directories(tmp);
-  save_safetensors((tmp / "model.safetensors").string(),
-                   state_dict(*model_, !cfg_.runner_config.save_frozen_weights),
-                   {{"format", "blip2cpp"}, {"arch", cfg_.model.arch.type}});
-  torch::serialize::OutputArchive archive;
-  opt.save(archive);
-  archive.write("step", torch::tensor(st.step));
-  archive.write("epoch", torch::tensor(st.epoch));
-  archive.write("batch", torch::tensor(st.batch));
-  archive.write("rng_cpu", rng_state(torch::kCPU));
-  if (device_.is_cuda()) archive.write("rng_cuda", rng_state(torch::kCUDA));
-  archive.save_to((tmp / "trainer_state.pt").string());
-  atomic_write(tmp / "config.yaml", to_yaml(cfg_));
+  fill(tmp);
   fs::remove_all(dir);
   fs::rename(tmp, dir);
   atomic_write(root / "latest", dir.filename().string() + "\n");
   log_info("checkpoint saved: " + dir.string());
+  return dir;
 }
 
 TrainState PretrainTrainer::resume(const std::string& path, torch::optim::Optimizer& opt) {
@@ -341,23 +369,11 @@ std::vector<StepLog> PretrainTrainer::train() {
   const int64_t total = cfg_.lr_schedule.total_steps > 0 ? cfg_.lr_schedule.total_steps
                                                          : rc.epochs * per_epoch;
 
-  std::vector<torch::Tensor> decay, no_decay;
-  for (const auto& p : model_->named_parameters()) {
-    if (!p.value().requires_grad()) continue;
-    bool no_wd = p.value().dim() < 2 || ends_with(p.key(), ".bias");
-    (no_wd ? no_decay : decay).push_back(p.value());
-  }
-  const auto& oc = cfg_.optimizer;
-  auto opts = torch::optim::AdamWOptions(cfg_.lr_schedule.learning_rate)
-                  .betas({oc.betas[0], oc.betas[1]})
-                  .eps(oc.eps)
-                  .weight_decay(oc.weight_decay);
-  auto no_wd_opts = std::make_unique<torch::optim::AdamWOptions>(opts);
-  no_wd_opts->weight_decay(0.0);
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, std::make_unique<torch::optim::AdamWOptions>(opts));
-  groups.emplace_back(no_decay, std::move(no_wd_opts));
-  torch::optim::AdamW optimizer(std::move(groups), opts);
+  int64_t trainable = 0;
+  auto optimizer_ptr = make_adamw(*model_, cfg_.optimizer, cfg_.lr_schedule.learning_rate, &trainable);
+  auto& optimizer = *optimizer_ptr;
+  std::vector<torch::Tensor> params = optimizer.param_groups()[0].params();
+  params.insert(params.end(), optimizer.param_groups()[1].params().begin(), optimizer.param_groups()[1].params().end());
 
   TrainState st;
   if (cfg_.resume_training) {
@@ -386,10 +402,7 @@ std::vector<StepLog> PretrainTrainer::train() {
   const int64_t last_step = rc.max_steps >= 0 ? std::min(rc.max_steps, rc.epochs * per_epoch)
                                               : rc.epochs * per_epoch;
   log_info("training " + std::to_string(count_parameters(*model_)) + " parameters (" +
-           std::to_string(std::accumulate(decay.begin(), decay.end(), int64_t{0},
-                                          [](int64_t a, const torch::Tensor& t) { return a + t.numel(); }) +
-                          std::accumulate(no_decay.begin(), no_decay.end(), int64_t{0},
-                                          [](int64_t a, const torch::Tensor& t) { return a + t.numel(); })) +
+           std::to_string(trainable) +
            " trainable), " + std::to_string(rc.epochs) + " epochs x " + std::to_string(per_epoch) +
            " steps, global batch " + std::to_string(batch_size) + ", device " + device_.str());
 
@@ -413,11 +426,7 @@ std::vector<StepLog> PretrainTrainer::train() {
       out.loss.backward();
       dist::all_reduce_gradients(optimizer.param_groups()[0].params());
       dist::all_reduce_gradients(optimizer.param_groups()[1].params());
-      if (rc.max_grad_norm > 0) {
-        std::vector<torch::Tensor> params = decay;
-        params.insert(params.end(), no_decay.begin(), no_decay.end());
-        torch::nn::utils::clip_grad_norm_(params, rc.max_grad_norm);
-      }
+      if (rc.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(params, rc.max_grad_norm);
       optimizer.step();
       {  // BLIP's guard on the learnable temperature (BLIP-2 itself never clamps it)
         torch::NoGradGuard no_grad;

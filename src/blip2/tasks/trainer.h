@@ -6,6 +6,8 @@
 // metrics as JSON lines in the output directory.
 #pragma once
 
+#include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -49,6 +51,19 @@ struct Stage1Eval {
 // lr at optimizer step `step` (0-based): linear from warmup_lr_init to learning_rate over
 // warmup_steps, then cosine from learning_rate to lr_end at total_steps.
 double warmup_cosine_lr(const LrScheduleConfig& s, int64_t step, int64_t total_steps);
+
+// The device device_target names (an error when cuda is asked for and absent).
+torch::Device pick_device(const std::string& target);
+void set_lr(torch::optim::Optimizer& opt, double lr);
+// AdamW over the trainable parameters of `model`, weight decay off for biases and 1-D
+// parameters (group 0: decayed, group 1: not); `trainable` receives their element count.
+std::unique_ptr<torch::optim::AdamW> make_adamw(const torch::nn::Module& model, const OptimizerConfig& oc,
+                                              double lr, int64_t* trainable = nullptr);
+
+// output_dir/checkpoint/step_N written by `fill` into a temporary directory, then renamed into
+// place and named by checkpoint/latest: an interrupted save leaves the previous one intact.
+std::filesystem::path write_checkpoint(const std::string& output_dir, int64_t step,
+                                       const std::function<void(const std::filesystem::path& tmp)>& fill);
 
 // Where a run stands; saved in each checkpoint.
 struct TrainState {

@@ -462,6 +462,45 @@ int64_t ByteLevelBpeTokenizer::token_to_id(const std::string& token) const {
   return it == index_.end() ? -1 : it->second;
 }
 
+// ---- WordPiece as an LLM vocabulary ----
+
+WordPieceLlmTokenizer::WordPieceLlmTokenizer(std::shared_ptr<const WordPieceTokenizer> wordpiece)
+    : wp_(std::move(wordpiece)) {
+  bos_id = wp_->cls_id();
+  eos_id = wp_->sep_id();
+  pad_id = wp_->pad_id();
+  unk_id = wp_->unk_id();
+  source = "the WordPiece vocabulary";
+}
+
+std::vector<int64_t> WordPieceLlmTokenizer::encode(const std::string& text, bool add_bos) const {
+  std::vector<int64_t> ids;
+  if (add_bos) ids.push_back(bos_id);
+  for (const auto& t : wp_->tokenize(text)) ids.push_back(wp_->token_to_id(t));
+  return ids;
+}
+
+std::string WordPieceLlmTokenizer::id_to_token(int64_t id) const {
+  check(id >= 0 && id < vocab_size(), source + ": id " + std::to_string(id) + " out of range");
+  return wp_->id_to_token(id);
+}
+
+std::string WordPieceLlmTokenizer::decode(const std::vector<int64_t>& ids, bool skip_special) const {
+  std::string out;
+  for (int64_t id : ids) {
+    const std::string t = id_to_token(id);
+    const bool special = t.size() > 2 && t.front() == '[' && t.back() == ']';
+    if (special && skip_special) continue;
+    if (t.rfind("##", 0) == 0) {
+      out += t.substr(2);
+    } else {
+      if (!out.empty()) out += ' ';
+      out += t;
+    }
+  }
+  return out;
+}
+
 // ---- loading and batching ----
 
 std::shared_ptr<LlmTokenizer> load_llm_tokenizer(const std::string& path) {

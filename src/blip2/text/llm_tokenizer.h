@@ -16,6 +16,8 @@
 
 #include <torch/torch.h>
 
+#include "blip2/text/text.h"
+
 namespace blip2 {
 
 class LlmTokenizer {
@@ -81,6 +83,22 @@ class ByteLevelBpeTokenizer : public LlmTokenizer {
   std::unordered_map<std::string, int64_t> ranks_;  // "left right" -> merge rank
   std::vector<int64_t> special_;                    // ids left out by decode(skip_special)
   void bpe(const std::u32string& word, std::vector<int64_t>& out) const;
+};
+
+// A WordPiece vocabulary used as an LLM's (the tiny stage-2 model on the synthetic shapes):
+// ids are the vocabulary's, BOS = [CLS], EOS = [SEP], PAD = [PAD], UNK = [UNK]; decoding joins
+// the words with spaces ("##" pieces to the word before).
+class WordPieceLlmTokenizer : public LlmTokenizer {
+ public:
+  explicit WordPieceLlmTokenizer(std::shared_ptr<const WordPieceTokenizer> wordpiece);
+  std::vector<int64_t> encode(const std::string& text, bool add_bos = false) const override;
+  std::string decode(const std::vector<int64_t>& ids, bool skip_special = true) const override;
+  int64_t vocab_size() const override { return wp_->size(); }
+  std::string id_to_token(int64_t id) const override;
+  int64_t token_to_id(const std::string& token) const override { return wp_->token_to_id(token); }
+
+ private:
+  std::shared_ptr<const WordPieceTokenizer> wp_;
 };
 
 // The tokenizer in `path`: a directory with tokenizer.model, or vocab.json + merges.txt, or

@@ -55,6 +55,7 @@ class WordPieceTokenizer {
                        const std::string& padding = "max_length") const;
 
   int64_t token_to_id(const std::string& token) const;  // -1 if absent
+  const std::string& id_to_token(int64_t id) const { return vocab_.at(static_cast<size_t>(id)); }
   int64_t size() const { return static_cast<int64_t>(vocab_.size()); }
   int64_t pad_id() const { return pad_id_; }
   int64_t cls_id() const { return cls_id_; }

@@ -1,0 +1,399 @@
+#include "blip2/tasks/stage2.h"
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "blip2/data/caption_datasets.h"
+#include "blip2/data/synthetic.h"
+#include "blip2/dist/dist.h"
+#include "blip2/io/checkpoint.h"
+#include "blip2/io/hf.h"
+#include "blip2/io/safetensors.h"
+#include "blip2/util/common.h"
+
+namespace blip2 {
+namespace fs = std::filesystem;
+
+bool is_stage2(const RunConfig& cfg) {
+  const auto& arch = cfg.model.arch.type;
+  return cfg.model.model_config.text_config.has_value() || arch == "Blip2Llm" ||
+         arch == "Blip2ImageToTextGeneration";
+}
+
+std::shared_ptr<LlmTokenizer> stage2_tokenizer(const DatasetConfig& d, const TextConfig& t,
+                                               const std::string& section) {
+  std::shared_ptr<LlmTokenizer> tok;
+  std::error_code ec;
+  const auto& file = d.tokenizer.vocab_file;
+  if (!file.empty()) {
+    tok = load_llm_tokenizer(file);
+  } else if (!t.checkpoint_name_or_path.empty() && fs::is_directory(resolve_weights(t.checkpoint_name_or_path), ec) &&
+             (fs::exists(fs::path(resolve_weights(t.checkpoint_name_or_path)) / "tokenizer.model", ec) ||
+              fs::exists(fs::path(resolve_weights(t.checkpoint_name_or_path)) / "vocab.json", ec))) {
+    tok = load_llm_tokenizer(resolve_weights(t.checkpoint_name_or_path));
+  } else if (d.data_loader.type == "SyntheticShapes") {
+    TokenizerConfig tc;  // the built-in vocabulary, without the Q-Former's [DEC]
+    tc.bos_token = "";
+    tok = std::make_shared<WordPieceLlmTokenizer>(make_tokenizer(tc));
+  } else {
+    throw Error(section + ".tokenizer.vocab_file is empty and the LLM directory (text_config."
+                "checkpoint_name_or_path) has no tokenizer.model or vocab.json: give the LLM's tokenizer");
+  }
+  if (tok->vocab_size() > t.vocab_size)
+    throw Error(section + ".tokenizer (" + tok->source + ") has " + std::to_string(tok->vocab_size()) +
+                " tokens but the LLM's vocabulary (text_config.vocab_size) has " + std::to_string(t.vocab_size) +
+                ": this tokenizer does not belong to this LLM");
+  for (int64_t id : {tok->bos_id, tok->eos_id})
+    check(id < t.vocab_size, section + ".tokenizer: special id " + std::to_string(id) +
+                                 " is outside the LLM's vocabulary of " + std::to_string(t.vocab_size));
+  return tok;
+}
+
+Blip2Llm build_stage2_model(const Blip2Config& c, std::vector<std::string>* missing) {
+  Blip2Llm model(c, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02});
+  auto load_part = [&](const std::string& path, const std::string& prefix, const std::string& what) {
+    TensorMap part;
+    for (auto& [name, t] : load_checkpoint_tensors(resolve_weights(path)))
+      if (name.rfind(prefix, 0) == 0) part[name] = t;
+    check(!part.empty(), path + ": holds no " + what + " weights (" + prefix + "*)");
+    auto report = load_weights_into(*model, part, path);
+    log_info(what + " weights from " + path + ": " + std::to_string(report.loaded.size()) + " tensors loaded");
+  };
+  if (!c.vision_config.checkpoint_name_or_path.empty())
+    load_part(c.vision_config.checkpoint_name_or_path, "vision_model.", "ViT");
+  const bool llm_given = !c.text_config->checkpoint_name_or_path.empty();
+  if (llm_given) load_part(c.text_config->checkpoint_name_or_path, "language_model.", "LLM");
+  if (!c.checkpoint_name_or_path.empty()) {
+    const std::string where = weights_location(resolve_weights(c.checkpoint_name_or_path));
+    auto report = load_weights_into(*model, load_checkpoint_tensors(where), where);
+    log_info("weights from " + where + ": " + report.summary());
+    std::vector<std::string> gaps;
+    for (const auto& k : report.missing)
+      if (!(llm_given && k.rfind("language_model.", 0) == 0) &&
+          !(!c.vision_config.checkpoint_name_or_path.empty() && k.rfind("vision_model.", 0) == 0))
+        gaps.push_back(k);
+    if (!gaps.empty()) log_info("  " + explain_missing(gaps));
+    if (missing) *missing = gaps;
+  }
+  return model;
+}
+
+CaptionTargets caption_targets(const LlmTokenizer& tok, const std::vector<std::string>& captions,
+                               int64_t prompt_tokens, int64_t max_length, int64_t eos_id, int64_t repeats) {
+  std::vector<std::vector<int64_t>> rows;
+  size_t longest = 0;
+  for (const auto& c : captions) {
+    auto one = tok.encode(c, /*add_bos=*/true);
+    one.push_back(eos_id);
+    if (max_length > 0 && static_cast<int64_t>(one.size()) > max_length) one.resize(static_cast<size_t>(max_length));
+    std::vector<int64_t> ids;
+    for (int64_t r = 0; r < repeats; ++r) ids.insert(ids.end(), one.begin(), one.end());
+    longest = std::max(longest, ids.size());
+    rows.push_back(std::move(ids));
+  }
+  const int64_t b = static_cast<int64_t>(rows.size()), l = static_cast<int64_t>(longest);
+  const int64_t pad = tok.pad_id >= 0 ? tok.pad_id : eos_id;
+  CaptionTargets t{torch::full({b, l}, pad, torch::kLong), torch::zeros({b, l}, torch::kLong),
+                   torch::full({b, l}, -100, torch::kLong)};
+  auto ids = t.ids.accessor<int64_t, 2>();
+  auto keep = t.keep.accessor<int64_t, 2>();
+  auto labels = t.labels.accessor<int64_t, 2>();
+  for (int64_t i = 0; i < b; ++i) {
+    const auto& r = rows[static_cast<size_t>(i)];
+    for (int64_t j = 0; j < static_cast<int64_t>(r.size()); ++j) {
+      ids[i][j] = r[static_cast<size_t>(j)];
+      keep[i][j] = 1;
+      if (j > prompt_tokens) labels[i][j] = r[static_cast<size_t>(j)];  // j = 0 is BOS
+    }
+  }
+  return t;
+}
+
+bool caption_names_class(const std::string& caption, const std::string& label_name,
+                         const std::vector<std::string>& class_names) {
+  std::set<std::string> colours, shapes;
+  for (const auto& n : class_names) {
+    const auto sp = n.find(' ');
+    if (sp == std::string::npos) continue;
+    colours.insert(n.substr(0, sp));
+    shapes.insert(n.substr(sp + 1));
+  }
+  std::string colour, shape, word;
+  std::istringstream in(caption);
+  while (in >> word) {
+    if (colour.empty() && colours.count(word)) colour = word;
+    if (shape.empty() && shapes.count(word)) shape = word;
+  }
+  return !colour.empty() && !shape.empty() && colour + " " + shape == label_name;
+}
+
+Stage2Trainer::Stage2Trainer(RunConfig cfg) : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)) {
+  dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel, cfg_.parallel_config.model_parallel);
+  torch::manual_seed(cfg_.seed);
+  auto& mc = cfg_.model.model_config;
+  check(mc.text_config.has_value(), "model.model_config.text_config: a stage-2 model needs its LLM described");
+  const bool train = cfg_.run_mode == "train";
+  tokenizer_ = stage2_tokenizer(train ? cfg_.train_dataset : cfg_.eval_dataset, *mc.text_config,
+                                train ? "train_dataset" : "eval_dataset");
+  model_ = build_stage2_model(mc, &missing_weights_);
+  if (!cfg_.load_checkpoint.empty()) {
+    const std::string where = weights_location(resolve_weights(cfg_.load_checkpoint));
+    auto report = load_weights_into(*model_, load_checkpoint_tensors(where), where);
+    log_info("weights from " + where + ": " + report.summary());
+    missing_weights_ = report.missing;
+  }
+  model_->to(device_);
+}
+
+BatchLoader Stage2Trainer::make_loader(const DatasetConfig& d, bool train) const {
+  auto dataset = make_dataset(d, cfg_.model.model_config.vision_config.image_size,
+                              static_cast<uint64_t>(cfg_.seed), train ? "train_dataset" : "eval_dataset");
+  LoaderOptions o;
+  o.batch_size = d.batch_size > 0 ? d.batch_size : cfg_.runner_config.batch_size;
+  o.shuffle = train && d.data_loader.shuffle;
+  o.drop_last = train ? d.drop_remainder : false;
+  o.seed = static_cast<uint64_t>(cfg_.seed);
+  o.num_workers = d.num_parallel_workers;
+  o.skip_bad_samples = d.data_loader.skip_bad_samples;
+  o.rank = dist::rank();
+  o.world_size = dist::world_size();
+  return BatchLoader(dataset, nullptr, d.text_transforms, o);
+}
+
+int64_t Stage2Trainer::prompt_tokens(const DatasetConfig& d) const {
+  const auto& mc = cfg_.model.model_config;
+  if (mc.prompt && mc.prompt_length > 0) return mc.prompt_length;  // the seed's, set by hand
+  const std::string p = clean_caption(d.text_transforms.prompt, d.text_transforms.max_words);
+  return p.empty() ? 0 : static_cast<int64_t>(tokenizer_->encode(p).size());
+}
+
+void Stage2Trainer::pretrain_llm(BatchLoader& loader) {
+  const auto& rc = cfg_.runner_config;
+  auto& lm = *model_->language_model;
+  std::vector<bool> frozen;
+  for (auto& p : lm.parameters()) {
+    frozen.push_back(!p.requires_grad());
+    p.set_requires_grad(true);
+  }
+  lm.train();
+  auto opt = make_adamw(lm, cfg_.optimizer, rc.llm_pretrain_lr);
+  const int64_t per_epoch = loader.batches_per_epoch(), total = rc.llm_pretrain_epochs * per_epoch;
+  LrScheduleConfig sched = cfg_.lr_schedule;
+  sched.learning_rate = rc.llm_pretrain_lr;
+  sched.warmup_steps = std::min<int64_t>(sched.warmup_steps, total / 10);
+  log_info("pretraining the LLM (" + std::to_string(count_parameters(lm)) + " parameters) on the training captions: " +
+           std::to_string(rc.llm_pretrain_epochs) + " epochs x " + std::to_string(per_epoch) + " steps");
+  Progress progress("llm", total, rc.log_interval);
+  int64_t step = 0;
+  for (int64_t epoch = 0; epoch < rc.llm_pretrain_epochs; ++epoch) {
+    BatchLoader::Stream stream(loader, epoch, 0);
+    while (!stream.done()) {
+      Batch batch = stream.next();
+      // Each caption twice: besides the language, the LLM learns to take what a text says from
+      // its context, which stage 2 then fills with the projected queries.
+      auto t = caption_targets(*tokenizer_, batch.captions, 0, cfg_.train_dataset.text_transforms.max_length,
+                               cfg_.model.model_config.text_config->eos_token_id, /*repeats=*/2);
+      auto ids = t.ids.to(device_), keep = t.keep.to(device_);
+      set_lr(*opt, warmup_cosine_lr(sched, step, total));
+      auto logits = lm.forward(lm.embed(ids), keep, positions_from_keep(keep, keep.size(1)), nullptr);
+      auto loss = causal_lm_loss(logits, t.labels.to(device_));
+      opt->zero_grad();
+      loss.backward();
+      dist::all_reduce_gradients(opt->param_groups()[0].params());
+      dist::all_reduce_gradients(opt->param_groups()[1].params());
+      opt->step();
+      ++step;
+      progress.update(step, "lm loss " + format_float(loss.item<double>()));
+    }
+  }
+  progress.finish();
+  size_t i = 0;
+  for (auto& p : lm.parameters()) p.set_requires_grad(!frozen[i++]);
+  model_->train(false);
+  if (dist::is_main_process()) {
+    TensorMap weights;
+    for (const auto& p : lm.named_parameters()) weights[p.key()] = p.value().detach().cpu();
+    const auto dir = fs::path(cfg_.output_dir) / "llm";
+    export_hf_llm(*cfg_.model.model_config.text_config, weights, dir.string());
+    log_info("pretrained LLM written to " + dir.string() + " (a Hugging Face directory)");
+  }
+}
+
+std::vector<StepLog> Stage2Trainer::train() {
+  const auto& rc = cfg_.runner_config;
+  auto loader = make_loader(cfg_.train_dataset, /*train=*/true);
+  fs::create_directories(cfg_.output_dir);
+  if (rc.llm_pretrain_epochs > 0) pretrain_llm(loader);
+  const int64_t per_epoch = loader.batches_per_epoch();
+  const int64_t total = cfg_.lr_schedule.total_steps > 0 ? cfg_.lr_schedule.total_steps : rc.epochs * per_epoch;
+  const int64_t last = rc.max_steps >= 0 ? std::min(rc.max_steps, rc.epochs * per_epoch) : rc.epochs * per_epoch;
+  int64_t trainable = 0;
+  auto opt = make_adamw(*model_, cfg_.optimizer, cfg_.lr_schedule.learning_rate, &trainable);
+  std::vector<torch::Tensor> params = opt->param_groups()[0].params();
+  for (const auto& p : opt->param_groups()[1].params()) params.push_back(p);
+  const int64_t prompt = prompt_tokens(cfg_.train_dataset);
+  const auto eos = cfg_.model.model_config.text_config->eos_token_id;
+  const int64_t max_len = cfg_.model.model_config.max_txt_len;
+  log_info("stage-2 training: " + std::to_string(trainable) + " of " + std::to_string(count_parameters(*model_)) +
+           " parameters trainable (LLM " + (cfg_.model.model_config.freeze_text ? "frozen" : "trained") + "), " +
+           std::to_string(rc.epochs) + " epochs x " + std::to_string(per_epoch) + " steps, device " + device_.str());
+  std::ofstream metrics(fs::path(cfg_.output_dir) / "metrics.jsonl");
+  model_->train();
+  std::vector<StepLog> logs;
+  Progress progress("stage2", last, rc.log_interval);
+  int64_t step = 0, saved = -1;
+  for (int64_t epoch = 0; epoch < rc.epochs && step < last; ++epoch) {
+    BatchLoader::Stream stream(loader, epoch, 0);
+    while (!stream.done() && step < last) {
+      const auto t0 = std::chrono::steady_clock::now();
+      Batch batch = stream.next();
+      auto t = caption_targets(*tokenizer_, batch.captions, prompt, max_len, eos);
+      const double lr = warmup_cosine_lr(cfg_.lr_schedule, step, total);
+      set_lr(*opt, lr);
+      auto loss = model_->loss(batch.images.to(device_), t.ids.to(device_), t.keep.to(device_), t.labels.to(device_));
+      opt->zero_grad();
+      loss.backward();
+      dist::all_reduce_gradients(opt->param_groups()[0].params());
+      dist::all_reduce_gradients(opt->param_groups()[1].params());
+      if (rc.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(params, rc.max_grad_norm);
+      opt->step();
+      ++step;
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      StepLog log;
+      log.step = step;
+      log.epoch = epoch;
+      log.loss = log.loss_lm = loss.item<double>();
+      log.lr = lr;
+      log.samples_per_s = static_cast<double>(batch.images.size(0) * dist::world_size()) / std::max(secs, 1e-9);
+      check(std::isfinite(log.loss), "stage-2 loss became " + std::to_string(log.loss) + " at step " +
+                                         std::to_string(step) + " (lower the learning rate?)");
+      logs.push_back(log);
+      metrics << nlohmann::json{{"step", step}, {"epoch", epoch}, {"loss", log.loss}, {"lr", lr},
+                                {"samples_per_s", log.samples_per_s}}.dump() << "\n";
+      metrics.flush();
+      progress.update(step, "loss " + format_float(log.loss) + " lr " + format_float(lr * 1e4, 3) + "e-4 " +
+                                format_float(log.samples_per_s, 1) + " samples/s");
+      if (rc.save_steps > 0 && step % rc.save_steps == 0) save_checkpoint(saved = step);
+    }
+    if (rc.save_steps == 0 && saved != step) save_checkpoint(saved = step);
+  }
+  progress.finish();
+  if (saved != step && step > 0) save_checkpoint(step);
+  if (!logs.empty()) {
+    const size_t k = std::max<size_t>(1, std::min<size_t>(20, logs.size() / 5));
+    double first = 0, last_loss = 0;
+    for (size_t i = 0; i < k; ++i) first += logs[i].loss, last_loss += logs[logs.size() - 1 - i].loss;
+    log_info("stage-2 caption loss " + format_float(first / k) + " -> " + format_float(last_loss / k) +
+             " (mean of the first and last " + std::to_string(k) + " steps)");
+  }
+  return logs;
+}
+
+void Stage2Trainer::save_checkpoint(int64_t step) {
+  if (!dist::is_main_process()) return;
+  write_checkpoint(cfg_.output_dir, step, [&](const fs::path& tmp) {
+    save_safetensors((tmp / "model.safetensors").string(),
+                     state_dict(*model_, !cfg_.runner_config.save_frozen_weights),
+                     {{"format", "blip2cpp"}, {"arch", cfg_.model.arch.type}});
+    atomic_write(tmp / "config.yaml", to_yaml(cfg_));
+  });
+}
+
+std::vector<std::string> Stage2Trainer::generate(const torch::Tensor& images, const std::vector<std::string>& prompts,
+                                                 const GenerationOptions& o, GenerationStats* stats) {
+  model_->eval();
+  auto batch = encode_prompts(*tokenizer_, prompts, /*add_bos=*/true);
+  auto ids = model_->generate(images.to(device_), batch.ids.to(device_), batch.keep.to(device_), o, stats);
+  std::vector<std::string> out;
+  for (const auto& row : ids) {
+    std::string text = tokenizer_->decode(row);
+    const auto a = text.find_first_not_of(" \n\t"), b = text.find_last_not_of(" \n\t");
+    out.push_back(a == std::string::npos ? "" : text.substr(a, b - a + 1));
+  }
+  return out;
+}
+
+nlohmann::json Stage2Trainer::evaluate() {
+  auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
+  model_->eval();
+  torch::NoGradGuard no_grad;
+  const auto names = loader.dataset().label_names();
+  const bool synthetic = cfg_.eval_dataset.data_loader.type == "SyntheticShapes";
+  const int64_t prompt = prompt_tokens(cfg_.eval_dataset);
+  const auto& t = *cfg_.model.model_config.text_config;
+  auto o = GenerationOptions::from(t);
+  const std::string prompt_text = clean_caption(cfg_.eval_dataset.text_transforms.prompt);
+  double loss_sum = 0;
+  int64_t batches = 0, images = 0, correct = 0;
+  nlohmann::json examples = nlohmann::json::array();
+  BatchLoader::Stream stream(loader, 0, 0);
+  Progress progress("eval", loader.batches_per_epoch(), cfg_.runner_config.log_interval);
+  while (!stream.done()) {
+    Batch batch = stream.next();
+    auto tg = caption_targets(*tokenizer_, batch.captions, prompt, cfg_.model.model_config.max_txt_len, t.eos_token_id);
+    loss_sum += model_->loss(batch.images.to(device_), tg.ids.to(device_), tg.keep.to(device_), tg.labels.to(device_))
+                    .item<double>();
+    ++batches;
+    if (synthetic) {
+      auto texts = generate(batch.images, std::vector<std::string>(batch.captions.size(), prompt_text), o);
+      for (size_t i = 0; i < texts.size(); ++i) {
+        const auto& truth = names.at(static_cast<size_t>(batch.labels[static_cast<int64_t>(i)].item<int64_t>()));
+        const bool ok = caption_names_class(texts[i], truth, names);
+        correct += ok;
+        if (examples.size() < 8)
+          examples.push_back({{"caption", texts[i]}, {"reference", batch.captions[i]}, {"correct", ok}});
+      }
+    }
+    images += batch.images.size(0);
+    progress.update(batches, "");
+  }
+  progress.finish();
+  nlohmann::json r = {{"loss", batches ? loss_sum / static_cast<double>(batches) : 0.0}, {"num_images", images}};
+  if (synthetic) {
+    r["caption_accuracy"] = images ? 100.0 * static_cast<double>(correct) / static_cast<double>(images) : 0.0;
+    r["decoding"] = o.num_beams > 1 ? "beam search (" + std::to_string(o.num_beams) + " beams)" : std::string("greedy");
+    r["examples"] = examples;
+  }
+  return r;
+}
+
+nlohmann::json Stage2Trainer::predict(const std::vector<std::string>& inputs, const std::string& prompt) {
+  const auto& tmpl = cfg_.eval_dataset.data_loader.hypothesis_template;
+  // The seed's pipeline: prompt = hypothesis_template.format(prompt); no prompt = none.
+  const std::string text = prompt.empty() ? "" : (tmpl.find("{}") != std::string::npos ? fill_template(tmpl, prompt) : prompt);
+  auto o = GenerationOptions::from(*cfg_.model.model_config.text_config);
+  torch::NoGradGuard no_grad;
+  nlohmann::json out = nlohmann::json::array();
+  auto run_batch = [&](const std::vector<std::string>& names, const torch::Tensor& images) {
+    auto texts = generate(images, std::vector<std::string>(names.size(), text), o);
+    for (size_t i = 0; i < texts.size(); ++i) out.push_back({{"image", names[i]}, {"prompt", text}, {"text", texts[i]}});
+  };
+  const int64_t bs = std::max<int64_t>(1, cfg_.eval_dataset.batch_size > 0 ? cfg_.eval_dataset.batch_size
+                                                                             : cfg_.runner_config.batch_size);
+  if (inputs.empty()) {
+    auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
+    BatchLoader::Stream stream(loader, 0, 0);
+    while (!stream.done()) {
+      Batch batch = stream.next();
+      std::vector<std::string> names;
+      for (int64_t i = 0; i < batch.images.size(0); ++i)
+        names.push_back(loader.dataset().describe(batch.image_ids[i].item<int64_t>()));
+      run_batch(names, batch.images);
+    }
+    return out;
+  }
+  ImageFolderDataset images(inputs, make_image_transform({}, false, cfg_.model.model_config.vision_config.image_size));
+  for (int64_t start = 0; start < images.size(); start += bs) {
+    std::vector<std::string> names;
+    std::vector<torch::Tensor> batch;
+    for (int64_t i = start; i < std::min(images.size(), start + bs); ++i) {
+      names.push_back(images.paths()[static_cast<size_t>(i)]);
+      batch.push_back(images.get(i).image);
+    }
+    run_batch(names, torch::stack(batch));
+  }
+  return out;
+}
+
+}  // namespace blip2
