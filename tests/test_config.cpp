@@ -35,7 +35,12 @@ TEST(Config, ShippedConfigsParseAndValidate) {
   for (const char* name : {"tiny_pretrain_stage_1.yaml", "run_blip2_pretrain_stage_1.yaml",
                            "tiny_retrieval.yaml", "run_blip2_stage1_vit_g_retrieval_flickr30k.yaml",
                            "tiny_zero_shot.yaml", "run_blip2_stage1_vit_g_retrieval_coco.yaml",
-                           "run_blip2_stage1_vit_g_zero_shot_image_classification_cifar100.yaml"}) {
+                           "run_blip2_stage1_vit_g_zero_shot_image_classification_cifar100.yaml",
+                           "tiny_pretrain_stage_2.yaml", "run_blip2_stage2_vit_g_llama_7b.yaml",
+                           "run_blip2_stage2_vit_g_baichuan_7b.yaml",
+                           "run_blip2_stage2_vit_g_llama_7b_image_to_text_generation.yaml",
+                           "run_blip2_stage2_vit_g_baichuan_7b_image_to_text_generation.yaml",
+                           "run_blip2_opt_2.7b_image_to_text_generation.yaml"}) {
     std::string path = std::string(BLIP2_CONFIG_DIR) + "/" + name;
     RunConfig c = load_run_config(path);
     EXPECT_NO_THROW(validate(c, path)) << name;

@@ -4,6 +4,7 @@
 // of `generate` (greedy, beam search, repetition penalty, min_new_tokens, left padding).
 #include <gtest/gtest.h>
 
+#include "blip2/api/api.h"
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/models/blip2_llm.h"
@@ -396,4 +397,82 @@ TEST(Stage2Cli, BadStage2InputIsAOneLineError) {
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("model.model_config.text_config.num_beams: must be >= 1, got 0"), std::string::npos) << r.out;
   fs::remove_all(dir);
+}
+
+TEST(Stage2Cli, HuggingFaceDirectoryDecidesTheArchitecture) {
+  // An OPT model given as a Hugging Face directory: config.json (28 px images, a 2-layer OPT of
+  // width 40, vocabulary 96) overrides the preset's OPT-2.7B shape; the tokenizer comes from the
+  // directory (here a small byte-level vocabulary written for the test).
+  auto dir = temp_dir("s2hf");
+  fs::copy(kParity / "hf_opt", dir / "model", fs::copy_options::recursive);
+  nlohmann::json vocab = {{"<s>", 0}, {"<pad>", 1}, {"</s>", 2}, {"<unk>", 3}};
+  for (int c = 'a'; c <= 'z'; ++c) vocab[std::string(1, static_cast<char>(c))] = static_cast<int>(vocab.size());
+  vocab["\xC4\xA0"] = static_cast<int>(vocab.size());  // GPT-2's byte-mapped space
+  atomic_write(dir / "model" / "vocab.json", vocab.dump());
+  atomic_write(dir / "model" / "merges.txt", "#version: 0.2\n");
+  std::string yaml = read_file(fs::path(BLIP2_CONFIG_DIR) / "run_blip2_opt_2.7b_image_to_text_generation.yaml");
+  for (auto [a, b] : {std::pair<std::string, std::string>{"device_target: cuda", "device_target: cpu"},
+                      {"checkpoint_name_or_path: blip2_opt_2.7b", "checkpoint_name_or_path: " + (dir / "model").string()},
+                      {"max_new_tokens: 30", "max_new_tokens: 5"}}) {
+    auto at = yaml.find(a);
+    ASSERT_NE(at, std::string::npos) << a;
+    yaml.replace(at, a.size(), b);
+  }
+  atomic_write(dir / "opt.yaml", yaml);
+  auto r = run_cli("run --config " + (dir / "opt.yaml").string() + " --output_dir " + (dir / "out").string() +
+                   " --predict_data " + BLIP2_FIXTURE_DIR + "/images/rgb.png --predict_text 'a photo of'");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("the model's architecture is this Hugging Face config's"), std::string::npos) << r.out;
+  auto result = nlohmann::json::parse(read_file(dir / "out" / "image_to_text_generation_result.json"));
+  ASSERT_EQ(result.size(), 1u);
+  EXPECT_EQ(result[0]["prompt"], "a photo of");
+  fs::remove_all(dir);
+}
+
+TEST(Stage2Api, FromPretrainedAndImageToTextPipeline) {
+  // The tiny preset (random weights, built-in vocabulary) through the pipeline, with the seed's
+  // hypothesis_template handling.
+  const std::string img = std::string(BLIP2_FIXTURE_DIR) + "/images/rgb.png";
+  ImageToTextOptions io;
+  io.hypothesis_template = "a picture of {}";
+  auto pipe = image_to_text_pipeline("tiny_stage2", io);
+  auto out = pipe({PipelineInput{img}, PipelineInput{img}}, "cat");
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(out[0]["prompt"], "a picture of cat");
+  EXPECT_EQ(out[0]["text"], out[1]["text"]);  // the same image, greedy
+  EXPECT_EQ(pipe.model().source(), "random");
+
+  // A Hugging Face directory: the weights are transformers' (its greedy ids come out).
+  auto dir = temp_dir("s2api");
+  fs::copy(kParity / "hf_llama", dir / "model", fs::copy_options::recursive);
+  nlohmann::json vocab = {{"<s>", 0}, {"<pad>", 1}, {"</s>", 2}, {"<unk>", 3}, {"a", 4}};
+  atomic_write(dir / "tok" / "vocab.json", vocab.dump());
+  atomic_write(dir / "tok" / "merges.txt", "#version: 0.2\n");
+  GenerationModelOptions lo;
+  lo.tokenizer = (dir / "tok").string();
+  auto model = Blip2GenerationModel::from_pretrained((dir / "model").string(), lo);
+  EXPECT_EQ(model.config().text_config->hidden_size, 48);
+  auto f = load_fixture("llama");
+  auto bos = torch::full({2, 1}, f.config.text_config->bos_token_id, torch::kLong);
+  auto ids = model.module()->generate(f.io.at("pixel_values"), bos, torch::ones_like(bos), options(f));
+  EXPECT_EQ(ids, rows_of(f.io.at("no_prompt")));
+  auto msg = error_of([&] { Blip2GenerationModel::from_pretrained("blip2_stage1_vit_g"); });
+  EXPECT_NE(msg.find("a stage-1 model"), std::string::npos) << msg;
+  fs::remove_all(dir);
+}
+
+TEST(LlmTokenizer, TokenizeCommandPrintsTheIds) {
+  for (const char* kind : {"spm", "bpe"}) {
+    auto rows = expected_tokenizations();
+    const nlohmann::json* row = nullptr;
+    for (const auto& r : rows)
+      if (r.contains("text") && r["text"] == "a photo of") row = &r;
+    ASSERT_NE(row, nullptr);
+    auto r = run_cli(std::string("tokenize --tokenizer ") + (kTokenizers / kind).string() + " 'a photo of'");
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_EQ(nlohmann::json::parse(r.out), (*row)[kind]) << kind;
+  }
+  auto r = run_cli("tokenize 'a photo of'");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("give --vocab (BERT) or --tokenizer"), std::string::npos) << r.out;
 }

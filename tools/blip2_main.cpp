@@ -6,9 +6,11 @@
 #include <iostream>
 
 #include "blip2/config/config.h"
+#include "blip2/models/blip2_llm.h"
 #include "blip2/models/blip2_qformer.h"
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
+#include "blip2/text/llm_tokenizer.h"
 #include "blip2/io/pth.h"
 #include "blip2/api/api.h"
 #include "blip2/api/runner.h"
@@ -46,6 +48,17 @@ int tokenize_texts(const std::string& vocab, const std::vector<std::string>& tex
   return 0;
 }
 
+// An LLM tokenizer (tokenizer.model, or vocab.json + merges.txt): ids without special tokens
+// (BOS first with add_bos), and the text they decode to.
+int tokenize_llm(const std::string& path, const std::vector<std::string>& texts, bool add_bos) {
+  auto tok = blip2::load_llm_tokenizer(path);
+  for (const auto& t : texts) {
+    auto ids = tok->encode(t, add_bos);
+    std::cout << nlohmann::json(ids).dump() << "\n";
+  }
+  return 0;
+}
+
 int inspect_checkpoint(const std::string& path, bool raw) {
   namespace fs = std::filesystem;
   blip2::TensorMap t;
@@ -73,12 +86,15 @@ int convert_checkpoint(const std::vector<std::string>& inputs, const std::string
   blip2::Blip2Config cfg = model_config_of(model_name);
   blip2::TensorMap merged;
   for (const auto& in : inputs) {
-    if (blip2::is_hf_directory(in)) cfg = blip2::load_hf_directory(in).config;
+    // A Hugging Face BLIP-2 directory brings its architecture; an LLM directory only weights.
+    if (blip2::is_hf_directory(in) && !blip2::is_hf_llm_directory(in)) cfg = blip2::load_hf_directory(in).config;
     for (auto& [k, v] : blip2::load_checkpoint_tensors(in)) merged[k] = v;
   }
   // Check names and shapes against the architecture without allocating it (meta device).
   blip2::InitOptions meta{torch::TensorOptions().dtype(torch::kFloat32).device(torch::kMeta), 0.02};
-  blip2::Blip2Qformer model(cfg, meta);
+  std::shared_ptr<torch::nn::Module> model;
+  if (cfg.text_config) model = blip2::Blip2Llm(cfg, meta).ptr();
+  else model = blip2::Blip2Qformer(cfg, meta).ptr();
   auto params = model->named_parameters();
   std::vector<std::string> missing;
   for (const auto& p : params) {
@@ -90,7 +106,7 @@ int convert_checkpoint(const std::vector<std::string>& inputs, const std::string
   }
   fs::create_directories(out);
   blip2::save_safetensors((fs::path(out) / "model.safetensors").string(), merged,
-                          {{"format", "blip2cpp"}, {"arch", "Blip2Qformer"}});
+                          {{"format", "blip2cpp"}, {"arch", cfg.text_config ? "Blip2Llm" : "Blip2Qformer"}});
   blip2::atomic_write(fs::path(out) / "config.yaml", blip2::to_yaml(cfg));
   std::cout << "wrote " << merged.size() << " tensors to " << out << "; " << missing.size()
             << " of the model's tensors absent";
@@ -129,12 +145,18 @@ int main(int argc, char** argv) {
 
   auto* list = app.add_subcommand("list-models", "print the support list of named models");
 
-  auto* tokenize = app.add_subcommand("tokenize", "BERT WordPiece ids of texts, one JSON line each");
-  std::string vocab, padding = "none";
+  auto* tokenize = app.add_subcommand("tokenize", "token ids of texts, one JSON line each (BERT WordPiece, "
+                                      "or an LLM's SentencePiece / byte-level BPE)");
+  std::string vocab, padding = "none", llm_tokenizer;
   int64_t max_length = 0;
-  bool cased = false;
+  bool cased = false, add_bos = false;
   std::vector<std::string> texts;
-  tokenize->add_option("--vocab", vocab, "vocab.txt (one token per line)")->required();
+  auto* vocab_opt = tokenize->add_option("--vocab", vocab, "BERT vocab.txt (one token per line)");
+  auto* llm_opt = tokenize->add_option("--tokenizer", llm_tokenizer,
+                                       "an LLM tokenizer: tokenizer.model (Llama, Baichuan) or a directory "
+                                       "with it or with vocab.json + merges.txt (OPT)");
+  vocab_opt->excludes(llm_opt);
+  tokenize->add_flag("--add_bos", add_bos, "LLM tokenizers: BOS first");
   tokenize->add_option("--max_length", max_length, "truncate (and pad) to this many ids");
   tokenize->add_option("--padding", padding, "max_length | longest | none")
       ->check(CLI::IsMember({"max_length", "longest", "none"}));
@@ -170,14 +192,19 @@ int main(int argc, char** argv) {
 
   try {
     if (*list) return list_models();
-    if (*tokenize) return tokenize_texts(vocab, texts, max_length, padding, !cased);
+    if (*tokenize) {
+      if (!llm_tokenizer.empty()) return tokenize_llm(llm_tokenizer, texts, add_bos);
+      blip2::check(!vocab.empty(), "tokenize: give --vocab (BERT) or --tokenizer (an LLM's)");
+      return tokenize_texts(vocab, texts, max_length, padding, !cased);
+    }
     if (*inspect) return inspect_checkpoint(inspect_path, raw_names);
     if (*convert) return convert_checkpoint(convert_inputs, convert_out, convert_model);
     if (*exporter) {
       namespace fs = std::filesystem;
       auto cfg = model_config_of(export_in);
       blip2::export_hf_directory(cfg, blip2::load_checkpoint_tensors(export_in), export_out);
-      std::cout << "wrote a Hugging Face Blip2ForImageTextRetrieval directory to " << export_out << "\n";
+      std::cout << "wrote a Hugging Face " << (cfg.text_config ? "Blip2ForConditionalGeneration" : "Blip2ForImageTextRetrieval")
+                << " directory to " << export_out << "\n";
       return 0;
     }
     if (!run_mode.empty()) o.run_mode = run_mode;

@@ -8,6 +8,7 @@
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/io/safetensors.h"
+#include "blip2/tasks/stage2.h"
 #include "blip2/tasks/trainer.h"
 #include "blip2/tasks/zero_shot.h"
 #include "blip2/util/common.h"
@@ -362,6 +363,125 @@ void save_features(const std::string& path, const Features& f) {
   TensorMap t = feature_tensors(f);
   check(!t.empty(), path + ": no features to save");
   save_safetensors(path, t, {{"format", "blip2cpp-features"}});
+}
+
+// ---- stage 2 ----
+
+Blip2GenerationModel Blip2GenerationModel::from_pretrained(const std::string& name_or_path,
+                                                           const GenerationModelOptions& o) {
+  std::error_code ec;
+  RunConfig cfg = parse_run_config(embedded_tiny_config(), "<embedded>");
+  cfg.run_mode = "predict";
+  cfg.device_target = o.device.rfind("cuda", 0) == 0 ? "cuda" : "cpu";
+  cfg.model.arch.type = "Blip2ImageToTextGeneration";
+  std::string source = name_or_path;
+  if (const Preset* preset = find_preset(name_or_path)) {
+    check(preset->config.text_config.has_value(),
+          name_or_path + ": a stage-1 model; use Blip2Model::from_pretrained for it");
+    cfg.model.model_config = preset->config;
+    const fs::path dir = fs::path(blip2_home()) / name_or_path;
+    if (fs::is_directory(dir, ec)) {
+      cfg.model.model_config.checkpoint_name_or_path = dir.string();
+    } else if (o.allow_random_init || name_or_path == "tiny_stage2") {
+      source = "random";
+    } else {
+      resolve_weights(name_or_path);  // throws, saying which files to place where
+    }
+  } else {
+    check(fs::exists(name_or_path, ec), name_or_path + ": not a model of the support list (" +
+                                            join(support_list(), ", ") + ") and no such file or directory");
+    const std::string weights = weights_location(name_or_path);
+    const fs::path yaml = fs::path(weights) / "config.yaml";
+    if (fs::is_directory(weights, ec) && fs::exists(yaml, ec)) {  // a stage-2 training checkpoint
+      RunConfig saved = load_run_config(yaml.string());
+      check(saved.model.model_config.text_config.has_value(), weights + ": a stage-1 checkpoint (no text_config)");
+      cfg.model = saved.model;
+      auto& mc = cfg.model.model_config;
+      // The checkpoint holds the trained weights; the paths it was built from are kept when they
+      // still exist (a checkpoint without frozen weights needs them).
+      for (std::string* p : {&mc.checkpoint_name_or_path, &mc.vision_config.checkpoint_name_or_path,
+                             &mc.text_config->checkpoint_name_or_path}) {
+        try {
+          if (!p->empty()) resolve_weights(*p);
+        } catch (const Error&) {
+          p->clear();
+        }
+      }
+      cfg.load_checkpoint = weights;
+    } else {
+      check(is_hf_directory(weights), weights + ": not a Hugging Face directory or a blip2cpp stage-2 checkpoint");
+      cfg.model.model_config.text_config = TextConfig{};
+      cfg.model.model_config.checkpoint_name_or_path = weights;  // its config.json decides the architecture
+    }
+  }
+  const auto& text = *cfg.model.model_config.text_config;
+  cfg.eval_dataset = DatasetConfig{};
+  cfg.eval_dataset.tokenizer.vocab_file = o.tokenizer;
+  if (text.vocab_size == static_cast<int64_t>(SyntheticShapes::vocabulary().size()) && o.tokenizer.empty())
+    cfg.eval_dataset.data_loader.type = "SyntheticShapes";  // the tiny model's built-in vocabulary
+  else
+    cfg.eval_dataset.data_loader.type = "ImageFolder";
+  Stage2Trainer loaded(cfg);
+  auto module = loaded.model();
+  module->eval();
+  return Blip2GenerationModel(module, loaded.tokenizer(), source);
+}
+
+Blip2GenerationModel::Blip2GenerationModel(Blip2Llm module, std::shared_ptr<LlmTokenizer> tokenizer,
+                                           std::string source)
+    : module_(std::move(module)), tokenizer_(std::move(tokenizer)), source_(std::move(source)) {}
+
+torch::Tensor Blip2GenerationModel::preprocess(const std::vector<PipelineInput>& images) const {
+  check(!images.empty(), "preprocess: no images");
+  std::vector<torch::Tensor> out;
+  for (const auto& in : images)
+    out.push_back(eval_transform(std::holds_alternative<Image>(in) ? std::get<Image>(in)
+                                                                   : load_image(std::get<std::string>(in)),
+                                 config().vision_config.image_size));
+  return torch::stack(out).to(device());
+}
+
+std::vector<std::string> Blip2GenerationModel::generate(const torch::Tensor& images,
+                                                        const std::vector<std::string>& prompts,
+                                                        const GenerationOptions& o) const {
+  const auto n = static_cast<size_t>(images.size(0));
+  check(prompts.size() == n || prompts.size() <= 1,
+        "generate: " + std::to_string(prompts.size()) + " prompts for " + std::to_string(n) + " images");
+  std::vector<std::string> filled(n, prompts.empty() ? "" : prompts[0]);
+  if (prompts.size() == n) filled = prompts;
+  Blip2Llm m = module_;  // a handle: the same module
+  m->eval();
+  auto batch = encode_prompts(*tokenizer_, filled, /*add_bos=*/true);
+  auto ids = m->generate(images.to(device()), batch.ids.to(device()), batch.keep.to(device()), o);
+  std::vector<std::string> out;
+  for (const auto& row : ids) {
+    std::string t = tokenizer_->decode(row);
+    const auto a = t.find_first_not_of(" \n\t"), b = t.find_last_not_of(" \n\t");
+    out.push_back(a == std::string::npos ? "" : t.substr(a, b - a + 1));
+  }
+  return out;
+}
+
+ImageToTextPipeline::ImageToTextPipeline(Blip2GenerationModel model, ImageToTextOptions options)
+    : model_(std::move(model)), options_(std::move(options)) {}
+
+nlohmann::json ImageToTextPipeline::operator()(const std::vector<PipelineInput>& images, const std::string& prompt) {
+  check(!images.empty(), "image_to_text_generation: no images");
+  const auto& tmpl = options_.hypothesis_template;
+  const std::string text = prompt.empty() ? "" : (tmpl.find("{}") != std::string::npos ? fill_template(tmpl, prompt) : prompt);
+  auto texts = model_.generate(model_.preprocess(images), {text},
+                               options_.generation ? *options_.generation : model_.generation_options());
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& t : texts) out.push_back({{"text", t}, {"prompt", text}});
+  return out;
+}
+
+ImageToTextPipeline image_to_text_pipeline(const std::string& model, ImageToTextOptions options) {
+  return ImageToTextPipeline(Blip2GenerationModel::from_pretrained(model, options.load), std::move(options));
+}
+
+ImageToTextPipeline image_to_text_pipeline(const Blip2GenerationModel& model, ImageToTextOptions options) {
+  return ImageToTextPipeline(model, std::move(options));
 }
 
 }  // namespace blip2

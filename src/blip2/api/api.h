@@ -27,7 +27,9 @@
 
 #include "blip2/config/config.h"
 #include "blip2/io/safetensors.h"
+#include "blip2/models/blip2_llm.h"
 #include "blip2/models/blip2_qformer.h"
+#include "blip2/text/llm_tokenizer.h"
 #include "blip2/text/text.h"
 #include "blip2/vision/image.h"
 
@@ -187,6 +189,67 @@ class Pipeline {
 std::vector<std::string> pipeline_tasks();
 Pipeline pipeline(const std::string& task, const std::string& model, PipelineOptions options = {});
 Pipeline pipeline(const std::string& task, const Blip2Model& model, PipelineOptions options = {});
+
+// ---- stage 2: image-to-text generation ----
+
+struct GenerationModelOptions {
+  std::string device = "cpu";  // cpu | cuda
+  // The LLM's tokenizer (tokenizer.model, or a directory with it or vocab.json + merges.txt).
+  // "" = the one in the LLM or model directory, else the built-in vocabulary (tiny_stage2).
+  std::string tokenizer;
+  bool allow_random_init = false;  // a preset name with no weights: random weights, no error
+};
+
+// A stage-2 BLIP-2 (ViT, Q-Former query path, language_projection, LLM) with its LLM
+// tokenizer: the seed's Blip2ImageToTextGeneration.
+class Blip2GenerationModel {
+ public:
+  // A preset name (itt_blip2_stage2_vit_g_llama_7b, blip2_opt_2.7b, tiny_stage2, ...: weights
+  // from $BLIP2_HOME/<name>), a Hugging Face Blip2ForConditionalGeneration directory, or a
+  // stage-2 training output directory / checkpoint.
+  static Blip2GenerationModel from_pretrained(const std::string& name_or_path,
+                                              const GenerationModelOptions& options = {});
+  Blip2GenerationModel(Blip2Llm module, std::shared_ptr<LlmTokenizer> tokenizer, std::string source);
+  torch::Tensor preprocess(const std::vector<PipelineInput>& images) const;
+  // The text after each image's prompt (`prompts`: one per image, or one for all; "" = none).
+  std::vector<std::string> generate(const torch::Tensor& images, const std::vector<std::string>& prompts,
+                                    const GenerationOptions& options) const;
+  GenerationOptions generation_options() const { return GenerationOptions::from(module_->text_config()); }
+  Blip2Llm module() const { return module_; }
+  std::shared_ptr<LlmTokenizer> tokenizer() const { return tokenizer_; }
+  const Blip2Config& config() const { return module_->config(); }
+  torch::Device device() const { return module_->query_tokens.device(); }
+  const std::string& source() const { return source_; }
+
+ private:
+  Blip2Llm module_;
+  std::shared_ptr<LlmTokenizer> tokenizer_;
+  std::string source_;
+};
+
+struct ImageToTextOptions {
+  // The seed's: prompt = hypothesis_template.format(prompt); "{}" passes the prompt as given.
+  std::string hypothesis_template = "{}";
+  std::optional<GenerationOptions> generation;  // default: the model's text_config settings
+  GenerationModelOptions load;                  // loading a model by name or path
+};
+
+// pipeline("image_to_text_generation"): [{"text", "prompt"}] per image.
+class ImageToTextPipeline {
+ public:
+  ImageToTextPipeline(Blip2GenerationModel model, ImageToTextOptions options);
+  nlohmann::json operator()(const std::vector<PipelineInput>& images, const std::string& prompt = "");
+  nlohmann::json operator()(const PipelineInput& image, const std::string& prompt = "") {
+    return (*this)(std::vector<PipelineInput>{image}, prompt);
+  }
+  const Blip2GenerationModel& model() const { return model_; }
+
+ private:
+  Blip2GenerationModel model_;
+  ImageToTextOptions options_;
+};
+ImageToTextPipeline image_to_text_pipeline(const std::string& model, ImageToTextOptions options = {});
+ImageToTextPipeline image_to_text_pipeline(const Blip2GenerationModel& model, ImageToTextOptions options = {});
 
 // Features as named safetensors (image_embeds, image_embeds_proj, text_embeds, text_embeds_proj,
 // multimodal_embeds: those defined), written atomically.

@@ -294,7 +294,7 @@ HfModel load_hf_directory(const std::string& dir) {
 nlohmann::json hf_config_from_blip2(const Blip2Config& c) {
   const auto& v = c.vision_config;
   const auto& q = c.qformer_config;
-  return {
+  nlohmann::json j = {
       {"architectures", {"Blip2ForImageTextRetrieval"}},
       {"model_type", "blip-2"},
       {"num_query_tokens", q.query_length},
@@ -317,6 +317,16 @@ nlohmann::json hf_config_from_blip2(const Blip2Config& c) {
         {"pad_token_id", q.pad_token_id}, {"hidden_act", q.hidden_act},
         {"use_qformer_text_input", true}}},
   };
+  if (c.text_config) {  // stage 2: Blip2ForConditionalGeneration, query path only
+    auto text = hf_config_from_text(*c.text_config);
+    text.erase("architectures");
+    j["architectures"] = {"Blip2ForConditionalGeneration"};
+    j["text_config"] = text;
+    j["qformer_config"]["use_qformer_text_input"] = false;
+    j.erase("image_text_hidden_size");
+    if (c.text_config->image_token_id >= 0) j["image_token_index"] = c.text_config->image_token_id;
+  }
+  return j;
 }
 
 TensorMap hf_from_canonical(const TensorMap& tensors) {
@@ -366,10 +376,26 @@ void export_hf_llm(const TextConfig& t, const TensorMap& tensors, const std::str
 }
 
 void export_hf_directory(const Blip2Config& c, const TensorMap& tensors, const std::string& dir) {
+  Blip2Config cfg = c;
+  TensorMap out = hf_from_canonical(tensors);
+  if (cfg.text_config && cfg.text_config->image_token_id < 0) {
+    // transformers' Blip2ForConditionalGeneration places the queries at <image> placeholder ids:
+    // the vocabulary grows by one zero row for it (as its own conversion resized the tables).
+    auto& t = *cfg.text_config;
+    t.image_token_id = t.vocab_size;
+    t.vocab_size += 1;
+    for (const char* name : {"language_model.model.embed_tokens.weight", "language_model.model.decoder.embed_tokens.weight",
+                             "language_model.lm_head.weight"}) {
+      auto it = out.find(name);
+      if (it == out.end()) continue;
+      it->second = torch::cat({it->second, torch::zeros({1, it->second.size(1)}, it->second.options())});
+    }
+    log_info("export: the LLM's vocabulary grew by one row for the <image> placeholder (id " +
+             std::to_string(t.image_token_id) + ")");
+  }
   fs::create_directories(dir);
-  save_safetensors((fs::path(dir) / "model.safetensors").string(), hf_from_canonical(tensors),
-                   {{"format", "pt"}});
-  atomic_write(fs::path(dir) / "config.json", hf_config_from_blip2(c).dump(2) + "\n");
+  save_safetensors((fs::path(dir) / "model.safetensors").string(), out, {{"format", "pt"}});
+  atomic_write(fs::path(dir) / "config.json", hf_config_from_blip2(cfg).dump(2) + "\n");
 }
 
 }  // namespace blip2

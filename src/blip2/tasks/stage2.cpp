@@ -21,24 +21,42 @@ bool is_stage2(const RunConfig& cfg) {
          arch == "Blip2ImageToTextGeneration";
 }
 
-std::shared_ptr<LlmTokenizer> stage2_tokenizer(const DatasetConfig& d, const TextConfig& t,
+std::shared_ptr<LlmTokenizer> stage2_tokenizer(const DatasetConfig& d, const Blip2Config& c,
                                                const std::string& section) {
+  const TextConfig& t = *c.text_config;
   std::shared_ptr<LlmTokenizer> tok;
   std::error_code ec;
+  // A directory holding an LLM tokenizer: the LLM's own, else the whole model's (a Hugging
+  // Face Blip2ForConditionalGeneration directory keeps its tokenizer files beside the weights).
+  auto tokenizer_dir = [&](const std::string& name) -> std::string {
+    if (name.empty()) return "";
+    std::string dir;
+    try {
+      dir = resolve_weights(name);
+    } catch (const Error&) {
+      return "";
+    }
+    const fs::path p(dir);
+    if (fs::is_directory(p, ec) && (fs::exists(p / "tokenizer.model", ec) || fs::exists(p / "vocab.json", ec)))
+      return dir;
+    return "";
+  };
   const auto& file = d.tokenizer.vocab_file;
   if (!file.empty()) {
-    tok = load_llm_tokenizer(file);
-  } else if (!t.checkpoint_name_or_path.empty() && fs::is_directory(resolve_weights(t.checkpoint_name_or_path), ec) &&
-             (fs::exists(fs::path(resolve_weights(t.checkpoint_name_or_path)) / "tokenizer.model", ec) ||
-              fs::exists(fs::path(resolve_weights(t.checkpoint_name_or_path)) / "vocab.json", ec))) {
-    tok = load_llm_tokenizer(resolve_weights(t.checkpoint_name_or_path));
+    std::error_code e2;
+    tok = load_llm_tokenizer(fs::exists(file, e2) ? file : resolve_weights(file));
+  } else if (auto dir = tokenizer_dir(t.checkpoint_name_or_path); !dir.empty()) {
+    tok = load_llm_tokenizer(dir);
+  } else if (auto dir2 = tokenizer_dir(c.checkpoint_name_or_path); !dir2.empty()) {
+    tok = load_llm_tokenizer(dir2);
   } else if (d.data_loader.type == "SyntheticShapes") {
     TokenizerConfig tc;  // the built-in vocabulary, without the Q-Former's [DEC]
     tc.bos_token = "";
     tok = std::make_shared<WordPieceLlmTokenizer>(make_tokenizer(tc));
   } else {
-    throw Error(section + ".tokenizer.vocab_file is empty and the LLM directory (text_config."
-                "checkpoint_name_or_path) has no tokenizer.model or vocab.json: give the LLM's tokenizer");
+    throw Error(section + ".tokenizer.vocab_file is empty and neither the LLM directory (text_config."
+                "checkpoint_name_or_path) nor the model directory has a tokenizer.model or vocab.json: "
+                "give the LLM's tokenizer");
   }
   if (tok->vocab_size() > t.vocab_size)
     throw Error(section + ".tokenizer (" + tok->source + ") has " + std::to_string(tok->vocab_size()) +
@@ -48,6 +66,32 @@ std::shared_ptr<LlmTokenizer> stage2_tokenizer(const DatasetConfig& d, const Tex
     check(id < t.vocab_size, section + ".tokenizer: special id " + std::to_string(id) +
                                  " is outside the LLM's vocabulary of " + std::to_string(t.vocab_size));
   return tok;
+}
+
+void adopt_hf_architecture(Blip2Config& c) {
+  if (c.checkpoint_name_or_path.empty()) return;
+  std::string dir;
+  try {
+    dir = resolve_weights(c.checkpoint_name_or_path);
+  } catch (const Error&) {
+    return;  // build_stage2_model reports it
+  }
+  if (!is_hf_directory(dir)) return;
+  const auto cfg_path = (fs::path(dir) / "config.json").string();
+  const Blip2Config hf = blip2_config_from_hf(nlohmann::json::parse(read_file(cfg_path), nullptr, false), cfg_path);
+  if (!hf.text_config) return;
+  TextConfig t = *hf.text_config;
+  const TextConfig& yaml = *c.text_config;  // generation settings and the LLM path stay the config's
+  t.checkpoint_name_or_path = yaml.checkpoint_name_or_path;
+  t.num_beams = yaml.num_beams; t.max_new_tokens = yaml.max_new_tokens; t.min_new_tokens = yaml.min_new_tokens;
+  t.length_penalty = yaml.length_penalty; t.repetition_penalty = yaml.repetition_penalty;
+  t.do_sample = yaml.do_sample; t.temperature = yaml.temperature; t.top_k = yaml.top_k; t.top_p = yaml.top_p;
+  t.max_decode_length = yaml.max_decode_length; t.use_past = yaml.use_past;
+  t.seq_length = std::max(yaml.seq_length, hf.qformer_config.query_length + c.max_txt_len);
+  c.vision_config = [&] { auto v = hf.vision_config; v.checkpoint_name_or_path = c.vision_config.checkpoint_name_or_path; return v; }();
+  c.qformer_config = hf.qformer_config;
+  c.text_config = t;
+  log_info(cfg_path + ": the model's architecture is this Hugging Face config's");
 }
 
 Blip2Llm build_stage2_model(const Blip2Config& c, std::vector<std::string>* missing) {
@@ -134,7 +178,8 @@ Stage2Trainer::Stage2Trainer(RunConfig cfg) : cfg_(std::move(cfg)), device_(pick
   auto& mc = cfg_.model.model_config;
   check(mc.text_config.has_value(), "model.model_config.text_config: a stage-2 model needs its LLM described");
   const bool train = cfg_.run_mode == "train";
-  tokenizer_ = stage2_tokenizer(train ? cfg_.train_dataset : cfg_.eval_dataset, *mc.text_config,
+  adopt_hf_architecture(mc);
+  tokenizer_ = stage2_tokenizer(train ? cfg_.train_dataset : cfg_.eval_dataset, mc,
                                 train ? "train_dataset" : "eval_dataset");
   model_ = build_stage2_model(mc, &missing_weights_);
   if (!cfg_.load_checkpoint.empty()) {

@@ -30,9 +30,14 @@ bool is_stage2(const RunConfig& cfg);
 
 // The LLM tokenizer for a dataset section: its tokenizer.vocab_file (a tokenizer.model, or a
 // directory with it or with vocab.json + merges.txt), else the LLM checkpoint directory's, else
-// (SyntheticShapes data) the built-in WordPiece vocabulary. Checked against the LLM's vocabulary.
-std::shared_ptr<LlmTokenizer> stage2_tokenizer(const DatasetConfig& d, const TextConfig& t,
+// the model directory's, else (SyntheticShapes data) the built-in WordPiece vocabulary. Checked against the LLM's vocabulary.
+std::shared_ptr<LlmTokenizer> stage2_tokenizer(const DatasetConfig& d, const Blip2Config& c,
                                                const std::string& section);
+
+// When checkpoint_name_or_path is a Hugging Face Blip2ForConditionalGeneration directory, its
+// config.json decides the architecture (vision, Q-Former, LLM); the config keeps its generation
+// settings and checkpoint paths.
+void adopt_hf_architecture(Blip2Config& c);
 
 // The stage-2 model with the weights the config names: the ViT (vision_config), the LLM
 // (text_config.checkpoint_name_or_path, a Hugging Face directory), then the whole model

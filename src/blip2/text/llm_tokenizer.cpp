@@ -284,8 +284,8 @@ std::vector<int64_t> SentencePieceTokenizer::encode(const std::string& raw, bool
 std::string SentencePieceTokenizer::decode(const std::vector<int64_t>& ids, bool skip_special) const {
   std::string out;
   for (int64_t id : ids) {
-    check(id >= 0 && id < vocab_size(), source + ": id " + std::to_string(id) + " is outside the vocabulary of " +
-                                            std::to_string(vocab_size()));
+    check(id >= 0, source + ": negative token id " + std::to_string(id));
+    if (id >= vocab_size()) continue;  // a row the LLM's table was padded with: no text
     const auto& p = pieces_[static_cast<size_t>(id)];
     if (p.type == PieceType::kByte) {
       out.push_back(static_cast<char>(std::stoi(p.text.substr(3, 2), nullptr, 16)));
@@ -440,8 +440,8 @@ std::string ByteLevelBpeTokenizer::decode(const std::vector<int64_t>& ids, bool 
   }();
   std::string bytes;
   for (int64_t id : ids) {
-    check(id >= 0 && id < vocab_size(), source + ": id " + std::to_string(id) + " is outside the vocabulary of " +
-                                            std::to_string(vocab_size()));
+    check(id >= 0, source + ": negative token id " + std::to_string(id));
+    if (id >= vocab_size()) continue;  // a row the LLM's table was padded with: no text
     if (skip_special && std::find(special_.begin(), special_.end(), id) != special_.end()) continue;
     for (char32_t c : to_u32(vocab_[static_cast<size_t>(id)])) {
       auto it = decoder.find(c);
@@ -488,6 +488,8 @@ std::string WordPieceLlmTokenizer::id_to_token(int64_t id) const {
 std::string WordPieceLlmTokenizer::decode(const std::vector<int64_t>& ids, bool skip_special) const {
   std::string out;
   for (int64_t id : ids) {
+    check(id >= 0, source + ": negative token id " + std::to_string(id));
+    if (id >= vocab_size()) continue;  // a row the LLM's table was padded with: no text
     const std::string t = id_to_token(id);
     const bool special = t.size() > 2 && t.front() == '[' && t.back() == ']';
     if (special && skip_special) continue;

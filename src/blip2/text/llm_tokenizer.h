@@ -26,6 +26,7 @@ class LlmTokenizer {
   // Ids of `text`, BOS first when add_bos.
   virtual std::vector<int64_t> encode(const std::string& text, bool add_bos = false) const = 0;
   // Text of `ids`; special tokens (BOS, EOS, PAD, UNK, control pieces) left out when skip_special.
+  // Ids past the vocabulary (rows an LLM's embedding table was padded with) give no text.
   virtual std::string decode(const std::vector<int64_t>& ids, bool skip_special = true) const = 0;
   virtual int64_t vocab_size() const = 0;
   virtual std::string id_to_token(int64_t id) const = 0;
