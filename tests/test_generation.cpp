@@ -8,6 +8,7 @@
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/models/blip2_llm.h"
+#include "blip2/tasks/stage2.h"
 #include "blip2/text/llm_tokenizer.h"
 #include "blip2/util/common.h"
 #include "test_util.h"
@@ -458,6 +459,17 @@ TEST(Stage2Api, FromPretrainedAndImageToTextPipeline) {
   EXPECT_EQ(ids, rows_of(f.io.at("no_prompt")));
   auto msg = error_of([&] { Blip2GenerationModel::from_pretrained("blip2_stage1_vit_g"); });
   EXPECT_NE(msg.find("a stage-1 model"), std::string::npos) << msg;
+
+  // Trainer(task="image_to_text_generation", model=...).predict(images, checkpoint, {prompt})
+  TrainerOptions to;
+  to.output_dir = (dir / "trainer").string();
+  Trainer trainer("image_to_text_generation", "tiny_stage2", to);
+  auto pred = trainer.predict({img}, "", {"a photo of"});
+  ASSERT_EQ(pred.size(), 1u);
+  EXPECT_EQ(pred[0]["prompt"], "a photo of");
+  EXPECT_EQ(trainer.generation_model().config().text_config->hidden_size, 128);
+  msg = error_of([&] { trainer.model(); });
+  EXPECT_NE(msg.find("use generation_model()"), std::string::npos) << msg;
   fs::remove_all(dir);
 }
 
@@ -475,4 +487,40 @@ TEST(LlmTokenizer, TokenizeCommandPrintsTheIds) {
   auto r = run_cli("tokenize 'a photo of'");
   EXPECT_NE(r.code, 0);
   EXPECT_NE(r.out.find("give --vocab (BERT) or --tokenizer"), std::string::npos) << r.out;
+}
+
+TEST(Stage2Weights, FrozenViTAndLlmInBfloat16) {
+  // What CUDA gets by default (frozen_dtype auto): the frozen ViT and LLM in bfloat16, created in
+  // that dtype and loaded once; ln_vision, the Q-Former and the projection in float32.
+  auto f = load_fixture("llama");
+  auto c = f.config;
+  c.frozen_dtype = "bfloat16";
+  EXPECT_EQ(frozen_dtype(c, torch::kCPU), torch::kBFloat16);
+  c.frozen_dtype = "auto";
+  EXPECT_EQ(frozen_dtype(c, torch::kCPU), torch::kFloat32);
+  c.frozen_dtype = "bfloat16";
+  auto model = build_stage2_model(c, nullptr, torch::kCPU);
+  auto report = load_weights_into(*model, load_hf_directory((kParity / "hf_llama").string()).tensors, "hf_llama");
+  EXPECT_TRUE(report.missing.empty()) << report.summary();
+  auto params = model->named_parameters();
+  EXPECT_EQ(params["language_model.model.layers.0.mlp.up_proj.weight"].scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(params["vision_model.encoder.layers.0.mlp.fc1.weight"].scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(params["vision_model.post_layernorm.weight"].scalar_type(), torch::kFloat32);
+  EXPECT_EQ(params["qformer.layernorm.weight"].scalar_type(), torch::kFloat32);
+  EXPECT_EQ(params["language_projection.weight"].scalar_type(), torch::kFloat32);
+  EXPECT_FALSE(params["language_model.model.norm.weight"].requires_grad());
+  EXPECT_TRUE(params["vision_model.post_layernorm.weight"].requires_grad());
+  model->eval();
+  torch::NoGradGuard no_grad;
+  auto ids = f.io.at("input_ids");
+  auto [text, keep] = strip_image_tokens(ids, torch::ones_like(ids), f.config.text_config->image_token_id);
+  auto logits = model->forward(f.io.at("pixel_values"), text, keep);
+  EXPECT_EQ(logits.scalar_type(), torch::kBFloat16);
+  const double scale = f.io.at("logits").abs().max().item<double>();
+  const double d = max_abs_diff(logits.to(torch::kFloat32), f.io.at("logits"));
+  std::cout << "  bf16 logits max |diff| " << d << " (largest logit " << scale << ")\n";
+  EXPECT_LT(d, 0.05 * scale);
+  auto bos = torch::full({2, 1}, f.config.text_config->bos_token_id, torch::kLong);
+  auto out = model->generate(f.io.at("pixel_values"), bos, torch::ones_like(bos), options(f));
+  EXPECT_EQ(out.size(), 2u);
 }

@@ -14,6 +14,7 @@
 #include "blip2/io/pth.h"
 #include "blip2/api/api.h"
 #include "blip2/api/runner.h"
+#include "blip2/tasks/trainer.h"
 #include "blip2/text/text.h"
 #include "blip2/util/common.h"
 
@@ -202,7 +203,7 @@ int main(int argc, char** argv) {
     if (*exporter) {
       namespace fs = std::filesystem;
       auto cfg = model_config_of(export_in);
-      blip2::export_hf_directory(cfg, blip2::load_checkpoint_tensors(export_in), export_out);
+      blip2::export_hf_directory(cfg, blip2::load_checkpoint_tensors(blip2::weights_location(export_in)), export_out);
       std::cout << "wrote a Hugging Face " << (cfg.text_config ? "Blip2ForConditionalGeneration" : "Blip2ForImageTextRetrieval")
                 << " directory to " << export_out << "\n";
       return 0;

@@ -149,6 +149,8 @@ void Blip2Model::save_pretrained(const std::string& dir) const {
 
 namespace {
 
+bool use_stage2_model(RunConfig& cfg, const std::string& name_or_path, bool allow_random);
+
 RunConfig trainer_config(const std::string& task, const TrainerOptions& o) {
   RunConfig cfg = o.config.empty() ? parse_run_config(embedded_tiny_config(), "embedded tiny config")
                                    : load_run_config(o.config);
@@ -164,7 +166,8 @@ RunConfig trainer_config(const std::string& task, const TrainerOptions& o) {
 const std::vector<std::string>& trainer_tasks() {
   static const std::vector<std::string> tasks = {"contrastive_language_image_pretrain",
                                                  "image_to_text_retrieval",
-                                                 "zero_shot_image_classification"};
+                                                 "zero_shot_image_classification",
+                                                 "image_to_text_generation"};
   return tasks;
 }
 
@@ -180,6 +183,18 @@ Trainer::Trainer(const std::string& task, const std::string& model, const Traine
   check_task(task);
   RunConfig cfg = trainer_config(task, o);
   std::error_code ec;
+  const Preset* preset = find_preset(model);
+  if ((preset && preset->config.text_config) || task == "image_to_text_generation") {
+    // Stage 2: the preset's architecture with $BLIP2_HOME/NAME's weights, or a path's.
+    if (preset) cfg.trainer.model_name = model;
+    use_stage2_model(cfg, model, /*allow_random=*/task == "contrastive_language_image_pretrain");
+    cfg.model.arch.type = "Blip2Llm";
+    // The seed's image_to_text_generation passes the prompt as given unless told otherwise.
+    if (task == "image_to_text_generation" && !o.eval_dataset) cfg.eval_dataset.data_loader.hypothesis_template = "{}";
+    validate(cfg, "Trainer");
+    stage2_ = std::make_unique<Stage2Trainer>(cfg);
+    return;
+  }
   if (find_preset(model) || fs::exists(model, ec)) {
     // The architecture and weights of the name or path (a preset without local weights starts
     // from random weights when it is the tiny one, as from_pretrained does).
@@ -207,7 +222,8 @@ Trainer::Trainer(const std::string& task, const Blip2Model& model, const Trainer
 
 Trainer::Trainer(RunConfig config) {
   check_task(config.trainer.type);
-  impl_ = std::make_unique<PretrainTrainer>(std::move(config));
+  if (is_stage2(config)) stage2_ = std::make_unique<Stage2Trainer>(std::move(config));
+  else impl_ = std::make_unique<PretrainTrainer>(std::move(config));
 }
 
 Trainer::Trainer(RunConfig config, const Blip2Model& model) {
@@ -220,13 +236,28 @@ Trainer::Trainer(RunConfig config, const Blip2Model& model) {
 Trainer::~Trainer() = default;
 Trainer::Trainer(Trainer&&) noexcept = default;
 
-const RunConfig& Trainer::config() const { return impl_->config(); }
+const RunConfig& Trainer::config() const { return stage2_ ? stage2_->config() : impl_->config(); }
 
-Blip2Model Trainer::model() const { return Blip2Model(impl_->model(), impl_->tokenizer(), "trainer"); }
+Blip2Model Trainer::model() const {
+  check(impl_ != nullptr, "Trainer::model(): a stage-2 trainer; use generation_model()");
+  return Blip2Model(impl_->model(), impl_->tokenizer(), "trainer");
+}
+
+Blip2GenerationModel Trainer::generation_model() const {
+  check(stage2_ != nullptr, "Trainer::generation_model(): a stage-1 trainer; use model()");
+  return Blip2GenerationModel(stage2_->model(), stage2_->tokenizer(), "trainer");
+}
 
 nlohmann::json Trainer::train() {
   check(config().trainer.type == "contrastive_language_image_pretrain",
         "task " + config().trainer.type + " does not train (contrastive_language_image_pretrain does)");
+  if (stage2_) {
+    auto logs = stage2_->train();
+    nlohmann::json out = {{"steps", logs.empty() ? 0 : logs.back().step}};
+    if (!logs.empty()) out["final"] = {{"loss", logs.back().loss}};
+    out["checkpoint"] = (fs::path(config().output_dir) / "checkpoint").string();
+    return out;
+  }
   auto logs = impl_->train();
   nlohmann::json out = {{"steps", logs.empty() ? 0 : logs.back().step}};
   if (!logs.empty())
@@ -237,6 +268,7 @@ nlohmann::json Trainer::train() {
 }
 
 nlohmann::json Trainer::evaluate() {
+  if (stage2_) return stage2_->evaluate();
   const auto& task = config().trainer.type;
   if (task == "image_to_text_retrieval") return impl_->evaluate_retrieval();
   if (task == "zero_shot_image_classification") return impl_->evaluate_zero_shot();
@@ -245,6 +277,11 @@ nlohmann::json Trainer::evaluate() {
 
 nlohmann::json Trainer::predict(const std::vector<std::string>& inputs, const std::string& checkpoint,
                                 const std::vector<std::string>& texts) {
+  if (stage2_) {
+    if (!checkpoint.empty()) stage2_->load_weights(checkpoint);
+    check(texts.size() <= 1, "predict: image_to_text_generation takes one prompt for all images");
+    return stage2_->predict(inputs, texts.empty() ? "" : texts[0]);
+  }
   if (!checkpoint.empty()) impl_->load_weights(checkpoint);
   const auto& task = config().trainer.type;
   if (task == "zero_shot_image_classification") return impl_->predict_zero_shot(inputs);
@@ -367,14 +404,14 @@ void save_features(const std::string& path, const Features& f) {
 
 // ---- stage 2 ----
 
-Blip2GenerationModel Blip2GenerationModel::from_pretrained(const std::string& name_or_path,
-                                                           const GenerationModelOptions& o) {
+namespace {
+
+// Points a stage-2 run config at a model: a preset ($BLIP2_HOME/NAME, else random when allowed),
+// a stage-2 checkpoint or training output directory (its config.yaml's architecture, its
+// weights as load_checkpoint), or a Hugging Face directory (its config.json's architecture).
+// Returns false when the model starts from random weights.
+bool use_stage2_model(RunConfig& cfg, const std::string& name_or_path, bool allow_random) {
   std::error_code ec;
-  RunConfig cfg = parse_run_config(embedded_tiny_config(), "<embedded>");
-  cfg.run_mode = "predict";
-  cfg.device_target = o.device.rfind("cuda", 0) == 0 ? "cuda" : "cpu";
-  cfg.model.arch.type = "Blip2ImageToTextGeneration";
-  std::string source = name_or_path;
   if (const Preset* preset = find_preset(name_or_path)) {
     check(preset->config.text_config.has_value(),
           name_or_path + ": a stage-1 model; use Blip2Model::from_pretrained for it");
@@ -382,8 +419,8 @@ Blip2GenerationModel Blip2GenerationModel::from_pretrained(const std::string& na
     const fs::path dir = fs::path(blip2_home()) / name_or_path;
     if (fs::is_directory(dir, ec)) {
       cfg.model.model_config.checkpoint_name_or_path = dir.string();
-    } else if (o.allow_random_init || name_or_path == "tiny_stage2") {
-      source = "random";
+    } else if (allow_random || name_or_path == "tiny_stage2") {
+      return false;
     } else {
       resolve_weights(name_or_path);  // throws, saying which files to place where
     }
@@ -414,6 +451,19 @@ Blip2GenerationModel Blip2GenerationModel::from_pretrained(const std::string& na
       cfg.model.model_config.checkpoint_name_or_path = weights;  // its config.json decides the architecture
     }
   }
+  return true;
+}
+
+}  // namespace
+
+Blip2GenerationModel Blip2GenerationModel::from_pretrained(const std::string& name_or_path,
+                                                           const GenerationModelOptions& o) {
+  std::error_code ec;
+  RunConfig cfg = parse_run_config(embedded_tiny_config(), "<embedded>");
+  cfg.run_mode = "predict";
+  cfg.device_target = o.device.rfind("cuda", 0) == 0 ? "cuda" : "cpu";
+  cfg.model.arch.type = "Blip2ImageToTextGeneration";
+  const std::string source = use_stage2_model(cfg, name_or_path, o.allow_random_init) ? name_or_path : "random";
   const auto& text = *cfg.model.model_config.text_config;
   cfg.eval_dataset = DatasetConfig{};
   cfg.eval_dataset.tokenizer.vocab_file = o.tokenizer;
@@ -450,16 +500,7 @@ std::vector<std::string> Blip2GenerationModel::generate(const torch::Tensor& ima
   std::vector<std::string> filled(n, prompts.empty() ? "" : prompts[0]);
   if (prompts.size() == n) filled = prompts;
   Blip2Llm m = module_;  // a handle: the same module
-  m->eval();
-  auto batch = encode_prompts(*tokenizer_, filled, /*add_bos=*/true);
-  auto ids = m->generate(images.to(device()), batch.ids.to(device()), batch.keep.to(device()), o);
-  std::vector<std::string> out;
-  for (const auto& row : ids) {
-    std::string t = tokenizer_->decode(row);
-    const auto a = t.find_first_not_of(" \n\t"), b = t.find_last_not_of(" \n\t");
-    out.push_back(a == std::string::npos ? "" : t.substr(a, b - a + 1));
-  }
-  return out;
+  return generate_texts(*m, *tokenizer_, images, filled, o);
 }
 
 ImageToTextPipeline::ImageToTextPipeline(Blip2GenerationModel model, ImageToTextOptions options)

@@ -36,6 +36,8 @@
 namespace blip2 {
 
 class PretrainTrainer;
+class Stage2Trainer;
+class Blip2GenerationModel;
 
 // The architecture a name or path describes: a preset of the support list, a Hugging Face
 // directory (config.json), a blip2cpp directory or checkpoint (config.yaml), a training output
@@ -117,7 +119,9 @@ struct TrainerOptions {
 // path (see the top of this file), or an already loaded Blip2Model. Tasks:
 // contrastive_language_image_pretrain (train, evaluate = losses + ITC retrieval, predict =
 // features), image_to_text_retrieval (evaluate), zero_shot_image_classification (evaluate,
-// predict).
+// predict). Stage 2 (a stage-2 preset or config, or task image_to_text_generation):
+// train (contrastive_language_image_pretrain), evaluate (caption loss; synthetic: caption
+// accuracy), predict(images, checkpoint, {prompt}) = [{image, prompt, text}].
 class Trainer {
  public:
   Trainer(const std::string& task, const std::string& model, const TrainerOptions& options = {});
@@ -140,10 +144,12 @@ class Trainer {
                          const std::vector<std::string>& texts = {});
 
   const RunConfig& config() const;
-  Blip2Model model() const;
+  Blip2Model model() const;                      // stage 1
+  Blip2GenerationModel generation_model() const;  // stage 2
 
  private:
   std::unique_ptr<PretrainTrainer> impl_;
+  std::unique_ptr<Stage2Trainer> stage2_;
 };
 
 // ---- pipeline ----

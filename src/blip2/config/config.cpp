@@ -184,13 +184,15 @@ Blip2Config parse_model_config(const std::string& text, const std::string& sourc
 std::string to_yaml(const RunConfig& cfg) { return emit(cfg); }
 std::string to_yaml(const Blip2Config& cfg) { return emit(cfg); }
 
+static void require_positive(const std::string& s, const std::string& at, int64_t x, const std::string& key) {
+  if (x <= 0) bad(s, at + key, "must be positive, got " + std::to_string(x));
+}
+
 static void validate_text(const TextConfig& t, int64_t train_length, const std::string& s,
                           const std::string& at) {
   if (!t.is_opt() && t.type != "LlamaConfig")
     bad(s, at + "type", "'" + t.type + "' is not LlamaConfig (Llama, Baichuan) or OPTConfig");
-  auto positive = [&](int64_t x, const std::string& key) {
-    if (x <= 0) bad(s, at + key, "must be positive, got " + std::to_string(x));
-  };
+  auto positive = [&](int64_t x, const std::string& key) { require_positive(s, at, x, key); };
   positive(t.hidden_size, "hidden_size");
   positive(t.num_layers, "num_layers");
   positive(t.num_heads, "num_heads");
@@ -220,9 +222,7 @@ static void validate_text(const TextConfig& t, int64_t train_length, const std::
 static void validate_model(const Blip2Config& m, const std::string& s, const std::string& at) {
   const auto& v = m.vision_config;
   const auto& q = m.qformer_config;
-  auto positive = [&](int64_t x, const std::string& key) {
-    if (x <= 0) bad(s, at + key, "must be positive, got " + std::to_string(x));
-  };
+  auto positive = [&](int64_t x, const std::string& key) { require_positive(s, at, x, key); };
   positive(v.image_size, "vision_config.image_size");
   positive(v.patch_size, "vision_config.patch_size");
   positive(v.hidden_size, "vision_config.hidden_size");
@@ -257,6 +257,8 @@ static void validate_model(const Blip2Config& m, const std::string& s, const std
   if (m.max_txt_len > q.max_position_embeddings)
     bad(s, at + "max_txt_len", "exceeds qformer_config.max_position_embeddings");
   if (!(m.temperature > 0)) bad(s, at + "temperature", "must be positive");
+  if (m.frozen_dtype != "auto" && m.frozen_dtype != "float32" && m.frozen_dtype != "bfloat16")
+    bad(s, at + "frozen_dtype", "'" + m.frozen_dtype + "' is not auto|float32|bfloat16");
   if (m.text_config) validate_text(*m.text_config, q.query_length + m.max_txt_len, s, at + "text_config.");
 }
 

@@ -155,6 +155,9 @@ struct Blip2Config {
   int64_t prompt_length = 0;           // its token count
   bool freeze_vision = true;           // ViT frozen: no grad, eval mode
   bool freeze_text = true;             // stage-2 LLM frozen
+  // Stage 2: the dtype the frozen ViT and LLM are held in. auto = bfloat16 on CUDA, float32 on
+  // the CPU; the Q-Former, ln_vision and language_projection stay float32.
+  std::string frozen_dtype = "auto";
   double temperature = 0.07;           // initial ITC temperature (learnable `temp`)
   VisionConfig vision_config;
   QFormerConfig qformer_config;
@@ -164,7 +167,7 @@ struct Blip2Config {
     v("type", type); v("max_txt_len", max_txt_len);
     v("checkpoint_name_or_path", checkpoint_name_or_path); v("prompt", prompt);
     v("prompt_length", prompt_length); v("freeze_vision", freeze_vision);
-    v("freeze_text", freeze_text); v("temperature", temperature);
+    v("freeze_text", freeze_text); v("frozen_dtype", frozen_dtype); v("temperature", temperature);
     v("vision_config", vision_config); v("qformer_config", qformer_config);
     v("text_config", text_config);
   }

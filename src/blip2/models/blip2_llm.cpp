@@ -4,7 +4,8 @@
 
 namespace blip2 {
 
-Blip2LlmImpl::Blip2LlmImpl(const Blip2Config& c, const InitOptions& init) : config_(c) {
+Blip2LlmImpl::Blip2LlmImpl(const Blip2Config& c, const InitOptions& init, const std::optional<InitOptions>& frozen)
+    : config_(c) {
   check(c.text_config.has_value(), "a stage-2 model needs model_config.text_config (the LLM)");
   const auto& q = c.qformer_config;
   InitOptions vit_init = init;
@@ -14,7 +15,9 @@ Blip2LlmImpl::Blip2LlmImpl(const Blip2Config& c, const InitOptions& init) : conf
   InitOptions head_init = init;
   head_init.std = -1;  // torch.nn.Linear's default, as LAVIS creates opt_proj
 
+  if (frozen && c.freeze_vision) vit_init.options = frozen->options;
   vision_model = register_module("vision_model", EvaVisionModel(c.vision_config, vit_init));
+  vision_model->post_layernorm->to(torch::kFloat32);  // ln_vision trains (float32)
   {
     torch::NoGradGuard no_grad;
     query_tokens = register_parameter("query_tokens", torch::empty({1, q.query_length, q.hidden_size}, init.options));
@@ -23,7 +26,9 @@ Blip2LlmImpl::Blip2LlmImpl(const Blip2Config& c, const InitOptions& init) : conf
   qformer = register_module("qformer", QFormerModel(q, c.encoder_width(), bert_init, /*text_path=*/false));
   language_projection = register_module(
       "language_projection", Linear(q.hidden_size, c.text_config->hidden_size, true, head_init));
-  language_model = register_module("language_model", make_causal_lm(*c.text_config, init));
+  InitOptions llm_init = init;
+  if (frozen && c.freeze_text) llm_init.options = frozen->options;
+  language_model = register_module("language_model", make_causal_lm(*c.text_config, llm_init));
 
   if (c.freeze_vision) {
     for (auto& p : vision_model->named_parameters())
@@ -44,9 +49,9 @@ torch::Tensor Blip2LlmImpl::encode_image(const torch::Tensor& images) {
   torch::Tensor feats;
   if (config_.freeze_vision) {
     torch::NoGradGuard no_grad;
-    feats = vision_model->forward_features(images);
+    feats = vision_model->forward_features(images.to(vision_model->embeddings->position_embedding.scalar_type()));
   } else {
-    feats = vision_model->forward_features(images);
+    feats = vision_model->forward_features(images.to(vision_model->embeddings->position_embedding.scalar_type()));
   }
   // ln_vision and the Q-Former run in fp32 (transformers keeps the Q-Former in fp32 too).
   return vision_model->post_layernorm(feats.to(torch::kFloat32));

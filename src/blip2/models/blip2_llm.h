@@ -8,6 +8,7 @@
 // Shapes: B batch, Q queries, L text tokens, H LLM width, V vocabulary.
 #pragma once
 
+#include <optional>
 #include <vector>
 
 #include "blip2/config/config.h"
@@ -20,7 +21,10 @@ namespace blip2 {
 
 class Blip2LlmImpl : public torch::nn::Module {
  public:
-  explicit Blip2LlmImpl(const Blip2Config& config, const InitOptions& init = {});
+  // `frozen` (when given) creates the frozen ViT and LLM instead of `init`: e.g. bfloat16 directly
+  // on the GPU, so a 7B LLM never exists in float32 or twice. ln_vision stays float32.
+  explicit Blip2LlmImpl(const Blip2Config& config, const InitOptions& init = {},
+                        const std::optional<InitOptions>& frozen = std::nullopt);
 
   // ln_vision(ViT(images)) [B, N, Dv]; without autograd when the ViT is frozen.
   torch::Tensor encode_image(const torch::Tensor& images);

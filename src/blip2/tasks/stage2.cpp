@@ -94,8 +94,15 @@ void adopt_hf_architecture(Blip2Config& c) {
   log_info(cfg_path + ": the model's architecture is this Hugging Face config's");
 }
 
-Blip2Llm build_stage2_model(const Blip2Config& c, std::vector<std::string>* missing) {
-  Blip2Llm model(c, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02});
+torch::Dtype frozen_dtype(const Blip2Config& c, torch::Device device) {
+  if (c.frozen_dtype == "bfloat16") return torch::kBFloat16;
+  if (c.frozen_dtype == "float32") return torch::kFloat32;
+  return device.is_cuda() ? torch::kBFloat16 : torch::kFloat32;
+}
+
+Blip2Llm build_stage2_model(const Blip2Config& c, std::vector<std::string>* missing, torch::Device device) {
+  const InitOptions frozen{torch::TensorOptions().dtype(frozen_dtype(c, device)).device(device), 0.02};
+  Blip2Llm model(c, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02}, frozen);
   auto load_part = [&](const std::string& path, const std::string& prefix, const std::string& what) {
     TensorMap part;
     for (auto& [name, t] : load_checkpoint_tensors(resolve_weights(path)))
@@ -181,29 +188,20 @@ Stage2Trainer::Stage2Trainer(RunConfig cfg) : cfg_(std::move(cfg)), device_(pick
   adopt_hf_architecture(mc);
   tokenizer_ = stage2_tokenizer(train ? cfg_.train_dataset : cfg_.eval_dataset, mc,
                                 train ? "train_dataset" : "eval_dataset");
-  model_ = build_stage2_model(mc, &missing_weights_);
-  if (!cfg_.load_checkpoint.empty()) {
-    const std::string where = weights_location(resolve_weights(cfg_.load_checkpoint));
-    auto report = load_weights_into(*model_, load_checkpoint_tensors(where), where);
-    log_info("weights from " + where + ": " + report.summary());
-    missing_weights_ = report.missing;
-  }
+  model_ = build_stage2_model(mc, &missing_weights_, device_);
+  if (!cfg_.load_checkpoint.empty()) load_weights(cfg_.load_checkpoint);
   model_->to(device_);
 }
 
+void Stage2Trainer::load_weights(const std::string& path) {
+  const std::string where = weights_location(resolve_weights(path));
+  auto report = load_weights_into(*model_, load_checkpoint_tensors(where), where);
+  log_info("weights from " + where + ": " + report.summary());
+  missing_weights_ = report.missing;
+}
+
 BatchLoader Stage2Trainer::make_loader(const DatasetConfig& d, bool train) const {
-  auto dataset = make_dataset(d, cfg_.model.model_config.vision_config.image_size,
-                              static_cast<uint64_t>(cfg_.seed), train ? "train_dataset" : "eval_dataset");
-  LoaderOptions o;
-  o.batch_size = d.batch_size > 0 ? d.batch_size : cfg_.runner_config.batch_size;
-  o.shuffle = train && d.data_loader.shuffle;
-  o.drop_last = train ? d.drop_remainder : false;
-  o.seed = static_cast<uint64_t>(cfg_.seed);
-  o.num_workers = d.num_parallel_workers;
-  o.skip_bad_samples = d.data_loader.skip_bad_samples;
-  o.rank = dist::rank();
-  o.world_size = dist::world_size();
-  return BatchLoader(dataset, nullptr, d.text_transforms, o);
+  return make_batch_loader(cfg_, d, train, nullptr);
 }
 
 int64_t Stage2Trainer::prompt_tokens(const DatasetConfig& d) const {
@@ -216,6 +214,10 @@ int64_t Stage2Trainer::prompt_tokens(const DatasetConfig& d) const {
 void Stage2Trainer::pretrain_llm(BatchLoader& loader) {
   const auto& rc = cfg_.runner_config;
   auto& lm = *model_->language_model;
+  check(lm.parameters().front().scalar_type() == torch::kFloat32,
+        "runner_config.llm_pretrain_epochs: the LLM is held in " +
+            std::string(c10::toString(lm.parameters().front().scalar_type())) +
+            "; pretraining it needs model_config.frozen_dtype: float32");
   std::vector<bool> frozen;
   for (auto& p : lm.parameters()) {
     frozen.push_back(!p.requires_grad());
@@ -345,18 +347,25 @@ void Stage2Trainer::save_checkpoint(int64_t step) {
   });
 }
 
-std::vector<std::string> Stage2Trainer::generate(const torch::Tensor& images, const std::vector<std::string>& prompts,
-                                                 const GenerationOptions& o, GenerationStats* stats) {
-  model_->eval();
-  auto batch = encode_prompts(*tokenizer_, prompts, /*add_bos=*/true);
-  auto ids = model_->generate(images.to(device_), batch.ids.to(device_), batch.keep.to(device_), o, stats);
+std::vector<std::string> generate_texts(Blip2LlmImpl& model, const LlmTokenizer& tok, const torch::Tensor& images,
+                                        const std::vector<std::string>& prompts, const GenerationOptions& o,
+                                        GenerationStats* stats) {
+  model.eval();
+  const auto device = model.query_tokens.device();
+  auto batch = encode_prompts(tok, prompts, /*add_bos=*/true);
+  auto ids = model.generate(images.to(device), batch.ids.to(device), batch.keep.to(device), o, stats);
   std::vector<std::string> out;
   for (const auto& row : ids) {
-    std::string text = tokenizer_->decode(row);
+    std::string text = tok.decode(row);
     const auto a = text.find_first_not_of(" \n\t"), b = text.find_last_not_of(" \n\t");
     out.push_back(a == std::string::npos ? "" : text.substr(a, b - a + 1));
   }
   return out;
+}
+
+std::vector<std::string> Stage2Trainer::generate(const torch::Tensor& images, const std::vector<std::string>& prompts,
+                                                 const GenerationOptions& o, GenerationStats* stats) {
+  return generate_texts(*model_, *tokenizer_, images, prompts, o, stats);
 }
 
 nlohmann::json Stage2Trainer::evaluate() {

@@ -42,7 +42,11 @@ void adopt_hf_architecture(Blip2Config& c);
 // The stage-2 model with the weights the config names: the ViT (vision_config), the LLM
 // (text_config.checkpoint_name_or_path, a Hugging Face directory), then the whole model
 // (checkpoint_name_or_path: stage-1 or stage-2 weights). `missing` gets what stayed random.
-Blip2Llm build_stage2_model(const Blip2Config& c, std::vector<std::string>* missing = nullptr);
+// `device`: where the frozen parts are created (in frozen_dtype), so that they are loaded once.
+Blip2Llm build_stage2_model(const Blip2Config& c, std::vector<std::string>* missing = nullptr,
+                            torch::Device device = torch::kCPU);
+// The dtype model_config.frozen_dtype means on `device` (auto: bfloat16 on CUDA, else float32).
+torch::Dtype frozen_dtype(const Blip2Config& c, torch::Device device);
 
 struct CaptionTargets {
   torch::Tensor ids, keep, labels;  // [B, L]
@@ -58,6 +62,12 @@ CaptionTargets caption_targets(const LlmTokenizer& tok, const std::vector<std::s
 bool caption_names_class(const std::string& caption, const std::string& label_name,
                          const std::vector<std::string>& class_names);
 
+// The text after each image's prompt: prompts tokenised ([BOS] prompt, left-padded), generated,
+// decoded without special tokens and stripped. images [B,3,S,S]; prompts: one per image.
+std::vector<std::string> generate_texts(Blip2LlmImpl& model, const LlmTokenizer& tok, const torch::Tensor& images,
+                                        const std::vector<std::string>& prompts, const GenerationOptions& o,
+                                        GenerationStats* stats = nullptr);
+
 class Stage2Trainer {
  public:
   explicit Stage2Trainer(RunConfig cfg);
@@ -71,6 +81,8 @@ class Stage2Trainer {
   // Texts for preprocessed images [B,3,S,S] after their prompts (filled in already).
   std::vector<std::string> generate(const torch::Tensor& images, const std::vector<std::string>& prompts,
                                     const GenerationOptions& o, GenerationStats* stats = nullptr);
+  // Loads weights (a checkpoint, output directory, Hugging Face or LAVIS file) into the model.
+  void load_weights(const std::string& path);
   Blip2Llm model() const { return model_; }
   std::shared_ptr<LlmTokenizer> tokenizer() const { return tokenizer_; }
   const RunConfig& config() const { return cfg_; }

@@ -283,19 +283,24 @@ void require_weights(const std::vector<std::string>& missing, const std::vector<
                     "has it (a LAVIS stage-1 file, a Hugging Face Blip2ForImageTextRetrieval, or ours)");
 }
 
-BatchLoader PretrainTrainer::make_loader(const DatasetConfig& d, bool train) const {
-  auto dataset = make_dataset(d, cfg_.model.model_config.vision_config.image_size,
-                              static_cast<uint64_t>(cfg_.seed), train ? "train_dataset" : "eval_dataset");
+BatchLoader make_batch_loader(const RunConfig& cfg, const DatasetConfig& d, bool train,
+                              std::shared_ptr<const WordPieceTokenizer> tokenizer) {
+  auto dataset = make_dataset(d, cfg.model.model_config.vision_config.image_size,
+                              static_cast<uint64_t>(cfg.seed), train ? "train_dataset" : "eval_dataset");
   LoaderOptions o;
-  o.batch_size = d.batch_size > 0 ? d.batch_size : cfg_.runner_config.batch_size;
+  o.batch_size = d.batch_size > 0 ? d.batch_size : cfg.runner_config.batch_size;
   o.shuffle = train && d.data_loader.shuffle;
   o.drop_last = train ? d.drop_remainder : false;
-  o.seed = static_cast<uint64_t>(cfg_.seed);
+  o.seed = static_cast<uint64_t>(cfg.seed);
   o.num_workers = d.num_parallel_workers;
   o.skip_bad_samples = d.data_loader.skip_bad_samples;
   o.rank = dist::rank();
   o.world_size = dist::world_size();
-  return BatchLoader(dataset, tokenizer_, d.text_transforms, o);
+  return BatchLoader(dataset, std::move(tokenizer), d.text_transforms, o);
+}
+
+BatchLoader PretrainTrainer::make_loader(const DatasetConfig& d, bool train) const {
+  return make_batch_loader(cfg_, d, train, tokenizer_);
 }
 
 void PretrainTrainer::save_checkpoint(const TrainState& st, torch::optim::Optimizer& opt) {

@@ -65,6 +65,11 @@ std::unique_ptr<torch::optim::AdamW> make_adamw(const torch::nn::Module& model, 
 std::filesystem::path write_checkpoint(const std::string& output_dir, int64_t step,
                                        const std::function<void(const std::filesystem::path& tmp)>& fill);
 
+// The batch loader of a dataset section of `cfg` (training: shuffled, drop_remainder; else in
+// order, every sample); `tokenizer` null leaves ids/mask undefined (stage 2 tokenises itself).
+BatchLoader make_batch_loader(const RunConfig& cfg, const DatasetConfig& d, bool train,
+                              std::shared_ptr<const WordPieceTokenizer> tokenizer);
+
 // Where a run stands; saved in each checkpoint.
 struct TrainState {
   int64_t step = 0;   // optimizer steps done
