@@ -16,12 +16,6 @@ namespace fs = std::filesystem;
 namespace {
 
 const fs::path kImages = fs::path(BLIP2_FIXTURE_DIR) / "images";
-const fs::path kParity = fs::path(BLIP2_FIXTURE_DIR) / "parity";
-
-double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  EXPECT_EQ(a.sizes(), b.sizes());
-  return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
-}
 
 // A tiny model with random weights, saved once per test process.
 const fs::path& saved_tiny() {
@@ -47,11 +41,11 @@ TEST(Api, FromPretrainedRoundTripsThroughSavePretrained) {
   auto pixels = a.preprocess(std::vector<std::string>{(kImages / "rgb.png").string()});
   EXPECT_EQ(pixels.sizes(), (std::vector<int64_t>{1, 3, 32, 32}));
   auto fa = a.extract_features(pixels, {}, "image"), fb = b.extract_features(pixels, {}, "image");
-  EXPECT_EQ(max_diff(fa.image_embeds_proj, fb.image_embeds_proj), 0.0);
+  EXPECT_EQ(max_abs_diff(fa.image_embeds_proj, fb.image_embeds_proj), 0.0);
   // A random tiny model differs from the saved one.
   auto c = Blip2Model::from_pretrained("tiny");
   EXPECT_EQ(c.source(), "random");
-  EXPECT_GT(max_diff(c.extract_features(pixels, {}, "image").image_embeds_proj, fa.image_embeds_proj), 1e-3);
+  EXPECT_GT(max_abs_diff(c.extract_features(pixels, {}, "image").image_embeds_proj, fa.image_embeds_proj), 1e-3);
 
   auto names = Blip2Model::support_list();
   EXPECT_NE(std::find(names.begin(), names.end(), "blip2_stage1_classification"), names.end());
@@ -98,11 +92,11 @@ TEST(Api, ExtractFeaturesMatchesTheTaskComputations) {
   torch::NoGradGuard no_grad;
   auto [ids, mask] = model.tokenize(texts, c.max_txt_len);
   auto embeds = m->encode_image(pixels);
-  EXPECT_LT(max_diff(image.image_embeds_proj, m->image_features(m->query_pass(embeds, false).hidden)), 1e-6);
+  EXPECT_LT(max_abs_diff(image.image_embeds_proj, m->image_features(m->query_pass(embeds, false).hidden)), 1e-6);
   // Token 0 of the text projections is the ITC text feature.
-  EXPECT_LT(max_diff(text.text_embeds_proj.select(1, 0), m->text_features(m->text_pass(ids, mask))), 1e-6);
+  EXPECT_LT(max_abs_diff(text.text_embeds_proj.select(1, 0), m->text_features(m->text_pass(ids, mask))), 1e-6);
   // The ITM head over the multimodal query outputs, averaged, is the ITM logit.
-  EXPECT_LT(max_diff(m->itm_head(mm.multimodal_embeds).mean(1), m->itm_logits(embeds, ids, mask)), 1e-5);
+  EXPECT_LT(max_abs_diff(m->itm_head(mm.multimodal_embeds).mean(1), m->itm_logits(embeds, ids, mask)), 1e-5);
 
   EXPECT_NE(error_of([&] { model.extract_features(pixels, {"one text"}, "multimodal"); }).find("2 images and 1 texts"),
             std::string::npos);
@@ -127,7 +121,7 @@ TEST(ZeroShot, ClassifierMatchesTheHuggingFaceFixtureScores) {
   ZeroShotClassifier itc(model, tok, o);
   auto probs = itc.probabilities(io.at("pixel_values"));
   auto expected = torch::softmax(io.at("itc_logits_per_image") / model->temp, 1);
-  EXPECT_LT(max_diff(probs, expected), 1e-5);
+  EXPECT_LT(max_abs_diff(probs, expected), 1e-5);
 
   // ITM re-ranking of every label: the re-ranked scores are ITM logit + cosine, computed here
   // brute force on the full image path (no key/value reuse), sharing ITC's mass (all of it).
@@ -140,12 +134,12 @@ TEST(ZeroShot, ClassifierMatchesTheHuggingFaceFixtureScores) {
   for (int64_t b = 0; b < 3; ++b) {
     auto itm = model->itm_logits(embeds.narrow(0, b, 1).expand({3, -1, -1}), ids, mask);
     auto score = itm.select(1, 1) + io.at("itc_logits_per_image")[b];
-    EXPECT_LT(max_diff(reranked[b], torch::softmax(score, 0)), 1e-5) << "image " << b;
+    EXPECT_LT(max_abs_diff(reranked[b], torch::softmax(score, 0)), 1e-5) << "image " << b;
   }
   // The diagonal ITM logits are the fixture's.
   for (int64_t b = 0; b < 3; ++b) {
     auto itm = model->itm_logits(embeds.narrow(0, b, 1), ids.narrow(0, b, 1), mask.narrow(0, b, 1));
-    EXPECT_LT(max_diff(itm[0], io.at("itm_logits")[b]), 1e-4);
+    EXPECT_LT(max_abs_diff(itm[0], io.at("itm_logits")[b]), 1e-4);
   }
   // The retrieval task's scores on the same model (keys/values reused): each matching pair
   // scores the fixture's ITM logit + its ITC similarity.
@@ -157,8 +151,8 @@ TEST(ZeroShot, ClassifierMatchesTheHuggingFaceFixtureScores) {
   in.text_feats = model->text_features(model->text_pass(ids, mask));
   auto scores = rerank_top_k(model, in, RerankOptions{});
   auto itc_diag = io.at("itc_logits_per_image").diagonal();
-  EXPECT_LT(max_diff(scores.i2t.diagonal(), io.at("itm_logits").select(1, 1) + itc_diag), 1e-4);
-  EXPECT_LT(max_diff(scores.t2i.diagonal(), io.at("itm_logits").select(1, 1) + itc_diag), 1e-4);
+  EXPECT_LT(max_abs_diff(scores.i2t.diagonal(), io.at("itm_logits").select(1, 1) + itc_diag), 1e-4);
+  EXPECT_LT(max_abs_diff(scores.t2i.diagonal(), io.at("itm_logits").select(1, 1) + itc_diag), 1e-4);
   // Re-ranking only the top 2 keeps the third label's ITC probability and the total.
   o.itm_top_k = 2;
   auto top2 = ZeroShotClassifier(model, tok, o).probabilities(io.at("pixel_values"));
@@ -235,7 +229,7 @@ TEST(Api, TrainerEvaluatesAndPredictsLikeTheCli) {
     EXPECT_TRUE(written.count(key)) << key;
   auto model = Blip2Model::from_pretrained(saved_tiny().string());
   auto direct = model.extract_features(model.preprocess(std::vector<std::string>{img}), {}, "image");
-  EXPECT_LT(max_diff(written.at("image_embeds_proj"), direct.image_embeds_proj), 1e-6);
+  EXPECT_LT(max_abs_diff(written.at("image_embeds_proj"), direct.image_embeds_proj), 1e-6);
   fs::remove_all(dir);
 }
 

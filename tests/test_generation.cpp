@@ -19,13 +19,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kParity = fs::path(BLIP2_FIXTURE_DIR) / "parity";
-
-double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  EXPECT_EQ(a.sizes(), b.sizes());
-  return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
-}
-
 // Rows of a fixture's [B, N] id table, each cut at its first -1.
 std::vector<std::vector<int64_t>> rows_of(const torch::Tensor& t) {
   std::vector<std::vector<int64_t>> out(t.size(0));
@@ -459,6 +452,16 @@ TEST(Stage2Api, FromPretrainedAndImageToTextPipeline) {
   EXPECT_EQ(ids, rows_of(f.io.at("no_prompt")));
   auto msg = error_of([&] { Blip2GenerationModel::from_pretrained("blip2_stage1_vit_g"); });
   EXPECT_NE(msg.find("a stage-1 model"), std::string::npos) << msg;
+  {  // a named model with nothing under $BLIP2_HOME: the error says what to place there
+    const char* old_home = std::getenv("BLIP2_HOME");
+    const std::string saved = old_home ? old_home : "";
+    setenv("BLIP2_HOME", (dir / "home").c_str(), 1);
+    msg = error_of([&] { Blip2GenerationModel::from_pretrained("itt_blip2_stage2_vit_g_llama_7b"); });
+    EXPECT_NE(msg.find((dir / "home" / "itt_blip2_stage2_vit_g_llama_7b").string()), std::string::npos) << msg;
+    EXPECT_NE(msg.find("the LLM goes under its own name"), std::string::npos) << msg;
+    if (old_home) setenv("BLIP2_HOME", saved.c_str(), 1);
+    else unsetenv("BLIP2_HOME");
+  }
 
   // Trainer(task="image_to_text_generation", model=...).predict(images, checkpoint, {prompt})
   TrainerOptions to;

@@ -15,22 +15,13 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const fs::path kParity = fs::path(BLIP2_FIXTURE_DIR) / "parity";
-
-double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
-  EXPECT_EQ(a.sizes(), b.sizes());
-  double d = (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
-  std::cout << "  max |diff| " << d << "\n";
-  return d;
-}
-
 // The model computes the ITM logits transformers computed for the fixture's inputs.
 void expect_fixture_itm_logits(Blip2Qformer& model) {
   model->eval();
   torch::NoGradGuard no_grad;
   auto io = load_safetensors((kParity / "hf_itm_io.safetensors").string());
   auto vision = model->encode_image(io.at("pixel_values"));
-  EXPECT_LT(max_diff(model->itm_logits(vision, io.at("input_ids"), io.at("attention_mask")),
+  EXPECT_LT(max_abs_diff(model->itm_logits(vision, io.at("input_ids"), io.at("attention_mask")),
                      io.at("itm_logits")), 1e-4);
 }
 
@@ -52,15 +43,15 @@ TEST(Parity, HuggingFaceImageTextRetrievalModel) {
   auto io = load_safetensors((kParity / "hf_itm_io.safetensors").string());
   auto images = io.at("pixel_values"), ids = io.at("input_ids"), mask = io.at("attention_mask");
   auto vision = model->encode_image(images);
-  EXPECT_LT(max_diff(vision, io.at("vision_last_hidden_state")), 1e-4);
+  EXPECT_LT(max_abs_diff(vision, io.at("vision_last_hidden_state")), 1e-4);
   auto query = model->query_pass(vision, false).hidden;
-  EXPECT_LT(max_diff(query, io.at("query_output")), 1e-4);
+  EXPECT_LT(max_abs_diff(query, io.at("query_output")), 1e-4);
   auto image_feat = model->image_features(query);
-  EXPECT_LT(max_diff(image_feat, io.at("image_feat")), 1e-4);
+  EXPECT_LT(max_abs_diff(image_feat, io.at("image_feat")), 1e-4);
   auto text_feat = model->text_features(model->text_pass(ids, mask));
-  EXPECT_LT(max_diff(text_feat, io.at("text_feat")), 1e-4);
-  EXPECT_LT(max_diff(max_over_queries(image_feat, text_feat), io.at("itc_logits_per_image")), 1e-4);
-  EXPECT_LT(max_diff(model->itm_logits(vision, ids, mask), io.at("itm_logits")), 1e-4);
+  EXPECT_LT(max_abs_diff(text_feat, io.at("text_feat")), 1e-4);
+  EXPECT_LT(max_abs_diff(max_over_queries(image_feat, text_feat), io.at("itc_logits_per_image")), 1e-4);
+  EXPECT_LT(max_abs_diff(model->itm_logits(vision, ids, mask), io.at("itm_logits")), 1e-4);
 }
 
 TEST(Parity, FusedQkvBiasIsSplitAndShardsAreJoined) {
@@ -117,7 +108,7 @@ TEST(Parity, BareVitFileAndPositionInterpolation) {
   EXPECT_TRUE(vit.count("vision_model.encoder.layers.1.self_attn.q_bias"));
   auto extras = load_safetensors((kParity / "lavis_extras.safetensors").string());
   auto got = interpolate_pos_embed(extras.at("pos_embed"), 1 + 36);
-  EXPECT_LT(max_diff(got, extras.at("interpolated")), 1e-5);
+  EXPECT_LT(max_abs_diff(got, extras.at("interpolated")), 1e-5);
 }
 
 TEST(Parity, PthReaderRefusesWhatIsNotAStateDict) {
@@ -196,21 +187,21 @@ TEST(Parity, Stage1LossesMatchLavisFormulas) {
   auto sim_i2t = max_over_queries(image_feats, text_feat) / model->temp;
   auto sim_t2i = max_over_queries(image_feats, text_feat).t() / model->temp;
   auto loss_itc = itc_loss(sim_i2t, sim_t2i, torch::arange(b), 0.1);
-  EXPECT_LT(max_diff(loss_itc.reshape({1}), f.at("loss_itc")), 1e-5);
+  EXPECT_LT(max_abs_diff(loss_itc.reshape({1}), f.at("loss_itc")), 1e-5);
 
   auto ni = f.at("neg_image_for_text"), nt = f.at("neg_text_for_image");
   auto itm = model->itm_logits(torch::cat({image_embeds, image_embeds.index_select(0, ni), image_embeds}),
                                torch::cat({ids, ids, ids.index_select(0, nt)}),
                                torch::cat({mask, mask, mask.index_select(0, nt)}));
-  EXPECT_LT(max_diff(itm, f.at("itm_logits")), 1e-4);
+  EXPECT_LT(max_abs_diff(itm, f.at("itm_logits")), 1e-4);
   auto labels = torch::cat({torch::ones({b}, torch::kLong), torch::zeros({2 * b}, torch::kLong)});
-  EXPECT_LT(max_diff(torch::nn::functional::cross_entropy(itm, labels).reshape({1}), f.at("loss_itm")), 1e-5);
+  EXPECT_LT(max_abs_diff(torch::nn::functional::cross_entropy(itm, labels).reshape({1}), f.at("loss_itm")), 1e-5);
 
   const auto& q = model->config().qformer_config;
   auto [dec, lm_labels] = lm_inputs(ids, q.bos_token_id, q.pad_token_id);
   auto logits = model->lm_logits(dec, mask, query.past);  // over the cached query keys/values
-  EXPECT_LT(max_diff(logits, f.at("lm_logits")), 1e-4);
-  EXPECT_LT(max_diff(lm_loss(logits, lm_labels, 0.1).reshape({1}), f.at("loss_lm")), 1e-5);
+  EXPECT_LT(max_abs_diff(logits, f.at("lm_logits")), 1e-4);
+  EXPECT_LT(max_abs_diff(lm_loss(logits, lm_labels, 0.1).reshape({1}), f.at("loss_lm")), 1e-5);
 }
 
 TEST(Parity, ExportToHuggingFaceRoundTrips) {

@@ -9,6 +9,11 @@
 #include <functional>
 #include <string>
 
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <iostream>
+
 #include "blip2/util/common.h"
 
 namespace blip2::testing {
@@ -47,6 +52,17 @@ inline std::filesystem::path temp_dir(const std::string& name) {
   auto d = std::filesystem::temp_directory_path() / ("blip2_test_" + name + "_" + std::to_string(::getpid()));
   std::filesystem::remove_all(d);
   std::filesystem::create_directories(d);
+  return d;
+}
+
+// The parity fixtures tools/make_parity_fixtures.py wrote.
+inline const std::filesystem::path kParity = std::filesystem::path(BLIP2_FIXTURE_DIR) / "parity";
+
+// Largest absolute difference of two tensors of the same shape (printed, for the test log).
+inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  EXPECT_EQ(a.sizes(), b.sizes());
+  const double d = (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
+  std::cout << "  max |diff| " << d << "\n";
   return d;
 }
 

@@ -30,6 +30,16 @@ std::string resolve_weights(const std::string& name_or_path) {
     files = "LAVIS' blip2_pretrained.pth and eva_vit_g.pth (run `blip2 convert blip2_pretrained.pth "
             "eva_vit_g.pth --out " + dir.string() + "`), or a Hugging Face Salesforce/blip2-itm-vit-g "
             "directory";
+  else if (name_or_path == "llama_7b" || name_or_path == "baichuan_7b")
+    files = "the LLM as a Hugging Face directory (config.json, safetensors or pytorch_model*.bin "
+            "shards, tokenizer.model)";
+  else if (name_or_path.rfind("blip2_opt_", 0) == 0)
+    files = "a Hugging Face Salesforce/blip2-opt-* directory, or run `blip2 convert "
+            "blip2_pretrained_opt*.pth eva_vit_g.pth OPT_DIR --model " + name_or_path + " --out " +
+            dir.string() + "` on LAVIS' files and the facebook/opt-* directory";
+  else if (name_or_path.find("stage2") != std::string::npos)
+    files = "the stage-2 weights (a stage-2 training output, or `blip2 convert` of LAVIS' stage-2 "
+            ".pth); the LLM goes under its own name (llama_7b, baichuan_7b) and the ViT under eva_vit_g";
   else
     files = "the model's weights (a Hugging Face directory, a .pth, or `blip2 convert` output)";
   throw Error(name_or_path + ": no local weights at " + dir.string() + "; place " + files +

@@ -97,7 +97,7 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& embeds, const t
     h = layers[i]->as<LlamaDecoderLayer>()->forward(h, cos, sin, mask, cache ? &cache->layers[i] : nullptr);
   if (last_only) h = h.narrow(1, n - 1, 1);
   h = norm(h);
-  return lm_head.is_empty() ? torch::matmul(h, embed_tokens->weight.t()) : lm_head(h);
+  return output_logits(h, lm_head, embed_tokens);
 }
 
 }  // namespace blip2

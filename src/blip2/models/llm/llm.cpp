@@ -41,6 +41,10 @@ torch::Tensor positions_from_keep(const torch::Tensor& keep, int64_t new_len) {
   return pos.narrow(1, keep.size(1) - new_len, new_len);
 }
 
+torch::Tensor output_logits(const torch::Tensor& hidden, const Linear& lm_head, const Embedding& embed_tokens) {
+  return lm_head.is_empty() ? torch::matmul(hidden, embed_tokens->weight.t()) : lm_head->forward(hidden);
+}
+
 torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v,
                                const torch::Tensor& mask, KVCache* cache) {
   if (cache) {

@@ -49,6 +49,9 @@ torch::Tensor causal_mask(const torch::Tensor& keep, int64_t new_len, torch::Dty
 // Position of each of the last L columns of keep among the kept tokens (cumsum - 1; pads 0).
 torch::Tensor positions_from_keep(const torch::Tensor& keep, int64_t new_len);
 
+// Logits of the final hidden states: lm_head, or the token embeddings when tied (empty lm_head).
+torch::Tensor output_logits(const torch::Tensor& hidden, const Linear& lm_head, const Embedding& embed_tokens);
+
 // Attention over cached + new keys/values: q [B,h,L,D], k/v [B,h,L,D] appended to `cache`
 // (when given), mask additive. Returns [B,h,L,D].
 torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v,

@@ -57,7 +57,7 @@ torch::Tensor OptForCausalLMImpl::forward(const torch::Tensor& embeds, const tor
     h = layers[i]->as<OptDecoderLayer>()->forward(h, mask, cache ? &cache->layers[i] : nullptr);
   if (last_only) h = h.narrow(1, n - 1, 1);
   h = final_layer_norm(h);
-  return lm_head.is_empty() ? torch::matmul(h, embed_tokens->weight.t()) : lm_head(h);
+  return output_logits(h, lm_head, embed_tokens);
 }
 
 }  // namespace blip2
