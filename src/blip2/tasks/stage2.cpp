@@ -194,10 +194,7 @@ Stage2Trainer::Stage2Trainer(RunConfig cfg) : cfg_(std::move(cfg)), device_(pick
 }
 
 void Stage2Trainer::load_weights(const std::string& path) {
-  const std::string where = weights_location(resolve_weights(path));
-  auto report = load_weights_into(*model_, load_checkpoint_tensors(where), where);
-  log_info("weights from " + where + ": " + report.summary());
-  missing_weights_ = report.missing;
+  missing_weights_ = load_model_weights(*model_, path).missing;
 }
 
 BatchLoader Stage2Trainer::make_loader(const DatasetConfig& d, bool train) const {

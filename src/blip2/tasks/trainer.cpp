@@ -204,7 +204,7 @@ std::string weights_location(const std::string& path) {
   return path;
 }
 
-LoadReport load_model_weights(Blip2QformerImpl& model, const std::string& path) {
+LoadReport load_model_weights(torch::nn::Module& model, const std::string& path) {
   const std::string where = weights_location(resolve_weights(path));
   auto report = load_weights_into(model, load_checkpoint_tensors(where), where);
   log_info("weights from " + where + ": " + report.summary());

@@ -126,7 +126,7 @@ class PretrainTrainer {
 Blip2Qformer build_model(const Blip2Config& config, std::vector<std::string>* missing = nullptr);
 // Loads weights from a checkpoint, training output directory (its latest), Hugging Face
 // directory, LAVIS .pth or safetensors file; logs the load report.
-LoadReport load_model_weights(Blip2QformerImpl& model, const std::string& path);
+LoadReport load_model_weights(torch::nn::Module& model, const std::string& path);
 // The tokenizer `tc` describes, checked against the Q-Former's vocabulary and special ids.
 std::shared_ptr<WordPieceTokenizer> model_tokenizer(const TokenizerConfig& tc, const QFormerConfig& q,
                                                     const std::string& section);
