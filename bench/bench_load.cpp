@@ -59,7 +59,9 @@ int main(int argc, char** argv) try {
   config.checkpoint_name_or_path.clear();
   auto m = blip2::build_model(config);
   const double built = current_rss_gib();
-  blip2::load_model_weights(*m, dir);
+  blip2::WeightLedger ledger;
+  blip2::load_model_weights(*m, dir, ledger);
+  ledger.check(*m, {});
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double peak = peak_rss_gib();
   std::cout << "weights file " << blip2::format_float(weights, 3) << " GiB; RSS before "

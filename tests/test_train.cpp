@@ -81,12 +81,7 @@ TEST(Training, ResumedRunFollowsTheSameLossTrajectory) {
   second.load_checkpoint = (dir / "split").string();
   auto tail = PretrainTrainer(second).train();
   ASSERT_EQ(tail.size(), 10u);
-  for (size_t i = 0; i < 6; ++i) EXPECT_DOUBLE_EQ(head[i].loss, full[i].loss) << i;
-  for (size_t i = 0; i < tail.size(); ++i) {
-    EXPECT_EQ(tail[i].step, full[6 + i].step);
-    EXPECT_NEAR(tail[i].loss, full[6 + i].loss, 1e-5) << "step " << tail[i].step;
-    EXPECT_DOUBLE_EQ(tail[i].lr, full[6 + i].lr);
-  }
+  expect_same_trajectory(full, head, tail);
   // Checkpoints were written atomically: no temporary directories left, `latest` is the end.
   for (const auto& e : fs::directory_iterator(dir / "split" / "checkpoint"))
     EXPECT_EQ(e.path().string().find(".tmp"), std::string::npos) << e.path();

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -64,6 +65,21 @@ inline double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
   const double d = (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>();
   std::cout << "  max |diff| " << d << "\n";
   return d;
+}
+
+// A run interrupted after head.size() steps and resumed (tail) follows the uninterrupted one
+// (full): the same losses (1e-5 after the resume) and learning rates, step for step.
+template <class StepLog>
+void expect_same_trajectory(const std::vector<StepLog>& full, const std::vector<StepLog>& head,
+                            const std::vector<StepLog>& tail) {
+  ASSERT_EQ(head.size() + tail.size(), full.size());
+  for (size_t i = 0; i < head.size(); ++i) EXPECT_DOUBLE_EQ(head[i].loss, full[i].loss) << i;
+  for (size_t i = 0; i < tail.size(); ++i) {
+    const auto& want = full[head.size() + i];
+    EXPECT_EQ(tail[i].step, want.step);
+    EXPECT_NEAR(tail[i].loss, want.loss, 1e-5) << "step " << tail[i].step;
+    EXPECT_DOUBLE_EQ(tail[i].lr, want.lr);
+  }
 }
 
 }  // namespace blip2::testing

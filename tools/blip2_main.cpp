@@ -20,8 +20,7 @@
 
 namespace {
 
-// One line, however the library failed.
-std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+using blip2::first_line;
 
 int list_models() {
   std::cout << "support list of Blip2Qformer is:\n";
@@ -82,20 +81,38 @@ int inspect_checkpoint(const std::string& path, bool raw) {
 using blip2::model_config_of;
 
 int convert_checkpoint(const std::vector<std::string>& inputs, const std::string& out,
-                       const std::string& model_name) {
+                       const std::string& model_name, bool model_given) {
   namespace fs = std::filesystem;
-  blip2::Blip2Config cfg = model_config_of(model_name);
+  // The architecture: --model's, and each input's own config (a Hugging Face or blip2cpp
+  // directory) where it has one; with --model given, the two must agree.
+  blip2::RunConfig run;
+  run.model.model_config = model_config_of(model_name);
+  if (model_given)
+    for (const auto& [path, value] : blip2::flatten(run.model.model_config)) run.given[path] = "--model " + model_name;
   blip2::TensorMap merged;
   for (const auto& in : inputs) {
-    // A Hugging Face BLIP-2 directory brings its architecture; an LLM directory only weights.
-    if (blip2::is_hf_directory(in) && !blip2::is_hf_llm_directory(in)) cfg = blip2::load_hf_directory(in).config;
+    if (auto a = blip2::checkpoint_architecture(in)) {
+      // A whole stage-2 model (a Hugging Face Blip2ForConditionalGeneration) brings its LLM.
+      if (!model_given && a->parts.vision && a->config.text_config && !run.model.model_config.text_config)
+        run.model.model_config.text_config = a->config.text_config;
+      if (!a->parts.vision && !run.model.model_config.text_config)
+        throw blip2::Error(in + ": an LLM on its own, but --model " + model_name + " has no LLM (give a stage-2 "
+                           "model, e.g. --model blip2_opt_2.7b)");
+      blip2::adopt_architecture(run, a->config, a->source, a->parts);
+    }
     for (auto& [k, v] : blip2::load_checkpoint_tensors(in)) merged[k] = v;
   }
+  const blip2::Blip2Config cfg = run.model.model_config;
   // Check names and shapes against the architecture without allocating it (meta device).
   blip2::InitOptions meta{torch::TensorOptions().dtype(torch::kFloat32).device(torch::kMeta), 0.02};
   std::shared_ptr<torch::nn::Module> model;
   if (cfg.text_config) model = blip2::Blip2Llm(cfg, meta).ptr();
   else model = blip2::Blip2Qformer(cfg, meta).ptr();
+  const auto extra = blip2::unexpected_tensors(*model, merged, blip2::join(inputs, ", "));
+  if (!extra.empty())
+    throw blip2::Error(out + ": " + blip2::name_list(extra) + " of the inputs have no place in the model (" +
+                       (cfg.text_config ? "a stage-2" : "a stage-1") + " BLIP-2): another --model, or inputs of "
+                       "another model?");
   auto params = model->named_parameters();
   std::vector<std::string> missing;
   for (const auto& p : params) {
@@ -138,9 +155,15 @@ int main(int argc, char** argv) {
   run->add_option("--predict_text", predict_text,
                   "feature extraction: a text to embed (repeat for several); image_to_text_generation: "
                   "the prompt (filled into hypothesis_template)");
-  run->add_option("--device_target", device, "cpu | cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  run->add_option("--device_target", device, "cpu | cuda | cuda:N")
+      ->check(CLI::Validator(
+          [](std::string& v) { return blip2::is_device_target(v) ? std::string() : "'" + v + "' is not cpu|cuda|cuda:N"; },
+          "cpu|cuda|cuda:N"));
   run->add_option("--load_checkpoint", ckpt, "checkpoint directory or .safetensors file");
   run->add_flag("--resume_training", resume, "continue training from --load_checkpoint");
+  bool allow_partial = false;
+  run->add_flag("--allow_partial_load", allow_partial,
+                "load weights that leave some of the model's tensors random (the load report names them)");
   run->add_option("--output_dir", out_dir, "where results, logs and checkpoints go");
   run->add_option("--seed", seed, "random seed");
 
@@ -199,7 +222,7 @@ int main(int argc, char** argv) {
       return tokenize_texts(vocab, texts, max_length, padding, !cased);
     }
     if (*inspect) return inspect_checkpoint(inspect_path, raw_names);
-    if (*convert) return convert_checkpoint(convert_inputs, convert_out, convert_model);
+    if (*convert) return convert_checkpoint(convert_inputs, convert_out, convert_model, convert->count("--model") > 0);
     if (*exporter) {
       namespace fs = std::filesystem;
       auto cfg = model_config_of(export_in);
@@ -218,6 +241,7 @@ int main(int argc, char** argv) {
     if (!out_dir.empty()) o.output_dir = out_dir;
     if (run->count("--seed")) o.seed = seed;
     if (resume) o.resume_training = true;
+    if (allow_partial) o.allow_partial_load = true;
     return blip2::run(config, o);
   } catch (const blip2::Error& e) {
     std::cerr << "error: " << first_line(e.what()) << "\n";

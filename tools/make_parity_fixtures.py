@@ -190,6 +190,7 @@ def write_lavis(model):
     sd["Qformer.cls.predictions.transform.LayerNorm.weight"] = 1 + torch.randn(h) * 0.1
     sd["Qformer.cls.predictions.transform.LayerNorm.bias"] = torch.randn(h) * 0.1
     sd["Qformer.cls.predictions.decoder.weight"] = sd["Qformer.bert.embeddings.word_embeddings.weight"]
+    sd["Qformer.cls.predictions.decoder.bias"] = sd["Qformer.cls.predictions.bias"]  # LAVIS saves the tied bias twice
     sd["temp"] = torch.tensor(0.07)
     torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
                 "config": {"run": {"seed": 42}}, "epoch": 3, "scaler": None},

@@ -23,15 +23,19 @@ Blip2Config model_config_of(const std::string& what) {
   if (fs::is_directory(what, ec)) {
     fs::path dir = weights_location(what);
     if (fs::exists(dir / "config.yaml")) yaml = dir / "config.yaml";
-    else if (fs::exists(dir / "config.json")) return load_hf_directory(dir.string()).config;
+    else if (fs::exists(dir / "config.json"))
+      return blip2_config_from_hf(read_json_file((dir / "config.json").string()), (dir / "config.json").string());
     else throw Error(what + ": no config.yaml or config.json to take the architecture from");
   }
   if (!fs::is_regular_file(yaml, ec))
     throw Error(what + ": neither a model of the support list (blip2 list-models) nor a model "
                 "directory or config file");
   const std::string text = read_file(yaml);
-  if (text.find("model_config:") != std::string::npos)
-    return parse_run_config(text, yaml.string()).model.model_config;
+  if (text.find("model_config:") != std::string::npos) {
+    auto c = parse_run_config(text, yaml.string()).model.model_config;
+    validate_model_config(c, yaml.string());
+    return c;
+  }
   return parse_model_config(text, yaml.string());
 }
 
@@ -42,48 +46,61 @@ Blip2Model::Blip2Model(Blip2Qformer module, std::shared_ptr<WordPieceTokenizer> 
     : module_(std::move(module)), tokenizer_(std::move(tokenizer)), source_(std::move(source)),
       missing_(std::move(missing_weights)) {}
 
+std::optional<std::vector<std::string>> Blip2Model::random_weights() const {
+  if (source_ == "random") return std::nullopt;
+  return missing_;
+}
+
 Blip2Model Blip2Model::from_pretrained(const std::string& name_or_path,
                                        const FromPretrainedOptions& o) {
-  std::error_code ec;
-  std::string weights;  // "" = random weights
-  Blip2Config config;
-  if (const Preset* preset = find_preset(name_or_path)) {
-    const fs::path dir = fs::path(blip2_home()) / name_or_path;
-    if (fs::is_directory(dir, ec)) {
-      weights = dir.string();
-      const bool has_config = fs::exists(dir / "config.yaml") || fs::exists(dir / "config.json");
-      config = has_config ? model_config_of(weights) : preset->config;
+  return guarded("from_pretrained(" + name_or_path + ")", [&] {
+    std::error_code ec;
+    std::string weights;  // "" = random weights
+    Blip2Config config;
+    if (const Preset* preset = find_preset(name_or_path)) {
+      const fs::path dir = fs::path(blip2_home()) / name_or_path;
+      if (fs::is_directory(dir, ec)) {
+        weights = dir.string();
+        const bool has_config = fs::exists(dir / "config.yaml") || fs::exists(dir / "config.json");
+        config = has_config ? model_config_of(weights) : preset->config;
+      } else {
+        if (!(o.allow_random_init || name_or_path == "tiny"))
+          resolve_weights(name_or_path);  // throws, saying which files to place where
+        config = preset->config;
+      }
     } else {
-      if (!(o.allow_random_init || name_or_path == "tiny"))
-        resolve_weights(name_or_path);  // throws, saying which files to place where
-      config = preset->config;
+      check(fs::exists(name_or_path, ec),
+            name_or_path + ": not a model of the support list (" + join(support_list(), ", ") +
+                ") and no such file or directory");
+      weights = weights_location(name_or_path);
+      // A bare weight file (.pth, .safetensors) carries no architecture: take it from o.config.
+      config = model_config_of(fs::is_directory(weights, ec) ? weights : o.config);
     }
-  } else {
-    check(fs::exists(name_or_path, ec),
-          name_or_path + ": not a model of the support list (" + join(support_list(), ", ") +
-              ") and no such file or directory");
-    weights = weights_location(name_or_path);
-    // A bare weight file (.pth, .safetensors) carries no architecture: take it from o.config.
-    config = model_config_of(fs::is_directory(weights, ec) ? weights : o.config);
-  }
-  config.checkpoint_name_or_path.clear();  // the weights are loaded below, once
+    config.checkpoint_name_or_path.clear();  // the weights are loaded below, once
+    const torch::Device device = pick_device(o.device);
 
-  TokenizerConfig tc;
-  const fs::path beside = fs::is_directory(weights, ec) ? fs::path(weights) / "vocab.txt" : fs::path();
-  if (!o.vocab_file.empty()) tc.vocab_file = o.vocab_file;
-  else if (!beside.empty() && fs::exists(beside, ec)) tc.vocab_file = beside.string();
-  else if (config.qformer_config.vocab_size != static_cast<int64_t>(SyntheticShapes::vocabulary().size()))
-    throw Error(name_or_path + ": no vocab.txt beside the weights; give the BERT vocabulary "
-                "(bert-base-uncased's vocab.txt for the published weights) as the vocab file");
-  auto tokenizer = model_tokenizer(tc, config.qformer_config, "from_pretrained");
+    TokenizerConfig tc;
+    const fs::path beside = fs::is_directory(weights, ec) ? fs::path(weights) / "vocab.txt" : fs::path();
+    if (!o.vocab_file.empty()) tc.vocab_file = o.vocab_file;
+    else if (!beside.empty() && fs::exists(beside, ec)) tc.vocab_file = beside.string();
+    else if (config.qformer_config.vocab_size != static_cast<int64_t>(SyntheticShapes::vocabulary().size()))
+      throw Error(name_or_path + ": no vocab.txt beside the weights; give the BERT vocabulary "
+                  "(bert-base-uncased's vocab.txt for the published weights) as the vocab file");
+    auto tokenizer = model_tokenizer(tc, config.qformer_config, "from_pretrained");
 
-  Blip2Qformer module = build_model(config);
-  std::vector<std::string> missing;
-  if (!weights.empty()) missing = load_model_weights(*module, weights).missing;
-  else log_info(name_or_path + ": random weights (nothing under " + blip2_home() + ")");
-  module->to(torch::Device(o.device));
-  module->eval();
-  return Blip2Model(module, tokenizer, weights.empty() ? "random" : weights, std::move(missing));
+    WeightLedger ledger(o.allow_partial_load || config.allow_partial_load);
+    Blip2Qformer module = build_model(config, &ledger);
+    if (!weights.empty()) load_model_weights(*module, weights, ledger);
+    else log_info(name_or_path + ": random weights (nothing under " + blip2_home() + ")");
+    CoveragePolicy policy;
+    policy.allow_partial = o.allow_partial_load || config.allow_partial_load;
+    ledger.check(*module, policy);
+    module->to(device);
+    module->eval();
+    if (!ledger.loaded_any()) return Blip2Model(module, tokenizer, "random");
+    return Blip2Model(module, tokenizer, weights.empty() ? config.vision_config.checkpoint_name_or_path : weights,
+                      ledger.random());
+  });
 }
 
 std::vector<std::string> Blip2Model::support_list() { return blip2::support_list(); }
@@ -94,10 +111,12 @@ void Blip2Model::show_support_list(std::ostream& out) {
 }
 
 torch::Tensor Blip2Model::preprocess(const std::vector<Image>& images) const {
-  check(!images.empty(), "preprocess: no images");
-  std::vector<torch::Tensor> out;
-  for (const auto& img : images) out.push_back(eval_transform(img, config().vision_config.image_size));
-  return torch::stack(out).to(device());
+  return guarded("Blip2Model::preprocess", [&] {
+    check(!images.empty(), "preprocess: no images");
+    std::vector<torch::Tensor> out;
+    for (const auto& img : images) out.push_back(eval_transform(img, config().vision_config.image_size));
+    return torch::stack(out).to(device());
+  });
 }
 
 torch::Tensor Blip2Model::preprocess(const std::vector<std::string>& image_paths) const {
@@ -108,15 +127,26 @@ torch::Tensor Blip2Model::preprocess(const std::vector<std::string>& image_paths
 
 std::pair<torch::Tensor, torch::Tensor> Blip2Model::tokenize(const std::vector<std::string>& texts,
                                                              int64_t max_length) const {
-  check(!texts.empty(), "tokenize: no texts");
-  std::vector<std::string> cleaned;
-  for (const auto& t : texts) cleaned.push_back(clean_caption(t, 50, ""));
-  auto enc = tokenizer_->encode_batch(cleaned, max_length, "max_length");
-  return {enc.ids.to(device()), enc.mask.to(device())};
+  return guarded("Blip2Model::tokenize", [&] {
+    check(!texts.empty(), "tokenize: no texts");
+    const int64_t positions = config().qformer_config.max_position_embeddings;
+    if (max_length <= 0) max_length = config().max_txt_len;
+    check(max_length <= positions, "tokenize: max_length " + std::to_string(max_length) +
+                                       " exceeds the Q-Former's max_position_embeddings " + std::to_string(positions));
+    std::vector<std::string> cleaned;
+    for (const auto& t : texts) cleaned.push_back(clean_caption(t, 50, ""));
+    auto enc = tokenizer_->encode_batch(cleaned, max_length, "max_length");
+    return std::pair{enc.ids.to(device()), enc.mask.to(device())};
+  });
 }
 
 Features Blip2Model::extract_features(const torch::Tensor& images, const std::vector<std::string>& texts,
                                       const std::string& mode) const {
+  return guarded("Blip2Model::extract_features", [&] { return extract_features_unguarded(images, texts, mode); });
+}
+
+Features Blip2Model::extract_features_unguarded(const torch::Tensor& images, const std::vector<std::string>& texts,
+                                                const std::string& mode) const {
   check(mode == "image" || mode == "text" || mode == "multimodal",
         "feature mode '" + mode + "' is not image|text|multimodal");
   check(mode == "text" || images.defined(), "feature mode " + mode + " needs images");
@@ -131,18 +161,22 @@ Features Blip2Model::extract_features(const torch::Tensor& images, const std::ve
 }
 
 Stage1Output Blip2Model::losses(const torch::Tensor& images, const std::vector<std::string>& captions) const {
-  check(images.size(0) == static_cast<int64_t>(captions.size()),
-        "losses: " + std::to_string(images.size(0)) + " images but " + std::to_string(captions.size()) + " captions");
-  auto [ids, mask] = tokenize(captions, config().max_txt_len);
-  Blip2Qformer m = module_;
-  return m->forward(images, ids, mask);
+  return guarded("Blip2Model::losses", [&] {
+    check(images.defined() && images.dim() == 4 && images.size(0) == static_cast<int64_t>(captions.size()),
+          "losses: give images [B,3,S,S] and B captions");
+    auto [ids, mask] = tokenize(captions, config().max_txt_len);
+    Blip2Qformer m = module_;
+    return m->forward(images, ids, mask);
+  });
 }
 
 void Blip2Model::save_pretrained(const std::string& dir) const {
-  fs::create_directories(dir);
-  save_safetensors((fs::path(dir) / "model.safetensors").string(), state_dict(*module_),
-                   {{"format", "blip2cpp"}, {"arch", "Blip2Qformer"}});
-  atomic_write(fs::path(dir) / "config.yaml", to_yaml(config()));
+  guarded("Blip2Model::save_pretrained(" + dir + ")", [&] {
+    fs::create_directories(dir);
+    save_safetensors((fs::path(dir) / "model.safetensors").string(), state_dict(*module_),
+                     {{"format", "blip2cpp"}, {"arch", "Blip2Qformer"}});
+    atomic_write(fs::path(dir) / "config.yaml", to_yaml(config()));
+  });
 }
 
 // ---- Trainer ----
@@ -151,9 +185,25 @@ namespace {
 
 bool use_stage2_model(RunConfig& cfg, const std::string& name_or_path, bool allow_random);
 
-RunConfig trainer_config(const std::string& task, const TrainerOptions& o) {
-  RunConfig cfg = o.config.empty() ? parse_run_config(embedded_tiny_config(), "embedded tiny config")
-                                   : load_run_config(o.config);
+// The model section of `cfg` is replaced by the program, not set by the user: nothing in it is given.
+void forget_model_keys(RunConfig& cfg) {
+  for (auto it = cfg.given.begin(); it != cfg.given.end();)
+    it = it->first.rfind("model.", 0) == 0 ? cfg.given.erase(it) : std::next(it);
+}
+
+// The run config of an API Trainer: the user's YAML (its model section on top of `preset` when
+// the model argument names one), or the embedded tiny config, whose model section is not the
+// user's (nothing in it counts as given).
+RunConfig trainer_config(const std::string& task, const TrainerOptions& o, const std::string& preset = "") {
+  RunConfig cfg;
+  if (o.config.empty()) {
+    cfg = parse_run_config(embedded_tiny_config(), "embedded tiny config");
+    forget_model_keys(cfg);
+  } else {
+    std::error_code ec;
+    check(fs::is_regular_file(o.config, ec), o.config + ": config file not found");
+    cfg = parse_run_config(read_file(o.config), o.config, preset);
+  }
   cfg.trainer.type = task;
   if (!o.output_dir.empty()) cfg.output_dir = o.output_dir;
   if (o.train_dataset) cfg.train_dataset = *o.train_dataset;
@@ -161,6 +211,14 @@ RunConfig trainer_config(const std::string& task, const TrainerOptions& o) {
   if (o.seed) cfg.seed = *o.seed;
   if (!o.device.empty()) cfg.device_target = o.device;
   return cfg;
+}
+
+// A run config and a model built already: the model section the run set must be the model's.
+void use_built_model(RunConfig& cfg, const Blip2Model& model) {
+  adopt_architecture(cfg, model.config(), model.source(), {true, true, true, true});
+  require_given_model_settings(cfg, model.config(), model.source());
+  cfg.model.model_config = model.config();
+  validate(cfg, "Trainer");
 }
 
 const std::vector<std::string>& trainer_tasks() {
@@ -180,57 +238,62 @@ void check_task(const std::string& task) {
 }  // namespace
 
 Trainer::Trainer(const std::string& task, const std::string& model, const TrainerOptions& o) {
-  check_task(task);
-  RunConfig cfg = trainer_config(task, o);
-  std::error_code ec;
-  const Preset* preset = find_preset(model);
-  if ((preset && preset->config.text_config) || task == "image_to_text_generation") {
-    // Stage 2: the preset's architecture with $BLIP2_HOME/NAME's weights, or a path's.
-    if (preset) cfg.trainer.model_name = model;
-    use_stage2_model(cfg, model, /*allow_random=*/task == "contrastive_language_image_pretrain");
-    cfg.model.arch.type = "Blip2Llm";
-    // The seed's image_to_text_generation passes the prompt as given unless told otherwise.
-    if (task == "image_to_text_generation" && !o.eval_dataset) cfg.eval_dataset.data_loader.hypothesis_template = "{}";
-    validate(cfg, "Trainer");
-    stage2_ = std::make_unique<Stage2Trainer>(cfg);
-    return;
-  }
-  if (find_preset(model) || fs::exists(model, ec)) {
-    // The architecture and weights of the name or path (a preset without local weights starts
-    // from random weights when it is the tiny one, as from_pretrained does).
-    if (find_preset(model)) cfg.trainer.model_name = model;
-    FromPretrainedOptions load;
-    load.device = cfg.device_target == "gpu" ? "cuda" : cfg.device_target;
-    load.allow_random_init = task == "contrastive_language_image_pretrain";  // training from scratch
-    auto loaded = Blip2Model::from_pretrained(model, load);
-    cfg.model.model_config = loaded.config();
-    validate(cfg, "Trainer");
-    impl_ = std::make_unique<PretrainTrainer>(cfg, loaded.module(), loaded.tokenizer(), loaded.missing_weights());
-    return;
-  }
-  throw Error("model '" + model + "' is neither a model of the support list (" +
-              join(support_list(), ", ") + ") nor an existing path");
+  guarded("Trainer(" + task + ", " + model + ")", [&] {
+    check_task(task);
+    std::error_code ec;
+    const Preset* preset = find_preset(model);
+    RunConfig cfg = trainer_config(task, o, preset ? model : "");
+    if ((preset && preset->config.text_config) || task == "image_to_text_generation") {
+      // Stage 2: the preset's architecture with $BLIP2_HOME/NAME's weights, or a path's.
+      use_stage2_model(cfg, model, /*allow_random=*/task == "contrastive_language_image_pretrain");
+      cfg.model.arch.type = "Blip2Llm";
+      // The seed's image_to_text_generation passes the prompt as given unless told otherwise.
+      if (task == "image_to_text_generation" && !o.eval_dataset) cfg.eval_dataset.data_loader.hypothesis_template = "{}";
+      validate(cfg, "Trainer");
+      stage2_ = std::make_unique<Stage2Trainer>(cfg);
+      return;
+    }
+    if (preset || fs::exists(model, ec)) {
+      // The architecture and weights of the name or path (a preset without local weights starts
+      // from random weights when it is the tiny one, as from_pretrained does).
+      FromPretrainedOptions load;
+      load.device = cfg.device_target;
+      load.allow_random_init = task == "contrastive_language_image_pretrain";  // training from scratch
+      load.allow_partial_load = cfg.model.model_config.allow_partial_load;
+      auto loaded = Blip2Model::from_pretrained(model, load);
+      use_built_model(cfg, loaded);
+      impl_ = std::make_unique<PretrainTrainer>(cfg, loaded.module(), loaded.tokenizer(), loaded.random_weights());
+      return;
+    }
+    throw Error("model '" + model + "' is neither a model of the support list (" +
+                join(support_list(), ", ") + ") nor an existing path");
+  });
 }
 
 Trainer::Trainer(const std::string& task, const Blip2Model& model, const TrainerOptions& o) {
-  check_task(task);
-  RunConfig cfg = trainer_config(task, o);
-  cfg.model.model_config = model.config();
-  validate(cfg, "Trainer");
-  impl_ = std::make_unique<PretrainTrainer>(cfg, model.module(), model.tokenizer(), model.missing_weights());
+  guarded("Trainer(" + task + ")", [&] {
+    check_task(task);
+    RunConfig cfg = trainer_config(task, o);
+    use_built_model(cfg, model);
+    impl_ = std::make_unique<PretrainTrainer>(cfg, model.module(), model.tokenizer(), model.random_weights());
+  });
 }
 
 Trainer::Trainer(RunConfig config) {
-  check_task(config.trainer.type);
-  if (is_stage2(config)) stage2_ = std::make_unique<Stage2Trainer>(std::move(config));
-  else impl_ = std::make_unique<PretrainTrainer>(std::move(config));
+  guarded("Trainer", [&] {
+    check_task(config.trainer.type);
+    if (is_stage2(config)) stage2_ = std::make_unique<Stage2Trainer>(std::move(config));
+    else impl_ = std::make_unique<PretrainTrainer>(std::move(config));
+  });
 }
 
 Trainer::Trainer(RunConfig config, const Blip2Model& model) {
-  check_task(config.trainer.type);
-  config.model.model_config = model.config();
-  impl_ = std::make_unique<PretrainTrainer>(std::move(config), model.module(), model.tokenizer(),
-                                            model.missing_weights());
+  guarded("Trainer", [&] {
+    check_task(config.trainer.type);
+    use_built_model(config, model);
+    impl_ = std::make_unique<PretrainTrainer>(std::move(config), model.module(), model.tokenizer(),
+                                              model.random_weights());
+  });
 }
 
 Trainer::~Trainer() = default;
@@ -249,74 +312,80 @@ Blip2GenerationModel Trainer::generation_model() const {
 }
 
 nlohmann::json Trainer::train() {
-  check(config().trainer.type == "contrastive_language_image_pretrain",
-        "task " + config().trainer.type + " does not train (contrastive_language_image_pretrain does)");
-  if (stage2_) {
-    auto logs = stage2_->train();
+  return guarded("Trainer::train", [&]() -> nlohmann::json {
+    check(config().trainer.type == "contrastive_language_image_pretrain",
+          "task " + config().trainer.type + " does not train (contrastive_language_image_pretrain does)");
+    if (stage2_) {
+      auto logs = stage2_->train();
+      nlohmann::json out = {{"steps", logs.empty() ? 0 : logs.back().step}};
+      if (!logs.empty()) out["final"] = {{"loss", logs.back().loss}};
+      out["checkpoint"] = (fs::path(config().output_dir) / "checkpoint").string();
+      return out;
+    }
+    auto logs = impl_->train();
     nlohmann::json out = {{"steps", logs.empty() ? 0 : logs.back().step}};
-    if (!logs.empty()) out["final"] = {{"loss", logs.back().loss}};
+    if (!logs.empty())
+      out["final"] = {{"loss", logs.back().loss}, {"loss_itc", logs.back().loss_itc},
+                      {"loss_itm", logs.back().loss_itm}, {"loss_lm", logs.back().loss_lm}};
     out["checkpoint"] = (fs::path(config().output_dir) / "checkpoint").string();
     return out;
-  }
-  auto logs = impl_->train();
-  nlohmann::json out = {{"steps", logs.empty() ? 0 : logs.back().step}};
-  if (!logs.empty())
-    out["final"] = {{"loss", logs.back().loss}, {"loss_itc", logs.back().loss_itc},
-                    {"loss_itm", logs.back().loss_itm}, {"loss_lm", logs.back().loss_lm}};
-  out["checkpoint"] = (fs::path(config().output_dir) / "checkpoint").string();
-  return out;
+  });
 }
 
 nlohmann::json Trainer::evaluate() {
-  if (stage2_) return stage2_->evaluate();
-  const auto& task = config().trainer.type;
-  if (task == "image_to_text_retrieval") return impl_->evaluate_retrieval();
-  if (task == "zero_shot_image_classification") return impl_->evaluate_zero_shot();
-  return impl_->evaluate().to_json();
+  return guarded("Trainer::evaluate", [&]() -> nlohmann::json {
+    if (stage2_) return stage2_->evaluate();
+    const auto& task = config().trainer.type;
+    if (task == "image_to_text_retrieval") return impl_->evaluate_retrieval();
+    if (task == "zero_shot_image_classification") return impl_->evaluate_zero_shot();
+    return impl_->evaluate().to_json();
+  });
 }
 
 nlohmann::json Trainer::predict(const std::vector<std::string>& inputs, const std::string& checkpoint,
                                 const std::vector<std::string>& texts) {
-  if (stage2_) {
-    if (!checkpoint.empty()) stage2_->load_weights(checkpoint);
-    check(texts.size() <= 1, "predict: image_to_text_generation takes one prompt for all images");
-    return stage2_->predict(inputs, texts.empty() ? "" : texts[0]);
-  }
-  if (!checkpoint.empty()) impl_->load_weights(checkpoint);
-  const auto& task = config().trainer.type;
-  if (task == "zero_shot_image_classification") return impl_->predict_zero_shot(inputs);
-  if (task != "contrastive_language_image_pretrain")
-    throw Error("task " + task + " has no predict mode (zero_shot_image_classification and "
-                "contrastive_language_image_pretrain have)");
-  check(!inputs.empty() || !texts.empty(), "predict: give images or texts to extract features of");
-  Blip2Model m = model();
-  m.module()->eval();
-  nlohmann::json out = {{"images", nlohmann::json::array()}, {"texts", texts}};
-  Features all;
-  torch::Tensor pixels;
-  if (!inputs.empty()) {
-    ImageFolderDataset images(inputs, make_image_transform({}, false, m.config().vision_config.image_size));
-    std::vector<torch::Tensor> batch;
-    for (int64_t i = 0; i < images.size(); ++i) batch.push_back(images.get(i).image);
-    pixels = torch::stack(batch).to(m.device());
-    out["images"] = images.paths();
-    Features f = m.extract_features(pixels, {}, "image");
-    all.image_embeds = f.image_embeds;
-    all.image_embeds_proj = f.image_embeds_proj;
-  }
-  if (!texts.empty()) {
-    Features f = m.extract_features({}, texts, "text");
-    all.text_embeds = f.text_embeds;
-    all.text_embeds_proj = f.text_embeds_proj;
-  }
-  if (pixels.defined() && pixels.size(0) == static_cast<int64_t>(texts.size()))
-    all.multimodal_embeds = m.extract_features(pixels, texts, "multimodal").multimodal_embeds;
-  fs::create_directories(config().output_dir);
-  const auto path = (fs::path(config().output_dir) / "features.safetensors").string();
-  save_features(path, all);
-  out["features"] = path;
-  out["shapes"] = feature_shapes(all);
-  return out;
+  return guarded("Trainer::predict", [&]() -> nlohmann::json {
+    if (stage2_) {
+      if (!checkpoint.empty()) stage2_->load_weights(checkpoint);
+      check(texts.size() <= 1, "predict: image_to_text_generation takes one prompt for all images");
+      return stage2_->predict(inputs, texts.empty() ? "" : texts[0]);
+    }
+    if (!checkpoint.empty()) impl_->load_weights(checkpoint);
+    const auto& task = config().trainer.type;
+    if (task == "zero_shot_image_classification") return impl_->predict_zero_shot(inputs);
+    if (task != "contrastive_language_image_pretrain")
+      throw Error("task " + task + " has no predict mode (zero_shot_image_classification and "
+                  "contrastive_language_image_pretrain have)");
+    check(!inputs.empty() || !texts.empty(), "predict: give images or texts to extract features of");
+    Blip2Model m = model();
+    m.module()->eval();
+    nlohmann::json out = {{"images", nlohmann::json::array()}, {"texts", texts}};
+    Features all;
+    torch::Tensor pixels;
+    if (!inputs.empty()) {
+      ImageFolderDataset images(inputs, make_image_transform({}, false, m.config().vision_config.image_size));
+      std::vector<torch::Tensor> batch;
+      for (int64_t i = 0; i < images.size(); ++i) batch.push_back(images.get(i).image);
+      pixels = torch::stack(batch).to(m.device());
+      out["images"] = images.paths();
+      Features f = m.extract_features(pixels, {}, "image");
+      all.image_embeds = f.image_embeds;
+      all.image_embeds_proj = f.image_embeds_proj;
+    }
+    if (!texts.empty()) {
+      Features f = m.extract_features({}, texts, "text");
+      all.text_embeds = f.text_embeds;
+      all.text_embeds_proj = f.text_embeds_proj;
+    }
+    if (pixels.defined() && pixels.size(0) == static_cast<int64_t>(texts.size()))
+      all.multimodal_embeds = m.extract_features(pixels, texts, "multimodal").multimodal_embeds;
+    fs::create_directories(config().output_dir);
+    const auto path = (fs::path(config().output_dir) / "features.safetensors").string();
+    save_features(path, all);
+    out["features"] = path;
+    out["shapes"] = feature_shapes(all);
+    return out;
+  });
 }
 
 // ---- pipeline ----
@@ -325,6 +394,10 @@ std::vector<std::string> pipeline_tasks() { return {"zero_shot_image_classificat
 
 Pipeline::Pipeline(std::string task, Blip2Model model, PipelineOptions options)
     : task_(std::move(task)), model_(std::move(model)), options_(std::move(options)) {
+  guarded("pipeline " + task_, [&] { init(); });
+}
+
+void Pipeline::init() {
   model_.module()->eval();
   if (task_ == "zero_shot_image_classification") {
     require_weights(model_.missing_weights(), {"vision_projection.", "text_projection."}, task_);
@@ -347,30 +420,34 @@ Pipeline::Pipeline(std::string task, Blip2Model model, PipelineOptions options)
 
 nlohmann::json Pipeline::operator()(const std::vector<PipelineInput>& inputs,
                                     const std::vector<std::string>& texts) {
-  std::vector<Image> images;
-  std::vector<std::string> names;
-  for (const auto& in : inputs) {
-    if (const auto* path = std::get_if<std::string>(&in)) {
-      images.push_back(load_image(*path));
-      names.push_back(*path);
-    } else {
-      images.push_back(std::get<Image>(in));
-      names.push_back("image " + std::to_string(names.size()));
+  return guarded("pipeline " + task_, [&] {
+    std::vector<Image> images;
+    std::vector<std::string> names;
+    for (const auto& in : inputs) {
+      if (const auto* path = std::get_if<std::string>(&in)) {
+        images.push_back(load_image(*path));
+        names.push_back(*path);
+      } else {
+        images.push_back(std::get<Image>(in));
+        names.push_back("image " + std::to_string(names.size()));
+      }
     }
-  }
-  if (task_ == "zero_shot_image_classification") {
-    check(!images.empty(), "zero_shot_image_classification: no images given");
-    auto probs = classifier_->probabilities(model_.preprocess(images));
-    nlohmann::json out = nlohmann::json::array();
-    for (int64_t i = 0; i < probs.size(0); ++i) out.push_back(classifier_->ranked(probs[i], options_.top_k));
-    return out;
-  }
-  torch::Tensor pixels = images.empty() ? torch::Tensor() : model_.preprocess(images);
-  features_ = model_.extract_features(pixels, texts, options_.mode);
-  return feature_shapes(features_);
+    if (task_ == "zero_shot_image_classification") {
+      check(!images.empty(), "zero_shot_image_classification: no images given");
+      auto probs = classifier_->probabilities(model_.preprocess(images));
+      nlohmann::json out = nlohmann::json::array();
+      for (int64_t i = 0; i < probs.size(0); ++i) out.push_back(classifier_->ranked(probs[i], options_.top_k));
+      return out;
+    }
+    torch::Tensor pixels = images.empty() ? torch::Tensor() : model_.preprocess(images);
+    features_ = model_.extract_features(pixels, texts, options_.mode);
+    return feature_shapes(features_);
+});
 }
 
 Pipeline pipeline(const std::string& task, const std::string& model, PipelineOptions options) {
+  check(task == "zero_shot_image_classification" || task == "feature_extraction",
+        "pipeline task '" + task + "' is not available (available: " + join(pipeline_tasks(), ", ") + ")");
   auto loaded = Blip2Model::from_pretrained(model, options.load);
   return Pipeline(task, std::move(loaded), std::move(options));
 }
@@ -415,7 +492,11 @@ bool use_stage2_model(RunConfig& cfg, const std::string& name_or_path, bool allo
   if (const Preset* preset = find_preset(name_or_path)) {
     check(preset->config.text_config.has_value(),
           name_or_path + ": a stage-1 model; use Blip2Model::from_pretrained for it");
-    cfg.model.model_config = preset->config;
+    if (cfg.trainer.model_name != name_or_path) {  // else the run config is built on this preset already
+      cfg.model.model_config = preset->config;
+      cfg.trainer.model_name = name_or_path;
+      forget_model_keys(cfg);
+    }
     const fs::path dir = fs::path(blip2_home()) / name_or_path;
     if (fs::is_directory(dir, ec)) {
       cfg.model.model_config.checkpoint_name_or_path = dir.string();
@@ -432,6 +513,8 @@ bool use_stage2_model(RunConfig& cfg, const std::string& name_or_path, bool allo
     if (fs::is_directory(weights, ec) && fs::exists(yaml, ec)) {  // a stage-2 training checkpoint
       RunConfig saved = load_run_config(yaml.string());
       check(saved.model.model_config.text_config.has_value(), weights + ": a stage-1 checkpoint (no text_config)");
+      adopt_architecture(cfg, saved.model.model_config, yaml.string(), {true, true, true, true});
+      require_given_model_settings(cfg, saved.model.model_config, yaml.string());
       cfg.model = saved.model;
       auto& mc = cfg.model.model_config;
       // The checkpoint holds the trained weights; the paths it was built from are kept when they
@@ -447,7 +530,7 @@ bool use_stage2_model(RunConfig& cfg, const std::string& name_or_path, bool allo
       cfg.load_checkpoint = weights;
     } else {
       check(is_hf_directory(weights), weights + ": not a Hugging Face directory or a blip2cpp stage-2 checkpoint");
-      cfg.model.model_config.text_config = TextConfig{};
+      if (!cfg.model.model_config.text_config) cfg.model.model_config.text_config = TextConfig{};
       cfg.model.model_config.checkpoint_name_or_path = weights;  // its config.json decides the architecture
     }
   }
@@ -458,10 +541,14 @@ bool use_stage2_model(RunConfig& cfg, const std::string& name_or_path, bool allo
 
 Blip2GenerationModel Blip2GenerationModel::from_pretrained(const std::string& name_or_path,
                                                            const GenerationModelOptions& o) {
-  std::error_code ec;
+  return guarded("Blip2GenerationModel::from_pretrained(" + name_or_path + ")", [&] {
   RunConfig cfg = parse_run_config(embedded_tiny_config(), "<embedded>");
+  forget_model_keys(cfg);
+  cfg.runner_config.eval_tasks.clear();  // the embedded stage-1 config's; nothing is evaluated here
   cfg.run_mode = "predict";
-  cfg.device_target = o.device.rfind("cuda", 0) == 0 ? "cuda" : "cpu";
+  check(is_device_target(o.device), "device: '" + o.device + "' is not cpu|cuda|cuda:N");
+  cfg.device_target = o.device;
+  cfg.model.model_config.allow_partial_load = o.allow_partial_load;
   cfg.model.arch.type = "Blip2ImageToTextGeneration";
   const std::string source = use_stage2_model(cfg, name_or_path, o.allow_random_init) ? name_or_path : "random";
   const auto& text = *cfg.model.model_config.text_config;
@@ -475,6 +562,7 @@ Blip2GenerationModel Blip2GenerationModel::from_pretrained(const std::string& na
   auto module = loaded.model();
   module->eval();
   return Blip2GenerationModel(module, loaded.tokenizer(), source);
+  });
 }
 
 Blip2GenerationModel::Blip2GenerationModel(Blip2Llm module, std::shared_ptr<LlmTokenizer> tokenizer,
@@ -482,43 +570,50 @@ Blip2GenerationModel::Blip2GenerationModel(Blip2Llm module, std::shared_ptr<LlmT
     : module_(std::move(module)), tokenizer_(std::move(tokenizer)), source_(std::move(source)) {}
 
 torch::Tensor Blip2GenerationModel::preprocess(const std::vector<PipelineInput>& images) const {
-  check(!images.empty(), "preprocess: no images");
-  std::vector<torch::Tensor> out;
-  for (const auto& in : images)
-    out.push_back(eval_transform(std::holds_alternative<Image>(in) ? std::get<Image>(in)
-                                                                   : load_image(std::get<std::string>(in)),
-                                 config().vision_config.image_size));
-  return torch::stack(out).to(device());
+  return guarded("Blip2GenerationModel::preprocess", [&] {
+    check(!images.empty(), "preprocess: no images");
+    std::vector<torch::Tensor> out;
+    for (const auto& in : images)
+      out.push_back(eval_transform(std::holds_alternative<Image>(in) ? std::get<Image>(in)
+                                                                     : load_image(std::get<std::string>(in)),
+                                   config().vision_config.image_size));
+    return torch::stack(out).to(device());
+});
 }
 
 std::vector<std::string> Blip2GenerationModel::generate(const torch::Tensor& images,
                                                         const std::vector<std::string>& prompts,
                                                         const GenerationOptions& o) const {
-  const auto n = static_cast<size_t>(images.size(0));
-  check(prompts.size() == n || prompts.size() <= 1,
-        "generate: " + std::to_string(prompts.size()) + " prompts for " + std::to_string(n) + " images");
-  std::vector<std::string> filled(n, prompts.empty() ? "" : prompts[0]);
-  if (prompts.size() == n) filled = prompts;
-  Blip2Llm m = module_;  // a handle: the same module
-  return generate_texts(*m, *tokenizer_, images, filled, o);
+  return guarded("Blip2GenerationModel::generate", [&] {
+    const auto n = static_cast<size_t>(images.size(0));
+    check(prompts.size() == n || prompts.size() <= 1,
+          "generate: " + std::to_string(prompts.size()) + " prompts for " + std::to_string(n) + " images");
+    std::vector<std::string> filled(n, prompts.empty() ? "" : prompts[0]);
+    if (prompts.size() == n) filled = prompts;
+    Blip2Llm m = module_;  // a handle: the same module
+    return generate_texts(*m, *tokenizer_, images, filled, o);
+});
 }
 
 ImageToTextPipeline::ImageToTextPipeline(Blip2GenerationModel model, ImageToTextOptions options)
     : model_(std::move(model)), options_(std::move(options)) {}
 
 nlohmann::json ImageToTextPipeline::operator()(const std::vector<PipelineInput>& images, const std::string& prompt) {
-  check(!images.empty(), "image_to_text_generation: no images");
-  const auto& tmpl = options_.hypothesis_template;
-  const std::string text = prompt.empty() ? "" : (tmpl.find("{}") != std::string::npos ? fill_template(tmpl, prompt) : prompt);
-  auto texts = model_.generate(model_.preprocess(images), {text},
-                               options_.generation ? *options_.generation : model_.generation_options());
-  nlohmann::json out = nlohmann::json::array();
-  for (const auto& t : texts) out.push_back({{"text", t}, {"prompt", text}});
-  return out;
+  return guarded("pipeline image_to_text_generation", [&] {
+    check(!images.empty(), "image_to_text_generation: no images");
+    const auto& tmpl = options_.hypothesis_template;
+    const std::string text = prompt.empty() ? "" : (tmpl.find("{}") != std::string::npos ? fill_template(tmpl, prompt) : prompt);
+    auto texts = model_.generate(model_.preprocess(images), {text},
+                                 options_.generation ? *options_.generation : model_.generation_options());
+    nlohmann::json out = nlohmann::json::array();
+    for (const auto& t : texts) out.push_back({{"text", t}, {"prompt", text}});
+    return out;
+});
 }
 
 ImageToTextPipeline image_to_text_pipeline(const std::string& model, ImageToTextOptions options) {
-  return ImageToTextPipeline(Blip2GenerationModel::from_pretrained(model, options.load), std::move(options));
+  auto loaded = Blip2GenerationModel::from_pretrained(model, options.load);  // before options is moved from
+  return ImageToTextPipeline(std::move(loaded), std::move(options));
 }
 
 ImageToTextPipeline image_to_text_pipeline(const Blip2GenerationModel& model, ImageToTextOptions options) {

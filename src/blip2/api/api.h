@@ -46,6 +46,9 @@ Blip2Config model_config_of(const std::string& name_or_path);
 
 struct FromPretrainedOptions {
   std::string device = "cpu";  // cpu | cuda | cuda:N
+  // Weights that leave tensors of the model random (or bring tensors it has no place for) are an
+  // error unless this is true (model_config.allow_partial_load).
+  bool allow_partial_load = false;
   // BERT's vocab.txt. "" = vocab.txt beside the weights when there is one, else the built-in
   // synthetic vocabulary when the model's vocabulary is that size (the tiny preset).
   std::string vocab_file;
@@ -74,9 +77,10 @@ class Blip2Model {
   // on the model's device.
   torch::Tensor preprocess(const std::vector<Image>& images) const;
   torch::Tensor preprocess(const std::vector<std::string>& image_paths) const;
-  // Texts cleaned like captions and tokenised: {ids, mask} on the model's device.
+  // Texts cleaned like captions and tokenised: {ids, mask} on the model's device, padded to
+  // max_length (0 = the model's max_txt_len; more than the Q-Former's positions is an error).
   std::pair<torch::Tensor, torch::Tensor> tokenize(const std::vector<std::string>& texts,
-                                                   int64_t max_length = 32) const;
+                                                   int64_t max_length = 0) const;
 
   // LAVIS' extract_features: mode "image", "text" or "multimodal" (pairs images[i], texts[i]).
   Features extract_features(const torch::Tensor& images, const std::vector<std::string>& texts,
@@ -94,8 +98,12 @@ class Blip2Model {
   const std::string& source() const { return source_; }  // where the weights came from
   // Parameters the checkpoint did not have (left at random init); tasks that need them refuse.
   const std::vector<std::string>& missing_weights() const { return missing_; }
+  // The same, or nullopt when no weights were loaded at all (random, for training from scratch).
+  std::optional<std::vector<std::string>> random_weights() const;
 
  private:
+  Features extract_features_unguarded(const torch::Tensor& images, const std::vector<std::string>& texts,
+                                      const std::string& mode) const;
   Blip2Qformer module_;
   std::shared_ptr<WordPieceTokenizer> tokenizer_;
   std::string source_;
@@ -161,7 +169,9 @@ struct PipelineOptions {
   std::vector<std::string> hypothesis_templates;  // several: a label scores its best (replaces the one above)
   int64_t top_k = 0;       // labels per image in the result (0 = all)
   int64_t itm_top_k = 0;   // re-rank the best labels by ITM + ITC (0 = ITC only, as the seed)
-  int64_t max_length = 32;
+  // Tokens per label sentence: 0 = the model's max_txt_len; more than the Q-Former's
+  // max_position_embeddings is an error.
+  int64_t max_length = 0;
   // feature_extraction: "image", "text" or "multimodal"
   std::string mode = "image";
   // loading a model by name or path
@@ -184,6 +194,7 @@ class Pipeline {
   const Blip2Model& model() const { return model_; }
 
  private:
+  void init();
   std::string task_;
   Blip2Model model_;
   PipelineOptions options_;
@@ -199,7 +210,8 @@ Pipeline pipeline(const std::string& task, const Blip2Model& model, PipelineOpti
 // ---- stage 2: image-to-text generation ----
 
 struct GenerationModelOptions {
-  std::string device = "cpu";  // cpu | cuda
+  std::string device = "cpu";  // cpu | cuda | cuda:N
+  bool allow_partial_load = false;  // as FromPretrainedOptions
   // The LLM's tokenizer (tokenizer.model, or a directory with it or vocab.json + merges.txt).
   // "" = the one in the LLM or model directory, else the built-in vocabulary (tiny_stage2).
   std::string tokenizer;

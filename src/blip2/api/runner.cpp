@@ -6,6 +6,7 @@
 #include "blip2/tasks/stage2.h"
 #include "blip2/tasks/trainer.h"
 #include "blip2/util/common.h"
+#include "blip2/vision/image.h"
 
 namespace blip2 {
 namespace fs = std::filesystem;
@@ -22,6 +23,10 @@ RunConfig resolve_config(const std::string& path, const RunOverrides& o) {
   if (o.output_dir) cfg.output_dir = *o.output_dir;
   if (o.seed) cfg.seed = *o.seed;
   if (o.resume_training) cfg.resume_training = *o.resume_training;
+  if (o.allow_partial_load) cfg.model.model_config.allow_partial_load = *o.allow_partial_load;
+  for (auto [set, key] : {std::pair{o.device_target.has_value(), "device_target"},
+                          {o.load_checkpoint.has_value(), "load_checkpoint"}})
+    if (set) cfg.given[key] = "the command line";
   validate(cfg, source);
   for (const auto* dir : {&cfg.train_dataset.data_loader.dataset_dir,
                           &cfg.eval_dataset.data_loader.dataset_dir}) {
@@ -105,6 +110,7 @@ int run_stage2(RunConfig& cfg, const std::vector<std::string>& inputs, const Run
 
 int run(const std::string& path, const RunOverrides& overrides) {
   RunConfig cfg = resolve_config(path, overrides);
+  set_max_image_pixels(cfg.max_image_pixels);
   const std::string resolved = to_yaml(cfg);
   std::cout << "---- resolved config ----\n" << resolved << "-------------------------\n";
   fs::create_directories(cfg.output_dir);

@@ -15,7 +15,7 @@ struct RunOverrides {
   std::optional<std::string> run_mode, train_dataset_dir, eval_dataset_dir, predict_data,
       device_target, load_checkpoint, output_dir;
   std::optional<int64_t> seed;
-  std::optional<bool> resume_training;
+  std::optional<bool> resume_training, allow_partial_load;
   std::vector<std::string> predict_text;  // feature extraction: texts (with images: multimodal too)
 };
 

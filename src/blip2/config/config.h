@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -24,7 +25,9 @@ struct VisionConfig {
   int64_t intermediate_size = 6144;    // int(1408 * 4.3637)
   double layer_norm_eps = 1e-6;        // inside the ViT
   double post_layernorm_eps = 1e-5;    // ln_vision: LAVIS uses nn.LayerNorm's default (HF: 1e-6)
-  std::string hidden_act = "gelu";     // exact (erf) GELU
+  std::string hidden_act = "gelu";     // exact (erf) GELU; any of transformers' ACT2FN names
+  bool qkv_bias = true;                // q and v biases (the key never has one)
+  double attention_dropout = 0.0;      // on the attention probabilities, when the ViT trains
   double initializer_range = 0.02;
   std::string checkpoint_name_or_path; // ViT weights on their own (eva_vit_g.pth); "" = none
 
@@ -34,6 +37,7 @@ struct VisionConfig {
     v("num_hidden_layers", num_hidden_layers); v("num_attention_heads", num_attention_heads);
     v("intermediate_size", intermediate_size); v("layer_norm_eps", layer_norm_eps);
     v("post_layernorm_eps", post_layernorm_eps); v("hidden_act", hidden_act);
+    v("qkv_bias", qkv_bias); v("attention_dropout", attention_dropout);
     v("initializer_range", initializer_range);
     v("checkpoint_name_or_path", checkpoint_name_or_path);
   }
@@ -60,7 +64,8 @@ struct QFormerConfig {
   double layer_norm_eps = 1e-12;
   double hidden_dropout_prob = 0.1;
   double attention_probs_dropout_prob = 0.1;
-  std::string hidden_act = "gelu";     // exact GELU (MindFormers' tanh GELU is a known bug)
+  std::string hidden_act = "gelu";     // exact GELU (MindFormers' tanh GELU is a known bug); any
+                                       // of transformers' ACT2FN names (FFN and the LM head)
   double initializer_range = 0.02;
   int64_t head_embed_dim = 256;        // ITC projection size
   std::string checkpoint_name_or_path; // BERT initialisation; "" = random
@@ -87,7 +92,9 @@ struct QFormerConfig {
 
 // The frozen decoder LLM of stage 2 (LlamaConfig in the seed). type LlamaConfig covers Llama and
 // Baichuan-7B (Llama with a fused W_pack projection, vocabulary 64000); OPTConfig is OPT.
-// Defaults are Llama-7B's. The generation keys are the seed's (top_k, top_p, do_sample,
+// Defaults are Llama-7B's. The architecture keys after `tie_word_embeddings` are those of
+// transformers' LlamaConfig / OPTConfig that change the numbers (io/hf_config reads them from a
+// config.json). The generation keys are the seed's (top_k, top_p, do_sample,
 // repetition_penalty, max_decode_length, use_past) plus LAVIS' captioning settings.
 struct TextConfig {
   std::string type = "LlamaConfig";    // LlamaConfig | OPTConfig
@@ -103,6 +110,25 @@ struct TextConfig {
   double layer_norm_eps = 1e-5;        // OPT
   double rope_theta = 10000.0;         // Llama
   bool tie_word_embeddings = false;    // lm_head shares embed_tokens (OPT: true)
+  std::string hidden_act;              // "" = the family's: silu (Llama), relu (OPT); any ACT2FN name
+  // Llama
+  int64_t num_key_value_heads = 0;     // grouped-query attention; 0 = num_heads
+  int64_t head_dim = 0;                // 0 = hidden_size / num_heads
+  bool attention_bias = false;         // q/k/v/o projections with biases
+  bool mlp_bias = false;               // gate/up/down projections with biases
+  std::string rope_type = "default";   // default | linear | llama3 (transformers' rope_parameters)
+  double rope_factor = 1.0;            // linear, llama3
+  double rope_low_freq_factor = 1.0;   // llama3
+  double rope_high_freq_factor = 4.0;  // llama3
+  int64_t rope_original_max_position_embeddings = 8192;  // llama3
+  // OPT
+  bool enable_bias = true;             // biases on the projections and fc1/fc2
+  bool do_layer_norm_before = true;    // pre-LayerNorm (false: post-LayerNorm, as OPT-350m)
+  bool layer_norm_elementwise_affine = true;  // LayerNorms with weight and bias
+  bool remove_final_layer_norm = false;       // no final LayerNorm (transformers' _remove_final_layer_norm)
+  // Training-only regularisation. blip2cpp runs the LLM in eval mode (frozen, as BLIP-2 does), where
+  // they change nothing; training the LLM (freeze_text false, llm_pretrain_epochs) with them is refused.
+  double dropout = 0.0, attention_dropout = 0.0, layerdrop = 0.0;
   int64_t bos_token_id = 1;
   int64_t eos_token_id = 2;            // OPT: 50118 ("\n")
   int64_t pad_token_id = 0;
@@ -128,6 +154,15 @@ struct TextConfig {
     v("max_position_embeddings", max_position_embeddings);
     v("rms_norm_eps", rms_norm_eps); v("layer_norm_eps", layer_norm_eps);
     v("rope_theta", rope_theta); v("tie_word_embeddings", tie_word_embeddings);
+    v("hidden_act", hidden_act); v("num_key_value_heads", num_key_value_heads);
+    v("head_dim", head_dim); v("attention_bias", attention_bias); v("mlp_bias", mlp_bias);
+    v("rope_type", rope_type); v("rope_factor", rope_factor);
+    v("rope_low_freq_factor", rope_low_freq_factor); v("rope_high_freq_factor", rope_high_freq_factor);
+    v("rope_original_max_position_embeddings", rope_original_max_position_embeddings);
+    v("enable_bias", enable_bias); v("do_layer_norm_before", do_layer_norm_before);
+    v("layer_norm_elementwise_affine", layer_norm_elementwise_affine);
+    v("remove_final_layer_norm", remove_final_layer_norm);
+    v("dropout", dropout); v("attention_dropout", attention_dropout); v("layerdrop", layerdrop);
     v("bos_token_id", bos_token_id); v("eos_token_id", eos_token_id);
     v("pad_token_id", pad_token_id); v("image_token_id", image_token_id);
     v("checkpoint_name_or_path", checkpoint_name_or_path);
@@ -138,6 +173,9 @@ struct TextConfig {
     v("max_decode_length", max_decode_length); v("use_past", use_past);
   }
   bool is_opt() const { return type == "OPTConfig"; }
+  std::string activation() const { return !hidden_act.empty() ? hidden_act : is_opt() ? "relu" : "silu"; }
+  int64_t kv_heads() const { return num_key_value_heads > 0 ? num_key_value_heads : num_heads; }
+  int64_t head_size() const { return head_dim > 0 ? head_dim : hidden_size / num_heads; }
   // Llama: multiple_of * ceil(int(2 * 4h / 3) / multiple_of) = 11008 for h = 4096.
   int64_t ffn_size() const {
     if (intermediate_size > 0) return intermediate_size;
@@ -159,6 +197,9 @@ struct Blip2Config {
   // the CPU; the Q-Former, ln_vision and language_projection stay float32.
   std::string frozen_dtype = "auto";
   double temperature = 0.07;           // initial ITC temperature (learnable `temp`)
+  // A load that leaves tensors of the model at their random initialisation (or brings tensors it
+  // has no place for) is an error unless this is true; the load report then names them.
+  bool allow_partial_load = false;
   VisionConfig vision_config;
   QFormerConfig qformer_config;
   std::optional<TextConfig> text_config;  // stage 2 only
@@ -168,6 +209,7 @@ struct Blip2Config {
     v("checkpoint_name_or_path", checkpoint_name_or_path); v("prompt", prompt);
     v("prompt_length", prompt_length); v("freeze_vision", freeze_vision);
     v("freeze_text", freeze_text); v("frozen_dtype", frozen_dtype); v("temperature", temperature);
+    v("allow_partial_load", allow_partial_load);
     v("vision_config", vision_config); v("qformer_config", qformer_config);
     v("text_config", text_config);
   }
@@ -268,8 +310,9 @@ struct DatasetConfig {
   int64_t batch_size = 0;              // 0 = runner_config.batch_size
   bool drop_remainder = true;
   int64_t num_parallel_workers = 2;
-  // image_to_text_retrieval: candidates re-ranked by ITM per query; ITM + ITC (true) or ITM
-  // alone; each image's cross-attention keys/values computed once (a speed switch).
+  // image_to_text_retrieval: candidates re-ranked by ITM per query (at least 10: R@10 is
+  // reported); ITM + ITC (true) or ITM alone; each image's cross-attention keys/values computed
+  // once (a speed switch).
   int64_t k_test = 128;
   bool add_extra_itm_score = true;
   bool reuse_cross_kv = true;
@@ -293,7 +336,7 @@ struct RunnerConfig {
   int64_t save_steps = 0;              // checkpoint every N steps; 0 = at each epoch end
   int64_t max_steps = -1;              // stop after this many steps (schedule unchanged); -1 = all
   double max_grad_norm = 0.0;          // gradient clipping; 0 = off
-  bool bf16_autocast = false;          // CUDA only: Q-Former in fp32 under bf16 autocast
+  bool bf16_autocast = false;          // CUDA only (refused on the CPU): Q-Former under bf16 autocast
   bool save_frozen_weights = true;     // include the frozen ViT in checkpoints
   // Evaluations `blip2 run --run_mode train` runs on eval_dataset after training, besides the
   // losses: image_to_text_retrieval, zero_shot_image_classification.
@@ -372,10 +415,13 @@ struct RunConfig {
   int64_t seed = 42;
   std::string run_mode = "train";      // train | eval | predict
   std::string output_dir = "./output";
-  std::string device_target = "cpu";   // cpu | cuda
+  std::string device_target = "cpu";   // cpu | cuda | cuda:N
   std::string load_checkpoint;         // checkpoint directory or file; "" = none
   bool resume_training = false;        // continue optimizer state, step and data position
   bool use_parallel = false;
+  // Images whose header declares more pixels are refused before any pixel buffer is allocated
+  // (Pillow's limit: twice its MAX_IMAGE_PIXELS of 89,478,485).
+  int64_t max_image_pixels = 178956970;
   TrainerSection trainer;
   RunnerConfig runner_config;
   OptimizerConfig optimizer;
@@ -390,19 +436,57 @@ struct RunConfig {
     v("seed", seed); v("run_mode", run_mode); v("output_dir", output_dir);
     v("device_target", device_target); v("load_checkpoint", load_checkpoint);
     v("resume_training", resume_training); v("use_parallel", use_parallel);
-    v("trainer", trainer); v("runner_config", runner_config); v("optimizer", optimizer);
+    v("max_image_pixels", max_image_pixels); v("trainer", trainer);
+    v("runner_config", runner_config); v("optimizer", optimizer);
     v("lr_schedule", lr_schedule); v("train_dataset", train_dataset);
     v("eval_dataset", eval_dataset); v("model", model); v("processor", processor);
     v("parallel_config", parallel_config);
   }
+
+  // Not a config field: where each key path the user set explicitly comes from ("train.yaml",
+  // "--load_checkpoint"). Architecture fields a checkpoint describes are taken from it unless
+  // set here, and a disagreement with a value set here is an error naming both.
+  std::map<std::string, std::string> given;
 };
 
 // Parses YAML text; `source` names the file in error messages. The model section starts from
-// the preset named by trainer.model_name (when it names one) and the file overrides its fields.
-RunConfig parse_run_config(const std::string& yaml_text, const std::string& source);
+// the preset named by trainer.model_name (when it names one; `preset` instead when given) and the
+// file overrides its fields. RunConfig::given records the keys the file sets.
+RunConfig parse_run_config(const std::string& yaml_text, const std::string& source,
+                           const std::string& preset = "");
 RunConfig load_run_config(const std::string& path);
 // Checks cross-field constraints; errors name `source` and the key path.
 void validate(const RunConfig& cfg, const std::string& source);
+// The same checks for a model config alone (what a checkpoint's config.json or config.yaml says).
+void validate_model_config(const Blip2Config& model, const std::string& source);
+// cpu, cuda or cuda:N.
+bool is_device_target(const std::string& target);
+
+// Every scalar field of a model config by key path ("model.model_config.qformer_config.hidden_size")
+// as text.
+std::map<std::string, std::string> flatten(const Blip2Config& c);
+// For a model built already (from_pretrained): every model key the run set must be the model's
+// (after adopt_architecture, which compares the architecture); else an Error naming both.
+void require_given_model_settings(const RunConfig& run, const Blip2Config& model, const std::string& model_source);
+
+// ---- the architecture of a run comes from its weights when they carry one ----
+
+// The parts of a BLIP-2 model a checkpoint's own config (config.json, config.yaml) describes.
+struct ArchitectureParts {
+  bool vision = false, qformer = false, text = false;
+  // Whether the checkpoint's token ids (Q-Former [DEC]/[SEP]/[PAD], the LLM's BOS/EOS/PAD) and
+  // training settings (dropout) are the model's own (a whole-model checkpoint) or not (an LLM
+  // directory on its own, whose ids the run's config keeps, e.g. OPT's EOS "\n" for captions).
+  bool settings = true;
+};
+
+// Takes into run.model.model_config the architecture of `from`, a checkpoint's config read from
+// `from_source`, for `parts`. A field the run set (run.given) that disagrees is an Error naming
+// the key, both values and both sources; any other field takes the checkpoint's value, which is
+// then recorded as given by `from_source`, so that two checkpoints that disagree are an error too.
+// Fields that are run settings (image_size, dropout, generation) are taken only when not given.
+void adopt_architecture(RunConfig& run, const Blip2Config& from, const std::string& from_source,
+                        ArchitectureParts parts);
 std::string to_yaml(const RunConfig& cfg);
 std::string to_yaml(const Blip2Config& cfg);
 Blip2Config parse_model_config(const std::string& yaml_text, const std::string& source);

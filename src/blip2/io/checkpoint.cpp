@@ -1,6 +1,8 @@
 #include "blip2/io/checkpoint.h"
 
 #include <cstdlib>
+#include <map>
+#include <regex>
 
 #include "blip2/io/hf.h"
 #include "blip2/io/pth.h"
@@ -62,8 +64,15 @@ TensorMap load_checkpoint_tensors(const std::string& name_or_path) {
   check(fs::is_regular_file(p, ec), path + ": checkpoint not found");
   const std::string ext = p.extension().string();
   if (ext == ".safetensors") return canonical_from_hf(load_safetensors(path), path);
-  if (ext == ".pth" || ext == ".bin" || ext == ".pt")
-    return canonical_from_hf(canonical_from_lavis(load_pth(path)), path);
+  if (ext == ".pth" || ext == ".bin" || ext == ".pt") {
+    TensorMap raw = load_pth(path);
+    try {
+      return canonical_from_hf(canonical_from_lavis(raw), path);
+    } catch (const Error& e) {
+      const std::string msg = e.what();
+      throw Error(msg.rfind(path, 0) == 0 ? msg : path + ": " + msg);
+    }
+  }
   throw Error(path + ": unknown checkpoint format (expected .safetensors, .pth, .bin or a directory)");
 }
 
@@ -96,6 +105,239 @@ std::string explain_missing(const std::vector<std::string>& missing) {
   if (temp) s += "no temperature (Hugging Face drops it; 0.07 is used); ";
   if (other) s += std::to_string(other) + " other tensors missing; ";
   return s;
+}
+
+std::string resolve_checkpoint(const std::string& path) {
+  fs::path p(path);
+  std::error_code ec;
+  if (fs::is_regular_file(p, ec)) return p.string();
+  check(fs::is_directory(p, ec), path + ": checkpoint not found");
+  if (fs::exists(p / "model.safetensors")) return p.string();
+  for (fs::path root : {p, p / "checkpoint"}) {
+    if (fs::exists(root / "latest")) {
+      std::string name = read_file(root / "latest");
+      while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
+      check(fs::exists(root / name / "model.safetensors"),
+            (root / "latest").string() + " names '" + name + "', which has no model.safetensors");
+      return (root / name).string();
+    }
+  }
+  throw Error(path + ": not a checkpoint (no model.safetensors, no latest)");
+}
+
+std::string weights_location(const std::string& path) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec) && !fs::exists(fs::path(path) / "model.safetensors") &&
+      !is_hf_directory(path) &&
+      (fs::exists(fs::path(path) / "latest") || fs::exists(fs::path(path) / "checkpoint" / "latest")))
+    return resolve_checkpoint(path);
+  return path;
+}
+
+
+std::optional<CheckpointArchitecture> checkpoint_architecture(const std::string& name_or_path) {
+  const fs::path p = weights_location(resolve_weights(name_or_path));
+  std::error_code ec;
+  fs::path dir = p;
+  if (!fs::is_directory(p, ec)) {  // a file: its directory's config when it is our model.safetensors
+    if (p.filename() != "model.safetensors") return std::nullopt;
+    dir = p.parent_path();
+    if (!fs::exists(dir / "config.yaml", ec)) return std::nullopt;
+  }
+  CheckpointArchitecture a;
+  if (fs::exists(dir / "config.yaml", ec)) {
+    a.source = (dir / "config.yaml").string();
+    const std::string text = read_file(a.source);
+    if (text.find("model_config:") != std::string::npos) {
+      a.config = parse_run_config(text, a.source).model.model_config;
+      validate_model_config(a.config, a.source);
+    } else {
+      a.config = parse_model_config(text, a.source);
+    }
+    a.parts = {true, true, a.config.text_config.has_value(), true};
+    return a;
+  }
+  if (!fs::exists(dir / "config.json", ec)) return std::nullopt;
+  a.source = (dir / "config.json").string();
+  const auto j = read_json_file(a.source);
+  if (is_llm_config(j)) {
+    a.config.text_config = text_config_from_hf(j, a.source);
+    a.parts = {false, false, true, false};
+  } else {
+    a.config = blip2_config_from_hf(j, a.source);
+    a.parts = {true, true, a.config.text_config.has_value(), true};
+  }
+  return a;
+}
+
+// ---- the ledger ----
+
+namespace {
+
+bool starts_with(const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; }
+
+// The part a tensor belongs to, and what to say when a whole part has no weights.
+struct Part {
+  const char* name;
+  const char* hint;
+};
+const Part& part_of(const std::string& name) {
+  static const Part vit{"the ViT", "LAVIS stage-1 and stage-2 files hold none: give vision_config.checkpoint_name_or_path "
+                                   "(e.g. eva_vit_g.pth)"};
+  static const Part ln{"ln_vision", "LAVIS' eva_vit_g.pth holds none; the stage-1 weights do"};
+  static const Part lm{"the stage-1 LM head", "Hugging Face and retrieval checkpoints have none"};
+  static const Part temp{"the ITC temperature", "Hugging Face drops it; 0.07 is used"};
+  static const Part proj{"language_projection", "a stage-1 checkpoint has none; stage-2 training creates it"};
+  static const Part llm{"the LLM", "stage-2 files hold none: give text_config.checkpoint_name_or_path"};
+  static const Part qformer{"the Q-Former", "give the stage-1 or stage-2 weights as model_config.checkpoint_name_or_path"};
+  if (starts_with(name, "vision_model.post_layernorm.")) return ln;
+  if (starts_with(name, "vision_model.")) return vit;
+  if (starts_with(name, "cls.")) return lm;
+  if (name == "temp") return temp;
+  if (starts_with(name, "language_projection.")) return proj;
+  if (starts_with(name, "language_model.")) return llm;
+  return qformer;
+}
+
+// Tensors a load may bring that the model rightly lacks. `tensors` is the whole load (for twins).
+std::string known_extra(const std::string& name, const TensorMap& tensors, const std::set<std::string>& model_names) {
+  static const std::regex stage1_only(
+      R"(^(embeddings\.|cls\.|temp$|vision_projection\.|text_projection\.|itm_head\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.))");
+  const bool stage2_model = model_names.count("language_projection.weight") > 0;
+  if (stage2_model && std::regex_search(name, stage1_only)) return "stage-1";
+  if (name.size() > 13 && name.compare(name.size() - 13, 13, ".position_ids") == 0) return "positions";
+  if (name.find(".rotary_emb.inv_freq") != std::string::npos) return "rotary";
+  if (name == "language_model.lm_head.weight") {  // tied: must equal the embeddings
+    for (const char* twin : {"language_model.model.embed_tokens.weight", "language_model.model.decoder.embed_tokens.weight"}) {
+      auto it = tensors.find(twin);
+      if (it == tensors.end()) continue;
+      const auto& head = tensors.at(name);
+      check(head.sizes() == it->second.sizes() && torch::equal(head, it->second),
+            "'" + name + "' differs from '" + twin + "', which the model ties it to (tie_word_embeddings)");
+      return "tied";
+    }
+  }
+  return "";
+}
+
+std::set<std::string> tensor_names(const torch::nn::Module& model) {
+  std::set<std::string> names;
+  for (const auto& p : model.named_parameters()) names.insert(p.key());
+  for (const auto& b : model.named_buffers()) names.insert(b.key());
+  return names;
+}
+
+}  // namespace
+
+std::vector<std::string> unexpected_tensors(const torch::nn::Module& model, const TensorMap& tensors,
+                                           const std::string& source) {
+  const auto names = tensor_names(model);
+  std::vector<std::string> unexpected;
+  for (const auto& [name, t] : tensors) {
+    if (names.count(name)) continue;
+    std::string why;
+    try {
+      why = known_extra(name, tensors, names);
+    } catch (const Error& e) {
+      throw Error(source + ": " + e.what());
+    }
+    if (why.empty()) unexpected.push_back(name);
+  }
+  return unexpected;
+}
+
+std::string name_list(const std::vector<std::string>& names, size_t shown) {
+  std::string s;
+  for (size_t i = 0; i < names.size() && i < shown; ++i) s += (i ? ", " : "") + names[i];
+  if (names.size() > shown) s += ", ...";
+  return s + " (" + std::to_string(names.size()) + (names.size() == 1 ? " tensor)" : " tensors)");
+}
+
+WeightLedger::WeightLedger(const torch::nn::Module& model, const std::vector<std::string>& random, bool allow_partial)
+    : random_(random.begin(), random.end()), sources_{"(the model as loaded)"}, allow_partial_(allow_partial),
+      bound_(true) {
+  const auto names = tensor_names(model);
+  for (auto it = random_.begin(); it != random_.end();) it = names.count(*it) ? std::next(it) : random_.erase(it);
+}
+
+LoadReport WeightLedger::load(torch::nn::Module& model, TensorMap tensors, const std::string& source,
+                              const std::string& prefix) {
+  if (!prefix.empty())
+    for (auto it = tensors.begin(); it != tensors.end();) it = starts_with(it->first, prefix) ? std::next(it) : tensors.erase(it);
+  blip2::check(!tensors.empty(), source + ": holds no weights" + (prefix.empty() ? "" : " under " + prefix + "*"));
+  if (!bound_) random_ = tensor_names(model);
+  bound_ = true;
+  const auto unexpected = unexpected_tensors(model, tensors, source);
+  if (!unexpected.empty()) {
+    const std::string msg = source + ": " + name_list(unexpected) + " that the model has no place for: the "
+                            "checkpoint is another model, or its architecture differs from the config's";
+    if (!allow_partial_)
+      throw Error(msg + " (model_config.allow_partial_load: true ignores them)");
+    log_warn(msg + "; ignored (allow_partial_load)");
+  }
+  LoadReport report = load_weights_into(model, std::move(tensors), source);
+  for (const auto& name : report.loaded) random_.erase(name);
+  sources_.push_back(source);
+  log_info("weights from " + source + ": " + std::to_string(report.loaded.size()) + " tensors loaded");
+  return report;
+}
+
+void WeightLedger::trained(const torch::nn::Module& model, const std::string& prefix) {
+  if (!bound_) random_ = tensor_names(model);
+  bound_ = true;
+  for (auto it = random_.begin(); it != random_.end();) it = starts_with(*it, prefix) ? random_.erase(it) : std::next(it);
+  sources_.push_back(prefix + "* (trained here)");
+}
+
+bool WeightLedger::covers(const torch::nn::Module& model, const std::string& prefix) const {
+  const auto names = bound_ ? random_ : tensor_names(model);
+  return std::none_of(names.begin(), names.end(), [&](const std::string& n) { return starts_with(n, prefix); });
+}
+
+void WeightLedger::check(const torch::nn::Module& model, const CoveragePolicy& policy) const {
+  if (!loaded_any() || random_.empty()) return;
+  // Per part: how many tensors it has, how many stay random, whether all of them train.
+  struct Count {
+    int64_t total = 0, random = 0;
+    bool trains = true;
+  };
+  std::map<std::string, Count> parts;
+  for (const auto& p : model.named_parameters()) {
+    auto& c = parts[part_of(p.key()).name];
+    c.total += 1;
+    c.random += random_.count(p.key());
+    c.trains = c.trains && p.value().requires_grad();
+  }
+  for (const auto& b : model.named_buffers()) {
+    auto& c = parts[part_of(b.key()).name];
+    c.total += 1;
+    c.random += random_.count(b.key());
+  }
+  std::vector<std::string> bad, hints, fine;
+  for (const auto& name : random_) {
+    const Part& part = part_of(name);
+    const Count& c = parts[part.name];
+    const bool whole = c.random == c.total;
+    const std::string pn = part.name;
+    const bool may = whole && (pn == "the stage-1 LM head" || pn == "the ITC temperature" ||
+                               (policy.training && c.trains) || (pn == "the LLM" && policy.llm_trained_here));
+    if (may) {
+      if (std::find(fine.begin(), fine.end(), pn) == fine.end()) fine.push_back(pn);
+      continue;
+    }
+    bad.push_back(name);
+    const std::string hint = pn + (whole ? " has no weights (" + std::string(part.hint) + ")" : " is only partly covered");
+    if (std::find(hints.begin(), hints.end(), hint) == hints.end()) hints.push_back(hint);
+  }
+  if (!fine.empty())
+    log_info("starting from their initialisation: " + join(fine, ", ") +
+             (policy.training ? " (trained here or not in the checkpoint)" : " (not in the checkpoint)"));
+  if (bad.empty()) return;
+  const std::string msg = join(sources_, ", ") + ": the weights do not cover the model: " + name_list(bad) +
+                          " would keep their random initialisation; " + join(hints, "; ");
+  if (!policy.allow_partial && !allow_partial_)
+    throw Error(msg + " (model_config.allow_partial_load: true starts them from random values)");
+  log_warn(msg + "; they start from random values (allow_partial_load)");
 }
 
 }  // namespace blip2

@@ -6,8 +6,11 @@
 //     Hugging Face pytorch_model.bin)
 #pragma once
 
+#include <optional>
+#include <set>
 #include <string>
 
+#include "blip2/config/config.h"
 #include "blip2/io/safetensors.h"
 
 namespace blip2 {
@@ -28,5 +31,78 @@ LoadReport load_weights_into(torch::nn::Module& model, TensorMap tensors, const 
 
 // Why keys are missing, in words (e.g. "no ViT: LAVIS saves only trainable weights").
 std::string explain_missing(const std::vector<std::string>& missing);
+
+// Resolves --load_checkpoint: a checkpoint directory, an output directory's checkpoint/ root
+// (its `latest`), or a file. Returns the directory or file to read.
+std::string resolve_checkpoint(const std::string& path);
+// Where the weights of a path are: a training output directory (or its checkpoint/ root) is its
+// latest checkpoint; anything else (a checkpoint, HF or LAVIS file or directory) is itself.
+std::string weights_location(const std::string& path);
+
+// The architecture a checkpoint's own config describes: a Hugging Face directory's config.json
+// (a BLIP-2 model: vision + Q-Former [+ LLM]; an LLM directory: the LLM alone), or a blip2cpp
+// directory's config.yaml (a training checkpoint, convert or save_pretrained output, or the
+// directory of its model.safetensors). Bare weight files (.pth, .bin, other .safetensors) carry
+// none: std::nullopt. `path` is a name or path as resolve_weights takes it.
+struct CheckpointArchitecture {
+  Blip2Config config;
+  ArchitectureParts parts;
+  std::string source;  // the config file
+};
+std::optional<CheckpointArchitecture> checkpoint_architecture(const std::string& path);
+
+// ---- which of a model's tensors hold loaded weights ----
+
+// What may be left without checkpoint weights, as the task decides.
+struct CoveragePolicy {
+  bool allow_partial = false;     // model_config.allow_partial_load / --allow_partial_load
+  bool training = false;          // a part that trains, with no weights at all, starts from its init
+  bool llm_trained_here = false;  // runner_config.llm_pretrain_epochs > 0: the LLM is trained first
+};
+
+// Tracks which tensors of one model still hold their random initialisation over all the loads
+// into it, and holds the loads to account:
+//  - tensors of a load the model has no place for are an error, except known ones: stage-1 heads
+//    given to a stage-2 model, position_ids and rotary inv_freq buffers (computed here), and a
+//    tied lm_head equal to the embeddings it is tied to;
+//  - check(): after the loads, a tensor still random is an error unless its whole part (ViT,
+//    ln_vision, Q-Former, LM head, temperature, language_projection, LLM) came from no checkpoint
+//    and may: the stage-1 LM head and temperature (Hugging Face has none), a part that trains
+//    (policy.training), the LLM when it is pretrained here.
+// With allow_partial both are warnings that name what stays random. A ledger of a model nothing
+// was loaded into checks nothing (training from scratch).
+class WeightLedger {
+ public:
+  // Nothing loaded yet; the first load takes the model's tensors as the ones to cover.
+  explicit WeightLedger(bool allow_partial = false) : allow_partial_(allow_partial) {}
+  // A model loaded before (by from_pretrained): `random` are the tensors its loads left random.
+  WeightLedger(const torch::nn::Module& model, const std::vector<std::string>& random, bool allow_partial);
+  // Loads `tensors` (canonical names) into `model`, those under `prefix` only (a part given on
+  // its own, e.g. "vision_model."), and logs what it did.
+  LoadReport load(torch::nn::Module& model, TensorMap tensors, const std::string& source,
+                  const std::string& prefix = "");
+  void check(const torch::nn::Module& model, const CoveragePolicy& policy) const;
+  // The tensors under `prefix` now hold trained weights (the LLM pretrained here).
+  void trained(const torch::nn::Module& model, const std::string& prefix);
+  // True if no tensor under `prefix` is still random.
+  bool covers(const torch::nn::Module& model, const std::string& prefix) const;
+  bool loaded_any() const { return !sources_.empty(); }
+  std::vector<std::string> random() const { return {random_.begin(), random_.end()}; }
+  bool allow_partial() const { return allow_partial_; }
+
+ private:
+  std::set<std::string> random_;
+  std::vector<std::string> sources_;
+  bool allow_partial_ = false;
+  bool bound_ = false;
+};
+
+// The tensors of `tensors` that `model` has no place for, less the known extras (see
+// WeightLedger); an Error naming `source` when a tied copy differs from its twin.
+std::vector<std::string> unexpected_tensors(const torch::nn::Module& model, const TensorMap& tensors,
+                                           const std::string& source);
+
+// The first few of `names` and their count: "a, b, c, ... (36 tensors)".
+std::string name_list(const std::vector<std::string>& names, size_t shown = 4);
 
 }  // namespace blip2

@@ -11,17 +11,11 @@
 #include <nlohmann/json.hpp>
 
 #include "blip2/config/config.h"
+#include "blip2/io/hf_config.h"
 #include "blip2/io/safetensors.h"
 
 namespace blip2 {
 
-// Reads the fields of a BLIP-2 config.json, using transformers' defaults for absent keys.
-Blip2Config blip2_config_from_hf(const nlohmann::json& j, const std::string& source);
-// The decoder LLM of a Hugging Face config: Blip2Config's text_config, or the config.json of an
-// OPTForCausalLM / LlamaForCausalLM / Baichuan-7B directory. Architectures blip2cpp does not
-// implement (OPT-350m's projections, grouped-query attention, biased Llama projections) are
-// errors naming the key.
-TextConfig text_config_from_hf(const nlohmann::json& j, const std::string& where);
 // True if `dir` holds a Hugging Face causal LM (config.json of model_type opt/llama/baichuan).
 bool is_hf_llm_directory(const std::string& dir);
 // Its config and weights, named as inside BLIP-2 (language_model.*).
@@ -49,13 +43,10 @@ HfModel load_hf_directory(const std::string& dir);
 
 // An LLM as a Hugging Face directory (config.json of LlamaForCausalLM / OPTForCausalLM +
 // model.safetensors) from tensors named as inside the LLM (model.*, lm_head.*).
-nlohmann::json hf_config_from_text(const TextConfig& t);
 void export_hf_llm(const TextConfig& t, const TensorMap& tensors, const std::string& dir);
 
-// The other way: config.json of a Blip2ForImageTextRetrieval, and tensors with Hugging Face's
-// names (q_bias/v_bias folded into qkv.bias; the stage-1 LM head and temp dropped, as
-// transformers has no place for them).
-nlohmann::json hf_config_from_blip2(const Blip2Config& c);
+// The other way: tensors with Hugging Face's names (q_bias/v_bias folded into qkv.bias; the
+// stage-1 LM head and temp dropped, as transformers has no place for them).
 TensorMap hf_from_canonical(const TensorMap& tensors);
 // Writes `dir`/config.json + `dir`/model.safetensors (atomically, file by file).
 void export_hf_directory(const Blip2Config& c, const TensorMap& tensors, const std::string& dir);

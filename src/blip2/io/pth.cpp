@@ -336,11 +336,36 @@ TensorMap unpickle_state_dict(const std::string& pickle, const std::string& path
   return out;
 }
 
+namespace {
+
+// LAVIS stores some tensors twice: the LM decoder is tied to the word embeddings, and its bias is
+// the head's own bias under a second name. Each copy must equal its twin, and is then dropped.
+void check_twin(const TensorMap& lavis, const std::string& name, const std::string& twin) {
+  auto a = lavis.find(name), b = lavis.find(twin);
+  if (a == lavis.end() || b == lavis.end()) return;
+  check(a->second.sizes() == b->second.sizes() && torch::equal(a->second, b->second),
+        "'" + name + "' differs from '" + twin + "', which LAVIS ties it to: this file holds two different "
+        "tensors where the model has one");
+}
+
+}  // namespace
+
 TensorMap canonical_from_lavis(const TensorMap& lavis) {
+  try {
+    check_twin(lavis, "Qformer.cls.predictions.decoder.weight", "Qformer.bert.embeddings.word_embeddings.weight");
+    check_twin(lavis, "Qformer.cls.predictions.decoder.bias", "Qformer.cls.predictions.bias");
+  } catch (const Error& e) {
+    throw Error(std::string("LAVIS checkpoint: ") + e.what());
+  }
+  if (auto it = lavis.find("Qformer.bert.embeddings.position_ids"); it != lavis.end())
+    check(it->second.numel() > 0 &&
+              torch::equal(it->second.flatten().to(torch::kLong), torch::arange(it->second.numel(), torch::kLong)),
+          "LAVIS checkpoint: 'Qformer.bert.embeddings.position_ids' is not 0, 1, 2, ... (the positions are computed)");
   // Ordered rules: LAVIS name pattern -> canonical name ("" drops the tensor).
   static const std::vector<std::pair<std::regex, std::string>> rules = {
-      {std::regex(R"(^Qformer\.bert\.embeddings\.position_ids$)"), ""},
-      {std::regex(R"(^Qformer\.cls\.predictions\.decoder\.weight$)"), ""},  // tied to the embeddings
+      {std::regex(R"(^Qformer\.bert\.embeddings\.position_ids$)"), ""},  // 0, 1, 2, ... (checked above)
+      {std::regex(R"(^Qformer\.cls\.predictions\.decoder\.weight$)"), ""},  // twin of the word embeddings
+      {std::regex(R"(^Qformer\.cls\.predictions\.decoder\.bias$)"), ""},    // twin of cls.predictions.bias
       {std::regex(R"(^visual_encoder\.cls_token$)"), "vision_model.embeddings.class_embedding"},
       {std::regex(R"(^visual_encoder\.pos_embed$)"), "vision_model.embeddings.position_embedding"},
       {std::regex(R"(^visual_encoder\.patch_embed\.proj\.)"), "vision_model.embeddings.patch_embedding."},

@@ -4,29 +4,33 @@ namespace blip2 {
 namespace F = torch::nn::functional;
 
 EvaAttentionImpl::EvaAttentionImpl(const VisionConfig& c, const InitOptions& init)
-    : heads(c.num_attention_heads) {
+    : heads(c.num_attention_heads), dropout(c.attention_dropout) {
   const int64_t d = c.hidden_size;
   qkv = register_module("qkv", Linear(d, 3 * d, /*bias=*/false, init));
-  q_bias = register_parameter("q_bias", torch::zeros({d}, init.options));
-  v_bias = register_parameter("v_bias", torch::zeros({d}, init.options));
+  if (c.qkv_bias) {
+    q_bias = register_parameter("q_bias", torch::zeros({d}, init.options));
+    v_bias = register_parameter("v_bias", torch::zeros({d}, init.options));
+  }
   projection = register_module("projection", Linear(d, d, true, init));
 }
 
 torch::Tensor EvaAttentionImpl::forward(const torch::Tensor& x) {
   const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
-  auto bias = torch::cat({q_bias, torch::zeros_like(q_bias), v_bias});
+  torch::Tensor bias;
+  if (q_bias.defined()) bias = torch::cat({q_bias, torch::zeros_like(q_bias), v_bias});
   auto qkv_out = F::linear(x, qkv->weight, bias).view({b, n, 3, heads, d / heads});
   qkv_out = qkv_out.permute({2, 0, 3, 1, 4});  // [3, B, H, N, hd]
-  auto ctx = at::scaled_dot_product_attention(qkv_out[0], qkv_out[1], qkv_out[2]);
+  auto ctx = at::scaled_dot_product_attention(qkv_out[0], qkv_out[1], qkv_out[2], {},
+                                              is_training() ? dropout : 0.0);
   return projection(merge_heads(ctx));
 }
 
-EvaMlpImpl::EvaMlpImpl(const VisionConfig& c, const InitOptions& init) {
+EvaMlpImpl::EvaMlpImpl(const VisionConfig& c, const InitOptions& init) : act(activation(c.hidden_act)) {
   fc1 = register_module("fc1", Linear(c.hidden_size, c.intermediate_size, true, init));
   fc2 = register_module("fc2", Linear(c.intermediate_size, c.hidden_size, true, init));
 }
 
-torch::Tensor EvaMlpImpl::forward(const torch::Tensor& x) { return fc2(torch::gelu(fc1(x))); }
+torch::Tensor EvaMlpImpl::forward(const torch::Tensor& x) { return fc2(act(fc1(x))); }
 
 EvaBlockImpl::EvaBlockImpl(const VisionConfig& c, const InitOptions& init) {
   layer_norm1 = register_module("layer_norm1", LayerNorm(c.hidden_size, c.layer_norm_eps, init));

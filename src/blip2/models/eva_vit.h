@@ -16,16 +16,18 @@ class EvaAttentionImpl : public torch::nn::Module {
   EvaAttentionImpl(const VisionConfig& c, const InitOptions& init);
   torch::Tensor forward(const torch::Tensor& x);  // [B, N, D] -> [B, N, D]
   Linear qkv{nullptr}, projection{nullptr};
-  torch::Tensor q_bias, v_bias;
+  torch::Tensor q_bias, v_bias;  // undefined when qkv_bias is false
   int64_t heads;
+  double dropout;  // on the attention probabilities, in training mode
 };
 TORCH_MODULE(EvaAttention);
 
 class EvaMlpImpl : public torch::nn::Module {
  public:
   EvaMlpImpl(const VisionConfig& c, const InitOptions& init);
-  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor forward(const torch::Tensor& x);  // fc2(act(fc1(x)))
   Linear fc1{nullptr}, fc2{nullptr};
+  Activation act;
 };
 TORCH_MODULE(EvaMlp);
 

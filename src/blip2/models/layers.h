@@ -2,9 +2,20 @@
 // can be built on the meta device (shapes only, no memory) or directly on CUDA.
 #pragma once
 
+#include <string>
+#include <vector>
+
 #include <torch/torch.h>
 
 namespace blip2 {
+
+// transformers' ACT2FN by name, each computed as transformers computes it (gelu = erf GELU,
+// gelu_new / gelu_pytorch_tanh = the tanh approximation, quick_gelu = x * sigmoid(1.702 x), ...).
+// Those with learned parameters (prelu, xielu) are not offered.
+using Activation = torch::Tensor (*)(const torch::Tensor&);
+Activation activation(const std::string& name);  // an Error for an unknown name
+bool is_activation(const std::string& name);
+std::vector<std::string> activation_names();
 
 // How to create parameters: device/dtype, and the N(0, std) used for weights (BERT init).
 struct InitOptions {
@@ -24,10 +35,12 @@ TORCH_MODULE(Linear);
 
 class LayerNormImpl : public torch::nn::Module {
  public:
-  LayerNormImpl(int64_t dim, double eps, const InitOptions& init);
+  // affine false: no weight and bias (OPT's layer_norm_elementwise_affine false).
+  LayerNormImpl(int64_t dim, double eps, const InitOptions& init, bool affine = true);
   torch::Tensor forward(const torch::Tensor& x) const;
   torch::Tensor weight, bias;
   double eps;
+  int64_t dim;
 };
 TORCH_MODULE(LayerNorm);
 

@@ -63,7 +63,7 @@ torch::Tensor BertAttentionImpl::forward(const torch::Tensor& hidden,
 
 QFormerLayerImpl::QFormerLayerImpl(const QFormerConfig& c, int64_t encoder_width, bool cross,
                                    const InitOptions& init, bool text_path)
-    : has_cross(cross) {
+    : has_cross(cross), act(activation(c.hidden_act)) {
   attention = register_module("attention", BertAttention(c, c.hidden_size, init));
   if (cross) crossattention = register_module("crossattention", BertAttention(c, encoder_width, init));
   auto h = c.hidden_size, i = c.intermediate_size;
@@ -79,9 +79,9 @@ QFormerLayerImpl::QFormerLayerImpl(const QFormerConfig& c, int64_t encoder_width
 }
 
 torch::Tensor QFormerLayerImpl::ffn(const torch::Tensor& x, bool query) {
-  if (query) return output_query(torch::gelu(intermediate_query(x)), x);
+  if (query) return output_query(act(intermediate_query(x)), x);
   TORCH_CHECK(!intermediate.is_empty(), "this Q-Former has the query path only (stage 2): no text input");
-  return output(torch::gelu(intermediate(x)), x);
+  return output(act(intermediate(x)), x);
 }
 
 torch::Tensor QFormerLayerImpl::forward(const torch::Tensor& hidden, const torch::Tensor& mask,
@@ -156,7 +156,7 @@ torch::Tensor TextEmbeddingsImpl::forward(const torch::Tensor& ids, int64_t past
   return word_embeddings(ids) + position_embeddings(positions).unsqueeze(0);
 }
 
-LMHeadImpl::LMHeadImpl(const QFormerConfig& c, const InitOptions& init) {
+LMHeadImpl::LMHeadImpl(const QFormerConfig& c, const InitOptions& init) : act(activation(c.hidden_act)) {
   auto predictions = register_module("predictions", std::make_shared<torch::nn::Module>());
   auto transform = predictions->register_module("transform", std::make_shared<torch::nn::Module>());
   dense = transform->register_module("dense", Linear(c.hidden_size, c.hidden_size, true, init));
@@ -168,7 +168,7 @@ LMHeadImpl::LMHeadImpl(const QFormerConfig& c, const InitOptions& init) {
 
 torch::Tensor LMHeadImpl::forward(const torch::Tensor& hidden,
                                   const torch::Tensor& word_embeddings) {
-  auto x = LayerNorm_(torch::gelu(dense(hidden)));
+  auto x = LayerNorm_(act(dense(hidden)));
   return F::linear(x, word_embeddings, bias);
 }
 

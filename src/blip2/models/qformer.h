@@ -71,6 +71,7 @@ class QFormerLayerImpl : public torch::nn::Module {
   Linear intermediate{nullptr}, intermediate_query{nullptr};
   BertOutput output{nullptr}, output_query{nullptr};
   bool has_cross;
+  Activation act;
 
  private:
   torch::Tensor ffn(const torch::Tensor& x, bool query);
@@ -123,6 +124,7 @@ class LMHeadImpl : public torch::nn::Module {
   Linear dense{nullptr};
   LayerNorm LayerNorm_{nullptr};
   torch::Tensor bias;
+  Activation act;
 };
 TORCH_MODULE(LMHead);
 

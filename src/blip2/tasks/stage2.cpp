@@ -68,65 +68,20 @@ std::shared_ptr<LlmTokenizer> stage2_tokenizer(const DatasetConfig& d, const Bli
   return tok;
 }
 
-void adopt_hf_architecture(Blip2Config& c) {
-  if (c.checkpoint_name_or_path.empty()) return;
-  std::string dir;
-  try {
-    dir = resolve_weights(c.checkpoint_name_or_path);
-  } catch (const Error&) {
-    return;  // build_stage2_model reports it
-  }
-  if (!is_hf_directory(dir)) return;
-  const auto cfg_path = (fs::path(dir) / "config.json").string();
-  const Blip2Config hf = blip2_config_from_hf(nlohmann::json::parse(read_file(cfg_path), nullptr, false), cfg_path);
-  if (!hf.text_config) return;
-  TextConfig t = *hf.text_config;
-  const TextConfig& yaml = *c.text_config;  // generation settings and the LLM path stay the config's
-  t.checkpoint_name_or_path = yaml.checkpoint_name_or_path;
-  t.num_beams = yaml.num_beams; t.max_new_tokens = yaml.max_new_tokens; t.min_new_tokens = yaml.min_new_tokens;
-  t.length_penalty = yaml.length_penalty; t.repetition_penalty = yaml.repetition_penalty;
-  t.do_sample = yaml.do_sample; t.temperature = yaml.temperature; t.top_k = yaml.top_k; t.top_p = yaml.top_p;
-  t.max_decode_length = yaml.max_decode_length; t.use_past = yaml.use_past;
-  t.seq_length = std::max(yaml.seq_length, hf.qformer_config.query_length + c.max_txt_len);
-  c.vision_config = [&] { auto v = hf.vision_config; v.checkpoint_name_or_path = c.vision_config.checkpoint_name_or_path; return v; }();
-  c.qformer_config = hf.qformer_config;
-  c.text_config = t;
-  log_info(cfg_path + ": the model's architecture is this Hugging Face config's");
-}
-
 torch::Dtype frozen_dtype(const Blip2Config& c, torch::Device device) {
   if (c.frozen_dtype == "bfloat16") return torch::kBFloat16;
   if (c.frozen_dtype == "float32") return torch::kFloat32;
   return device.is_cuda() ? torch::kBFloat16 : torch::kFloat32;
 }
 
-Blip2Llm build_stage2_model(const Blip2Config& c, std::vector<std::string>* missing, torch::Device device) {
+Blip2Llm build_stage2_model(const Blip2Config& c, WeightLedger& ledger, torch::Device device) {
   const InitOptions frozen{torch::TensorOptions().dtype(frozen_dtype(c, device)).device(device), 0.02};
   Blip2Llm model(c, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02}, frozen);
-  auto load_part = [&](const std::string& path, const std::string& prefix, const std::string& what) {
-    TensorMap part;
-    for (auto& [name, t] : load_checkpoint_tensors(resolve_weights(path)))
-      if (name.rfind(prefix, 0) == 0) part[name] = t;
-    check(!part.empty(), path + ": holds no " + what + " weights (" + prefix + "*)");
-    auto report = load_weights_into(*model, part, path);
-    log_info(what + " weights from " + path + ": " + std::to_string(report.loaded.size()) + " tensors loaded");
-  };
   if (!c.vision_config.checkpoint_name_or_path.empty())
-    load_part(c.vision_config.checkpoint_name_or_path, "vision_model.", "ViT");
-  const bool llm_given = !c.text_config->checkpoint_name_or_path.empty();
-  if (llm_given) load_part(c.text_config->checkpoint_name_or_path, "language_model.", "LLM");
-  if (!c.checkpoint_name_or_path.empty()) {
-    const std::string where = weights_location(resolve_weights(c.checkpoint_name_or_path));
-    auto report = load_weights_into(*model, load_checkpoint_tensors(where), where);
-    log_info("weights from " + where + ": " + report.summary());
-    std::vector<std::string> gaps;
-    for (const auto& k : report.missing)
-      if (!(llm_given && k.rfind("language_model.", 0) == 0) &&
-          !(!c.vision_config.checkpoint_name_or_path.empty() && k.rfind("vision_model.", 0) == 0))
-        gaps.push_back(k);
-    if (!gaps.empty()) log_info("  " + explain_missing(gaps));
-    if (missing) *missing = gaps;
-  }
+    load_model_weights(*model, c.vision_config.checkpoint_name_or_path, ledger, "vision_model.");
+  if (!c.text_config->checkpoint_name_or_path.empty())
+    load_model_weights(*model, c.text_config->checkpoint_name_or_path, ledger, "language_model.");
+  if (!c.checkpoint_name_or_path.empty()) load_model_weights(*model, c.checkpoint_name_or_path, ledger);
   return model;
 }
 
@@ -179,22 +134,28 @@ bool caption_names_class(const std::string& caption, const std::string& label_na
   return !colour.empty() && !shape.empty() && colour + " " + shape == label_name;
 }
 
-Stage2Trainer::Stage2Trainer(RunConfig cfg) : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)) {
+Stage2Trainer::Stage2Trainer(RunConfig cfg)
+    : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)),
+      ledger_(cfg_.model.model_config.allow_partial_load) {
   dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel, cfg_.parallel_config.model_parallel);
   torch::manual_seed(cfg_.seed);
-  auto& mc = cfg_.model.model_config;
-  check(mc.text_config.has_value(), "model.model_config.text_config: a stage-2 model needs its LLM described");
+  check(cfg_.model.model_config.text_config.has_value(),
+        "model.model_config.text_config: a stage-2 model needs its LLM described");
+  adopt_checkpoint_architectures(cfg_, "the run config");
+  const auto& mc = cfg_.model.model_config;
   const bool train = cfg_.run_mode == "train";
-  adopt_hf_architecture(mc);
   tokenizer_ = stage2_tokenizer(train ? cfg_.train_dataset : cfg_.eval_dataset, mc,
                                 train ? "train_dataset" : "eval_dataset");
-  model_ = build_stage2_model(mc, &missing_weights_, device_);
-  if (!cfg_.load_checkpoint.empty()) load_weights(cfg_.load_checkpoint);
+  model_ = build_stage2_model(mc, ledger_, device_);
+  const bool resuming = train && cfg_.resume_training;
+  if (!cfg_.load_checkpoint.empty() && !resuming) load_model_weights(*model_, cfg_.load_checkpoint, ledger_);
+  if (!resuming) ledger_.check(*model_, coverage_policy(cfg_, train));
   model_->to(device_);
 }
 
 void Stage2Trainer::load_weights(const std::string& path) {
-  missing_weights_ = load_model_weights(*model_, path).missing;
+  load_model_weights(*model_, path, ledger_);
+  ledger_.check(*model_, coverage_policy(cfg_, false));
 }
 
 BatchLoader Stage2Trainer::make_loader(const DatasetConfig& d, bool train) const {
@@ -221,6 +182,11 @@ void Stage2Trainer::pretrain_llm(BatchLoader& loader) {
     p.set_requires_grad(true);
   }
   lm.train();
+  const int64_t longest = 2 * cfg_.train_dataset.text_transforms.max_length;  // each caption twice
+  check(longest <= lm.config.max_position_embeddings,
+        "runner_config.llm_pretrain_epochs: two captions of train_dataset.text_transforms.max_length " +
+            std::to_string(longest / 2) + " exceed the LLM's max_position_embeddings " +
+            std::to_string(lm.config.max_position_embeddings));
   auto opt = make_adamw(lm, cfg_.optimizer, rc.llm_pretrain_lr);
   const int64_t per_epoch = loader.batches_per_epoch(), total = rc.llm_pretrain_epochs * per_epoch;
   LrScheduleConfig sched = cfg_.lr_schedule;
@@ -255,6 +221,7 @@ void Stage2Trainer::pretrain_llm(BatchLoader& loader) {
   size_t i = 0;
   for (auto& p : lm.parameters()) p.set_requires_grad(!frozen[i++]);
   model_->train(false);
+  ledger_.trained(*model_, "language_model.");
   if (dist::is_main_process()) {
     TensorMap weights;
     for (const auto& p : lm.named_parameters()) weights[p.key()] = p.value().detach().cpu();
@@ -264,11 +231,26 @@ void Stage2Trainer::pretrain_llm(BatchLoader& loader) {
   }
 }
 
+TrainState Stage2Trainer::resume(torch::optim::Optimizer& opt) {
+  const std::string dir = resume_checkpoint_dir(cfg_);
+  load_model_weights(*model_, dir, ledger_);
+  // A checkpoint written without its frozen weights: the LLM pretrained here is in output_dir/llm.
+  const auto llm_dir = fs::path(cfg_.output_dir) / "llm";
+  std::error_code ec;
+  if (cfg_.runner_config.llm_pretrain_epochs > 0 && !ledger_.covers(*model_, "language_model.") &&
+      fs::exists(llm_dir / "config.json", ec))
+    load_model_weights(*model_, llm_dir.string(), ledger_, "language_model.");
+  CoveragePolicy policy = coverage_policy(cfg_, true);
+  policy.llm_trained_here = false;  // a resumed run does not pretrain the LLM again
+  ledger_.check(*model_, policy);
+  return load_train_state(dir, opt, device_);
+}
+
 std::vector<StepLog> Stage2Trainer::train() {
   const auto& rc = cfg_.runner_config;
   auto loader = make_loader(cfg_.train_dataset, /*train=*/true);
   fs::create_directories(cfg_.output_dir);
-  if (rc.llm_pretrain_epochs > 0) pretrain_llm(loader);
+  if (rc.llm_pretrain_epochs > 0 && !cfg_.resume_training) pretrain_llm(loader);
   const int64_t per_epoch = loader.batches_per_epoch();
   const int64_t total = cfg_.lr_schedule.total_steps > 0 ? cfg_.lr_schedule.total_steps : rc.epochs * per_epoch;
   const int64_t last = rc.max_steps >= 0 ? std::min(rc.max_steps, rc.epochs * per_epoch) : rc.epochs * per_epoch;
@@ -276,54 +258,63 @@ std::vector<StepLog> Stage2Trainer::train() {
   auto opt = make_adamw(*model_, cfg_.optimizer, cfg_.lr_schedule.learning_rate, &trainable);
   std::vector<torch::Tensor> params = opt->param_groups()[0].params();
   for (const auto& p : opt->param_groups()[1].params()) params.push_back(p);
+  TrainState st;
+  if (cfg_.resume_training) st = resume(*opt);
   const int64_t prompt = prompt_tokens(cfg_.train_dataset);
   const auto eos = cfg_.model.model_config.text_config->eos_token_id;
   const int64_t max_len = cfg_.model.model_config.max_txt_len;
   log_info("stage-2 training: " + std::to_string(trainable) + " of " + std::to_string(count_parameters(*model_)) +
            " parameters trainable (LLM " + (cfg_.model.model_config.freeze_text ? "frozen" : "trained") + "), " +
            std::to_string(rc.epochs) + " epochs x " + std::to_string(per_epoch) + " steps, device " + device_.str());
-  std::ofstream metrics(fs::path(cfg_.output_dir) / "metrics.jsonl");
+  std::ofstream metrics = open_metrics(cfg_.output_dir, st.step);
   model_->train();
   std::vector<StepLog> logs;
   Progress progress("stage2", last, rc.log_interval);
-  int64_t step = 0, saved = -1;
-  for (int64_t epoch = 0; epoch < rc.epochs && step < last; ++epoch) {
-    BatchLoader::Stream stream(loader, epoch, 0);
-    while (!stream.done() && step < last) {
+  int64_t saved = -1;
+  for (int64_t epoch = st.epoch; epoch < rc.epochs && st.step < last; ++epoch) {
+    BatchLoader::Stream stream(loader, epoch, epoch == st.epoch ? st.batch : 0);
+    for (int64_t b = epoch == st.epoch ? st.batch : 0; b < per_epoch && st.step < last; ++b) {
       const auto t0 = std::chrono::steady_clock::now();
       Batch batch = stream.next();
       auto t = caption_targets(*tokenizer_, batch.captions, prompt, max_len, eos);
-      const double lr = warmup_cosine_lr(cfg_.lr_schedule, step, total);
+      const double lr = warmup_cosine_lr(cfg_.lr_schedule, st.step, total);
       set_lr(*opt, lr);
-      auto loss = model_->loss(batch.images.to(device_), t.ids.to(device_), t.keep.to(device_), t.labels.to(device_));
+      torch::Tensor loss;
+      {
+        AutocastGuard autocast(rc.bf16_autocast, device_);
+        loss = model_->loss(batch.images.to(device_), t.ids.to(device_), t.keep.to(device_), t.labels.to(device_));
+      }
       opt->zero_grad();
       loss.backward();
       dist::all_reduce_gradients(opt->param_groups()[0].params());
       dist::all_reduce_gradients(opt->param_groups()[1].params());
       if (rc.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(params, rc.max_grad_norm);
       opt->step();
-      ++step;
+      st.step += 1;
+      st.batch = b + 1;
+      st.epoch = epoch;
+      if (st.batch == per_epoch) st = {st.step, epoch + 1, 0};
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       StepLog log;
-      log.step = step;
+      log.step = st.step;
       log.epoch = epoch;
       log.loss = log.loss_lm = loss.item<double>();
       log.lr = lr;
       log.samples_per_s = static_cast<double>(batch.images.size(0) * dist::world_size()) / std::max(secs, 1e-9);
       check(std::isfinite(log.loss), "stage-2 loss became " + std::to_string(log.loss) + " at step " +
-                                         std::to_string(step) + " (lower the learning rate?)");
+                                         std::to_string(st.step) + " (lower the learning rate?)");
       logs.push_back(log);
-      metrics << nlohmann::json{{"step", step}, {"epoch", epoch}, {"loss", log.loss}, {"lr", lr},
+      metrics << nlohmann::json{{"step", st.step}, {"epoch", epoch}, {"loss", log.loss}, {"lr", lr},
                                 {"samples_per_s", log.samples_per_s}}.dump() << "\n";
       metrics.flush();
-      progress.update(step, "loss " + format_float(log.loss) + " lr " + format_float(lr * 1e4, 3) + "e-4 " +
-                                format_float(log.samples_per_s, 1) + " samples/s");
-      if (rc.save_steps > 0 && step % rc.save_steps == 0) save_checkpoint(saved = step);
+      progress.update(st.step, "loss " + format_float(log.loss) + " lr " + format_float(lr * 1e4, 3) + "e-4 " +
+                                   format_float(log.samples_per_s, 1) + " samples/s");
+      if (rc.save_steps > 0 && st.step % rc.save_steps == 0) save_checkpoint(st, *opt), saved = st.step;
     }
-    if (rc.save_steps == 0 && saved != step) save_checkpoint(saved = step);
+    if (rc.save_steps == 0 && saved != st.step) save_checkpoint(st, *opt), saved = st.step;
   }
   progress.finish();
-  if (saved != step && step > 0) save_checkpoint(step);
+  if (saved != st.step && !logs.empty()) save_checkpoint(st, *opt);
   if (!logs.empty()) {
     const size_t k = std::max<size_t>(1, std::min<size_t>(20, logs.size() / 5));
     double first = 0, last_loss = 0;
@@ -334,12 +325,13 @@ std::vector<StepLog> Stage2Trainer::train() {
   return logs;
 }
 
-void Stage2Trainer::save_checkpoint(int64_t step) {
+void Stage2Trainer::save_checkpoint(const TrainState& st, torch::optim::Optimizer& opt) {
   if (!dist::is_main_process()) return;
-  write_checkpoint(cfg_.output_dir, step, [&](const fs::path& tmp) {
+  write_checkpoint(cfg_.output_dir, st.step, [&](const fs::path& tmp) {
     save_safetensors((tmp / "model.safetensors").string(),
                      state_dict(*model_, !cfg_.runner_config.save_frozen_weights),
                      {{"format", "blip2cpp"}, {"arch", cfg_.model.arch.type}});
+    save_train_state(tmp / "trainer_state.pt", opt, st, device_);
     atomic_write(tmp / "config.yaml", to_yaml(cfg_));
   });
 }
@@ -383,8 +375,11 @@ nlohmann::json Stage2Trainer::evaluate() {
   while (!stream.done()) {
     Batch batch = stream.next();
     auto tg = caption_targets(*tokenizer_, batch.captions, prompt, cfg_.model.model_config.max_txt_len, t.eos_token_id);
-    loss_sum += model_->loss(batch.images.to(device_), tg.ids.to(device_), tg.keep.to(device_), tg.labels.to(device_))
-                    .item<double>();
+    {
+      AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
+      loss_sum += model_->loss(batch.images.to(device_), tg.ids.to(device_), tg.keep.to(device_), tg.labels.to(device_))
+                      .item<double>();
+    }
     ++batches;
     if (synthetic) {
       auto texts = generate(batch.images, std::vector<std::string>(batch.captions.size(), prompt_text), o);

@@ -34,17 +34,11 @@ bool is_stage2(const RunConfig& cfg);
 std::shared_ptr<LlmTokenizer> stage2_tokenizer(const DatasetConfig& d, const Blip2Config& c,
                                                const std::string& section);
 
-// When checkpoint_name_or_path is a Hugging Face Blip2ForConditionalGeneration directory, its
-// config.json decides the architecture (vision, Q-Former, LLM); the config keeps its generation
-// settings and checkpoint paths.
-void adopt_hf_architecture(Blip2Config& c);
-
-// The stage-2 model with the weights the config names: the ViT (vision_config), the LLM
-// (text_config.checkpoint_name_or_path, a Hugging Face directory), then the whole model
-// (checkpoint_name_or_path: stage-1 or stage-2 weights). `missing` gets what stayed random.
-// `device`: where the frozen parts are created (in frozen_dtype), so that they are loaded once.
-Blip2Llm build_stage2_model(const Blip2Config& c, std::vector<std::string>* missing = nullptr,
-                            torch::Device device = torch::kCPU);
+// The stage-2 model with the weights the config names, loaded through `ledger` (whose check()
+// the caller runs): the ViT (vision_config), the LLM (text_config.checkpoint_name_or_path, a
+// Hugging Face directory), then the whole model (checkpoint_name_or_path: stage-1 or stage-2
+// weights). `device`: where the frozen parts are created (in frozen_dtype), loaded once.
+Blip2Llm build_stage2_model(const Blip2Config& c, WeightLedger& ledger, torch::Device device = torch::kCPU);
 // The dtype model_config.frozen_dtype means on `device` (auto: bfloat16 on CUDA, else float32).
 torch::Dtype frozen_dtype(const Blip2Config& c, torch::Device device);
 
@@ -89,7 +83,8 @@ class Stage2Trainer {
 
  private:
   void pretrain_llm(BatchLoader& loader);
-  void save_checkpoint(int64_t step);
+  void save_checkpoint(const TrainState& st, torch::optim::Optimizer& opt);
+  TrainState resume(torch::optim::Optimizer& opt);
   BatchLoader make_loader(const DatasetConfig& d, bool train) const;
   int64_t prompt_tokens(const DatasetConfig& d) const;
 
@@ -97,7 +92,7 @@ class Stage2Trainer {
   torch::Device device_;
   Blip2Llm model_{nullptr};
   std::shared_ptr<LlmTokenizer> tokenizer_;
-  std::vector<std::string> missing_weights_;
+  WeightLedger ledger_;  // which tensors hold loaded (or pretrained) weights
 };
 
 }  // namespace blip2

@@ -22,41 +22,18 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// bf16 autocast on CUDA for the scope; a no-op when disabled.
-class AutocastGuard {
- public:
-  AutocastGuard(bool enabled, const torch::Device& device) : on_(enabled && device.is_cuda()) {
-    if (!on_) return;
-    prev_enabled_ = at::autocast::is_autocast_enabled(at::kCUDA);
-    prev_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    at::autocast::increment_nesting();
-  }
-  ~AutocastGuard() {
-    if (!on_) return;
-    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
-    at::autocast::set_autocast_enabled(at::kCUDA, prev_enabled_);
-    at::autocast::set_autocast_dtype(at::kCUDA, prev_dtype_);
-  }
-
- private:
-  bool on_;
-  bool prev_enabled_ = false;
-  at::ScalarType prev_dtype_ = at::kBFloat16;
-};
-
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-torch::Tensor rng_state(torch::DeviceType type) {
-  auto gen = at::globalContext().defaultGenerator(c10::Device(type));
+// The default generator of `device` (cuda:N's own, not the current device's).
+torch::Tensor rng_state(torch::Device device) {
+  auto gen = at::globalContext().defaultGenerator(device);
   std::lock_guard<std::mutex> lock(gen.mutex());
   return gen.get_state();
 }
-void set_rng_state(torch::DeviceType type, const torch::Tensor& state) {
-  auto gen = at::globalContext().defaultGenerator(c10::Device(type));
+void set_rng_state(torch::Device device, const torch::Tensor& state) {
+  auto gen = at::globalContext().defaultGenerator(device);
   std::lock_guard<std::mutex> lock(gen.mutex());
   gen.set_state(state);
 }
@@ -76,13 +53,40 @@ double mean_of(const std::vector<StepLog>& logs, size_t begin, size_t end,
 
 }  // namespace
 
+AutocastGuard::AutocastGuard(bool enabled, const torch::Device& device) : on_(enabled && device.is_cuda()) {
+  if (!on_) return;
+  prev_enabled_ = at::autocast::is_autocast_enabled(at::kCUDA);
+  prev_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+  at::autocast::increment_nesting();
+}
+
+AutocastGuard::~AutocastGuard() {
+  if (!on_) return;
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(at::kCUDA, prev_enabled_);
+  at::autocast::set_autocast_dtype(at::kCUDA, prev_dtype_);
+}
+
+torch::Device parse_device(const std::string& target) {
+  check(is_device_target(target), "device_target: '" + target + "' is not cpu|cuda|cuda:N");
+  if (target == "cpu") return torch::Device(torch::kCPU);
+  if (target == "cuda") return torch::Device(torch::kCUDA);
+  return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(std::stoi(target.substr(5))));
+}
+
 torch::Device pick_device(const std::string& target) {
-  if (target == "cuda") {
+  const torch::Device device = parse_device(target);
+  if (device.is_cuda()) {
     check(torch::cuda::is_available(),
-          "device_target is cuda but no CUDA device is available to this torch build");
-    return torch::Device(torch::kCUDA);
+          "device_target is " + target + " but no CUDA device is available to this torch build");
+    const auto n = static_cast<int64_t>(torch::cuda::device_count());
+    check(!device.has_index() || device.index() < n,
+          "device_target is " + target + " but this machine has " + std::to_string(n) + " CUDA device" +
+              (n == 1 ? "" : "s") + " (cuda:0 .. cuda:" + std::to_string(n - 1) + ")");
   }
-  return torch::Device(torch::kCPU);
+  return device;
 }
 
 void set_lr(torch::optim::Optimizer& opt, double lr) {
@@ -160,24 +164,6 @@ nlohmann::json Stage1Eval::to_json() const {
             {"num_images", r.num_images}, {"num_texts", r.num_texts}}}};
 }
 
-std::string resolve_checkpoint(const std::string& path) {
-  fs::path p(path);
-  std::error_code ec;
-  if (fs::is_regular_file(p, ec)) return p.string();
-  check(fs::is_directory(p, ec), path + ": checkpoint not found");
-  if (fs::exists(p / "model.safetensors")) return p.string();
-  for (fs::path root : {p, p / "checkpoint"}) {
-    if (fs::exists(root / "latest")) {
-      std::string name = read_file(root / "latest");
-      while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
-      check(fs::exists(root / name / "model.safetensors"),
-            (root / "latest").string() + " names '" + name + "', which has no model.safetensors");
-      return (root / name).string();
-    }
-  }
-  throw Error(path + ": not a checkpoint (no model.safetensors, no latest)");
-}
-
 std::shared_ptr<WordPieceTokenizer> model_tokenizer(const TokenizerConfig& tc, const QFormerConfig& q,
                                                     const std::string& section) {
   auto tok = make_tokenizer(tc);
@@ -195,47 +181,55 @@ std::shared_ptr<WordPieceTokenizer> model_tokenizer(const TokenizerConfig& tc, c
   return tok;
 }
 
-std::string weights_location(const std::string& path) {
-  std::error_code ec;
-  if (fs::is_directory(path, ec) && !fs::exists(fs::path(path) / "model.safetensors") &&
-      !is_hf_directory(path) &&
-      (fs::exists(fs::path(path) / "latest") || fs::exists(fs::path(path) / "checkpoint" / "latest")))
-    return resolve_checkpoint(path);
-  return path;
-}
-
-LoadReport load_model_weights(torch::nn::Module& model, const std::string& path) {
+LoadReport load_model_weights(torch::nn::Module& model, const std::string& path, WeightLedger& ledger,
+                              const std::string& prefix) {
   const std::string where = weights_location(resolve_weights(path));
-  auto report = load_weights_into(model, load_checkpoint_tensors(where), where);
-  log_info("weights from " + where + ": " + report.summary());
-  if (!report.missing.empty()) log_info("  " + explain_missing(report.missing));
-  return report;
+  return ledger.load(model, load_checkpoint_tensors(where), where, prefix);
 }
 
-Blip2Qformer build_model(const Blip2Config& mc, std::vector<std::string>* missing) {
+void adopt_checkpoint_architectures(RunConfig& cfg, const std::string& source) {
+  auto& mc = cfg.model.model_config;
+  auto adopt = [&](const std::string& path, ArchitectureParts mask) {
+    if (path.empty()) return;
+    auto a = checkpoint_architecture(path);
+    if (!a) return;
+    const ArchitectureParts parts{a->parts.vision && mask.vision, a->parts.qformer && mask.qformer,
+                                  a->parts.text && mask.text, a->parts.settings && mask.settings};
+    adopt_architecture(cfg, a->config, a->source, parts);
+  };
+  adopt(mc.vision_config.checkpoint_name_or_path, {true, false, false, false});
+  if (mc.text_config) adopt(mc.text_config->checkpoint_name_or_path, {false, false, true, false});
+  adopt(mc.checkpoint_name_or_path, {true, true, true, true});
+  adopt(cfg.load_checkpoint, {true, true, true, true});
+  validate(cfg, source);
+}
+
+CoveragePolicy coverage_policy(const RunConfig& cfg, bool training) {
+  CoveragePolicy p;
+  p.allow_partial = cfg.model.model_config.allow_partial_load;
+  p.training = training;
+  p.llm_trained_here = training && cfg.runner_config.llm_pretrain_epochs > 0;
+  return p;
+}
+
+Blip2Qformer build_model(const Blip2Config& mc, WeightLedger* ledger) {
   Blip2Qformer model(mc, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02});
-  if (!mc.vision_config.checkpoint_name_or_path.empty()) {
-    // The ViT alone (eva_vit_g.pth, or any checkpoint holding vision_model.*).
-    auto path = mc.vision_config.checkpoint_name_or_path;
-    TensorMap vit;
-    for (auto& [name, t] : load_checkpoint_tensors(resolve_weights(path)))
-      if (name.rfind("vision_model.", 0) == 0) vit[name] = t;
-    check(!vit.empty(), path + ": holds no ViT weights");
-    auto report = load_weights_into(*model, vit, path);
-    log_info("ViT weights from " + path + ": " + std::to_string(report.loaded.size()) + " tensors loaded");
-  }
-  if (!mc.checkpoint_name_or_path.empty()) {
-    auto report = load_model_weights(*model, mc.checkpoint_name_or_path);
-    if (missing) *missing = report.missing;
-  }
+  WeightLedger local(mc.allow_partial_load);
+  WeightLedger& l = ledger ? *ledger : local;
+  // The ViT alone (eva_vit_g.pth, or any checkpoint holding vision_model.*).
+  if (!mc.vision_config.checkpoint_name_or_path.empty())
+    load_model_weights(*model, mc.vision_config.checkpoint_name_or_path, l, "vision_model.");
+  if (!mc.checkpoint_name_or_path.empty()) load_model_weights(*model, mc.checkpoint_name_or_path, l);
   return model;
 }
 
 PretrainTrainer::PretrainTrainer(RunConfig cfg)
-    : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)) {
+    : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)),
+      ledger_(cfg_.model.model_config.allow_partial_load) {
   dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel,
                       cfg_.parallel_config.model_parallel);
   torch::manual_seed(cfg_.seed);
+  adopt_checkpoint_architectures(cfg_, "the run config");
   const auto& mc = cfg_.model.model_config;
   // Training reads its tokenizer from train_dataset, evaluation from eval_dataset.
   const DatasetConfig& data = cfg_.run_mode == "train" ? cfg_.train_dataset : cfg_.eval_dataset;
@@ -245,32 +239,42 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg)
                 "(bert-base-uncased for the published BLIP-2 weights); \"\" means the synthetic "
                 "vocabulary, which only suits the SyntheticShapes data");
   tokenizer_ = model_tokenizer(data.tokenizer, mc.qformer_config, section);
-  model_ = build_model(mc, &missing_weights_);
-  bool resuming = cfg_.run_mode == "train" && cfg_.resume_training;
-  if (!cfg_.load_checkpoint.empty() && !resuming) load_weights(cfg_.load_checkpoint);
+  model_ = build_model(mc, &ledger_);
+  const bool resuming = cfg_.run_mode == "train" && cfg_.resume_training;
+  if (!cfg_.load_checkpoint.empty() && !resuming) load_model_weights(*model_, cfg_.load_checkpoint, ledger_);
+  if (!resuming) ledger_.check(*model_, coverage_policy(cfg_, cfg_.run_mode == "train"));
   model_->to(device_);
 }
 
 PretrainTrainer::PretrainTrainer(RunConfig cfg, Blip2Qformer model,
                                  std::shared_ptr<WordPieceTokenizer> tokenizer,
-                                 std::vector<std::string> missing_weights)
+                                 std::optional<std::vector<std::string>> random_weights)
     : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)), model_(std::move(model)),
-      tokenizer_(std::move(tokenizer)), missing_weights_(std::move(missing_weights)) {
+      tokenizer_(std::move(tokenizer)),
+      ledger_(random_weights ? WeightLedger(*model_, *random_weights, cfg_.model.model_config.allow_partial_load)
+                             : WeightLedger(cfg_.model.model_config.allow_partial_load)) {
   dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel,
                       cfg_.parallel_config.model_parallel);
   torch::manual_seed(cfg_.seed);
   cfg_.model.model_config = model_->config();
-  if (!cfg_.load_checkpoint.empty() && !(cfg_.run_mode == "train" && cfg_.resume_training))
-    load_weights(cfg_.load_checkpoint);
+  if (!cfg_.load_checkpoint.empty() && !(cfg_.run_mode == "train" && cfg_.resume_training)) {
+    load_model_weights(*model_, cfg_.load_checkpoint, ledger_);
+    ledger_.check(*model_, coverage_policy(cfg_, cfg_.run_mode == "train"));
+  }
   model_->to(device_);
 }
 
 void PretrainTrainer::load_weights(const std::string& path) {
-  missing_weights_ = load_model_weights(*model_, path).missing;
+  load_model_weights(*model_, path, ledger_);
+  ledger_.check(*model_, coverage_policy(cfg_, false));
+}
+
+std::vector<std::string> PretrainTrainer::missing_weights() const {
+  return ledger_.loaded_any() ? ledger_.random() : std::vector<std::string>{};
 }
 
 void PretrainTrainer::require_weights(const std::vector<std::string>& prefixes, const std::string& task) const {
-  blip2::require_weights(missing_weights_, prefixes, task);
+  blip2::require_weights(missing_weights(), prefixes, task);
 }
 
 void require_weights(const std::vector<std::string>& missing, const std::vector<std::string>& prefixes,
@@ -303,20 +307,74 @@ BatchLoader PretrainTrainer::make_loader(const DatasetConfig& d, bool train) con
   return make_batch_loader(cfg_, d, train, tokenizer_);
 }
 
+void save_train_state(const fs::path& file, torch::optim::Optimizer& opt, const TrainState& st,
+                      torch::Device device) {
+  torch::serialize::OutputArchive archive;
+  opt.save(archive);
+  archive.write("step", torch::tensor(st.step));
+  archive.write("epoch", torch::tensor(st.epoch));
+  archive.write("batch", torch::tensor(st.batch));
+  archive.write("rng_cpu", rng_state(torch::kCPU));
+  if (device.is_cuda()) archive.write("rng_cuda", rng_state(device));
+  archive.save_to(file.string());
+}
+
+TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Optimizer& opt, torch::Device device) {
+  torch::serialize::InputArchive archive;
+  const std::string state_file = (fs::path(checkpoint_dir) / "trainer_state.pt").string();
+  auto read = [&](const char* key) {
+    torch::Tensor t;  // a fresh tensor per key: read() rebinds its storage
+    archive.read(key, t);
+    return t;
+  };
+  TrainState st;
+  try {
+    archive.load_from(state_file);
+    opt.load(archive);
+    st.step = read("step").item<int64_t>();
+    st.epoch = read("epoch").item<int64_t>();
+    st.batch = read("batch").item<int64_t>();
+    set_rng_state(torch::kCPU, read("rng_cpu"));
+    torch::Tensor cuda_state;
+    if (device.is_cuda() && archive.try_read("rng_cuda", cuda_state)) set_rng_state(device, cuda_state);
+  } catch (const c10::Error& e) {
+    throw Error(state_file + ": unreadable trainer state (" +
+                std::string(e.what_without_backtrace()).substr(0, 200) + ")");
+  }
+  log_info("resuming from " + checkpoint_dir + " at step " + std::to_string(st.step));
+  return st;
+}
+
+std::string resume_checkpoint_dir(const RunConfig& cfg) {
+  check(!cfg.load_checkpoint.empty(), "resume_training needs load_checkpoint (a checkpoint directory)");
+  const std::string dir = resolve_checkpoint(cfg.load_checkpoint);
+  check(fs::is_directory(dir) && fs::exists(fs::path(dir) / "trainer_state.pt"),
+        dir + ": cannot resume, no trainer_state.pt (resume needs a training checkpoint)");
+  return dir;
+}
+
+std::ofstream open_metrics(const std::string& output_dir, int64_t keep_through) {
+  fs::create_directories(output_dir);
+  const fs::path path = fs::path(output_dir) / "metrics.jsonl";
+  std::string kept;  // a resumed run keeps the lines of the steps its checkpoint covers
+  if (keep_through > 0 && fs::exists(path)) {
+    std::istringstream in(read_file(path));
+    for (std::string line; std::getline(in, line);) {
+      auto j = nlohmann::json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.value("step", int64_t{0}) <= keep_through) kept += line + "\n";
+    }
+  }
+  atomic_write(path, kept);
+  return std::ofstream(path, std::ios::app);
+}
+
 void PretrainTrainer::save_checkpoint(const TrainState& st, torch::optim::Optimizer& opt) {
   if (!dist::is_main_process()) return;
   write_checkpoint(cfg_.output_dir, st.step, [&](const fs::path& tmp) {
     save_safetensors((tmp / "model.safetensors").string(),
                      state_dict(*model_, !cfg_.runner_config.save_frozen_weights),
                      {{"format", "blip2cpp"}, {"arch", cfg_.model.arch.type}});
-    torch::serialize::OutputArchive archive;
-    opt.save(archive);
-    archive.write("step", torch::tensor(st.step));
-    archive.write("epoch", torch::tensor(st.epoch));
-    archive.write("batch", torch::tensor(st.batch));
-    archive.write("rng_cpu", rng_state(torch::kCPU));
-    if (device_.is_cuda()) archive.write("rng_cuda", rng_state(torch::kCUDA));
-    archive.save_to((tmp / "trainer_state.pt").string());
+    save_train_state(tmp / "trainer_state.pt", opt, st, device_);
     atomic_write(tmp / "config.yaml", to_yaml(cfg_));
   });
 }
@@ -336,35 +394,11 @@ fs::path write_checkpoint(const std::string& output_dir, int64_t step,
   return dir;
 }
 
-TrainState PretrainTrainer::resume(const std::string& path, torch::optim::Optimizer& opt) {
-  std::string dir = resolve_checkpoint(path);
-  check(fs::is_directory(dir) && fs::exists(fs::path(dir) / "trainer_state.pt"),
-        dir + ": cannot resume, no trainer_state.pt (resume needs a training checkpoint)");
-  load_weights(dir);
-  torch::serialize::InputArchive archive;
-  std::string state_file = (fs::path(dir) / "trainer_state.pt").string();
-  try {
-    archive.load_from(state_file);
-    opt.load(archive);
-  } catch (const c10::Error& e) {
-    throw Error(state_file + ": unreadable trainer state (" +
-                std::string(e.what_without_backtrace()).substr(0, 200) + ")");
-  }
-  auto read = [&](const char* key) {
-    torch::Tensor t;  // a fresh tensor per key: read() rebinds its storage
-    archive.read(key, t);
-    return t;
-  };
-  TrainState st;
-  st.step = read("step").item<int64_t>();
-  st.epoch = read("epoch").item<int64_t>();
-  st.batch = read("batch").item<int64_t>();
-  set_rng_state(torch::kCPU, read("rng_cpu"));
-  torch::Tensor cuda_state;
-  if (device_.is_cuda() && archive.try_read("rng_cuda", cuda_state))
-    set_rng_state(torch::kCUDA, cuda_state);
-  log_info("resuming from " + dir + " at step " + std::to_string(st.step));
-  return st;
+TrainState PretrainTrainer::resume(torch::optim::Optimizer& opt) {
+  const std::string dir = resume_checkpoint_dir(cfg_);
+  load_model_weights(*model_, dir, ledger_);
+  ledger_.check(*model_, coverage_policy(cfg_, true));
+  return load_train_state(dir, opt, device_);
 }
 
 std::vector<StepLog> PretrainTrainer::train() {
@@ -381,25 +415,8 @@ std::vector<StepLog> PretrainTrainer::train() {
   params.insert(params.end(), optimizer.param_groups()[1].params().begin(), optimizer.param_groups()[1].params().end());
 
   TrainState st;
-  if (cfg_.resume_training) {
-    check(!cfg_.load_checkpoint.empty(), "resume_training needs load_checkpoint (a checkpoint directory)");
-    st = resume(cfg_.load_checkpoint, optimizer);
-  }
-
-  fs::create_directories(cfg_.output_dir);
-  fs::path metrics_path = fs::path(cfg_.output_dir) / "metrics.jsonl";
-  {  // keep the metrics of the steps the resumed checkpoint covers, drop the rest
-    std::string kept;
-    if (st.step > 0 && fs::exists(metrics_path)) {
-      std::istringstream in(read_file(metrics_path));
-      for (std::string line; std::getline(in, line);) {
-        auto j = nlohmann::json::parse(line, nullptr, false);
-        if (!j.is_discarded() && j.value("step", int64_t{0}) <= st.step) kept += line + "\n";
-      }
-    }
-    atomic_write(metrics_path, kept);
-  }
-  std::ofstream metrics(metrics_path, std::ios::app);
+  if (cfg_.resume_training) st = resume(optimizer);
+  std::ofstream metrics = open_metrics(cfg_.output_dir, st.step);
 
   const int64_t batch_size = (cfg_.train_dataset.batch_size > 0 ? cfg_.train_dataset.batch_size
                                                                 : rc.batch_size) *

@@ -7,12 +7,15 @@
 #pragma once
 
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "blip2/config/config.h"
 #include "blip2/data/dataset.h"
+#include "blip2/io/checkpoint.h"
 #include "blip2/io/safetensors.h"
 #include "blip2/models/blip2_qformer.h"
 #include "blip2/tasks/zero_shot.h"
@@ -52,7 +55,9 @@ struct Stage1Eval {
 // warmup_steps, then cosine from learning_rate to lr_end at total_steps.
 double warmup_cosine_lr(const LrScheduleConfig& s, int64_t step, int64_t total_steps);
 
-// The device device_target names (an error when cuda is asked for and absent).
+// The device device_target names: cpu, cuda (the current device) or cuda:N.
+torch::Device parse_device(const std::string& target);
+// The same, checked against this machine (an error naming the target when it has no such device).
 torch::Device pick_device(const std::string& target);
 void set_lr(torch::optim::Optimizer& opt, double lr);
 // AdamW over the trainable parameters of `model`, weight decay off for biases and 1-D
@@ -77,15 +82,43 @@ struct TrainState {
   int64_t batch = 0;  // next batch within the epoch
 };
 
+// trainer_state.pt of a checkpoint: the optimizer, the position (TrainState) and every random
+// generator, enough to continue bit for bit.
+void save_train_state(const std::filesystem::path& file, torch::optim::Optimizer& opt, const TrainState& st,
+                      torch::Device device);
+TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Optimizer& opt, torch::Device device);
+// The checkpoint directory --resume_training continues from (load_checkpoint resolved, with a
+// trainer_state.pt).
+std::string resume_checkpoint_dir(const RunConfig& cfg);
+// output_dir/metrics.jsonl opened for appending; a resumed run keeps the lines of the steps up
+// to `keep_through` and drops the rest.
+std::ofstream open_metrics(const std::string& output_dir, int64_t keep_through);
+
+// runner_config.bf16_autocast for a scope: bf16 autocast on CUDA (validate() refuses it on the
+// CPU, where it would do nothing); a no-op when disabled.
+class AutocastGuard {
+ public:
+  AutocastGuard(bool enabled, const torch::Device& device);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool on_;
+  bool prev_enabled_ = false;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
+};
+
 class PretrainTrainer {
  public:
   // Builds the model the config describes and loads its weights (model_config's vision and model
   // checkpoint_name_or_path, then load_checkpoint).
   explicit PretrainTrainer(RunConfig cfg);
   // Works on a model already built (and its tokenizer); load_checkpoint still applies.
-  // `missing_weights`: what loading it left at random init (a task needing those refuses).
+  // `random_weights`: the tensors its loads left at their initialisation (a task needing those
+  // refuses); nullopt when no weights were ever loaded into it.
   PretrainTrainer(RunConfig cfg, Blip2Qformer model, std::shared_ptr<WordPieceTokenizer> tokenizer,
-                  std::vector<std::string> missing_weights = {});
+                  std::optional<std::vector<std::string>> random_weights = std::nullopt);
   std::vector<StepLog> train();
   Stage1Eval evaluate();
   // The image_to_text_retrieval task on eval_dataset (ITC top-k, ITM re-ranking).
@@ -101,8 +134,11 @@ class PretrainTrainer {
   ZeroShotClassifier zero_shot_classifier(std::vector<std::string> labels) const;
   Blip2Qformer model() const { return model_; }
   std::shared_ptr<WordPieceTokenizer> tokenizer() const { return tokenizer_; }
-  // Loads weights into the model (a checkpoint, output directory, HF or LAVIS file).
+  // Loads weights into the model (a checkpoint, output directory, HF or LAVIS file); together
+  // with the earlier loads they must cover the model (WeightLedger).
   void load_weights(const std::string& path);
+  // The model's tensors still at their random initialisation after its loads ({} if none).
+  std::vector<std::string> missing_weights() const;
   // An error naming `task` when a loaded checkpoint lacked parameters under these prefixes
   // (e.g. "itm_head."). A model never loaded (random init) passes.
   void require_weights(const std::vector<std::string>& prefixes, const std::string& task) const;
@@ -110,23 +146,30 @@ class PretrainTrainer {
 
  private:
   void save_checkpoint(const TrainState& st, torch::optim::Optimizer& opt);
-  TrainState resume(const std::string& path, torch::optim::Optimizer& opt);
+  TrainState resume(torch::optim::Optimizer& opt);
   BatchLoader make_loader(const DatasetConfig& d, bool train) const;
 
   RunConfig cfg_;
   torch::Device device_;
   Blip2Qformer model_{nullptr};
   std::shared_ptr<WordPieceTokenizer> tokenizer_;
-  std::vector<std::string> missing_weights_;  // of the last checkpoint loaded
+  WeightLedger ledger_;  // which tensors hold loaded weights
 };
 
 // The model a config describes, with the weights its vision_config and model_config
-// checkpoint_name_or_path name (random where none is named).
-// `missing`, when given, receives what the model checkpoint lacked.
-Blip2Qformer build_model(const Blip2Config& config, std::vector<std::string>* missing = nullptr);
+// checkpoint_name_or_path name (random where none is named), loaded through `ledger` (whose
+// check() the caller runs once every load is done).
+Blip2Qformer build_model(const Blip2Config& config, WeightLedger* ledger = nullptr);
 // Loads weights from a checkpoint, training output directory (its latest), Hugging Face
-// directory, LAVIS .pth or safetensors file; logs the load report.
-LoadReport load_model_weights(torch::nn::Module& model, const std::string& path);
+// directory, LAVIS .pth or safetensors file (those under `prefix` only) through `ledger`.
+LoadReport load_model_weights(torch::nn::Module& model, const std::string& path, WeightLedger& ledger,
+                              const std::string& prefix = "");
+// The architecture the run's checkpoints describe becomes the run's (adopt_architecture), in
+// order: vision_config's, text_config's (an LLM directory), model_config's, then load_checkpoint's;
+// the config is validated again after (`source` names it in errors).
+void adopt_checkpoint_architectures(RunConfig& cfg, const std::string& source);
+// What a run may leave without checkpoint weights (CoveragePolicy) when `training` or not.
+CoveragePolicy coverage_policy(const RunConfig& cfg, bool training);
 // The tokenizer `tc` describes, checked against the Q-Former's vocabulary and special ids.
 std::shared_ptr<WordPieceTokenizer> model_tokenizer(const TokenizerConfig& tc, const QFormerConfig& q,
                                                     const std::string& section);
@@ -135,13 +178,5 @@ std::shared_ptr<WordPieceTokenizer> model_tokenizer(const TokenizerConfig& tc, c
 // prefixes, e.g. "itm_head." for ITM re-ranking.
 void require_weights(const std::vector<std::string>& missing, const std::vector<std::string>& prefixes,
                      const std::string& task);
-
-// Where the weights of a path are: a training output directory (or its checkpoint/ root) is its
-// latest checkpoint; anything else (a checkpoint, HF or LAVIS file or directory) is itself.
-std::string weights_location(const std::string& path);
-
-// Resolves --load_checkpoint: a checkpoint directory, an output directory's checkpoint/ root
-// (its `latest`), or a .safetensors file. Returns the directory or file to read.
-std::string resolve_checkpoint(const std::string& path);
 
 }  // namespace blip2

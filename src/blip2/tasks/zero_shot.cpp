@@ -13,6 +13,11 @@ ZeroShotClassifier::ZeroShotClassifier(Blip2Qformer model,
   for (const auto& l : options_.candidate_labels)
     check(!l.empty(), "candidate_labels: a label is empty");
   check(options_.itm_top_k >= 0, "itm_top_k must be >= 0 (0 = ITC only)");
+  const auto& mc = model_->config();
+  if (options_.max_length <= 0) options_.max_length = mc.max_txt_len;
+  check(options_.max_length <= mc.qformer_config.max_position_embeddings,
+        "max_length " + std::to_string(options_.max_length) + " exceeds the Q-Former's max_position_embeddings " +
+            std::to_string(mc.qformer_config.max_position_embeddings) + ": label sentences would run past its positions");
   const auto templates = options_.hypothesis_templates.empty()
                              ? std::vector<std::string>{options_.hypothesis_template}
                              : options_.hypothesis_templates;

@@ -28,7 +28,8 @@ struct ZeroShotOptions {
   // over templates, as over queries); ITM re-ranking reads the first template.
   std::vector<std::string> hypothesis_templates;
   int64_t itm_top_k = 0;   // labels re-ranked by ITM per image (0 = ITC only)
-  int64_t max_length = 32; // tokens per label sentence
+  int64_t max_length = 0;  // tokens per label sentence (0 = the model's max_txt_len); at most the
+                           // Q-Former's max_position_embeddings
   int64_t max_words = 50;
   std::string prompt;      // prepended after caption cleaning (as the caption transform does)
 };

@@ -295,7 +295,8 @@ std::string SentencePieceTokenizer::decode(const std::vector<int64_t>& ids, bool
     if (special && skip_special) continue;
     out += p.text;
   }
-  // Byte pieces may form invalid UTF-8: replaced, as transformers does.
+  // Byte pieces may form invalid UTF-8: each invalid byte becomes U+FFFD, as sentencepiece's own
+  // decoder does (transformers 5's LlamaTokenizer returns "" for such ids instead).
   std::string text = to_utf8(to_u32(out));
   std::string result;
   for (size_t i = 0; i < text.size();) {

@@ -8,8 +8,26 @@
 #include <iostream>
 #include <sstream>
 
+#include <c10/util/Exception.h>
+
 namespace blip2 {
 namespace fs = std::filesystem;
+
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+void rethrow_as_error(const std::string& what) {
+  try {
+    throw;
+  } catch (const Error&) {
+    throw;
+  } catch (const c10::Error& e) {
+    throw Error(what + ": " + first_line(e.what_without_backtrace()));
+  } catch (const std::bad_alloc&) {
+    throw Error(what + ": out of memory");
+  } catch (const std::exception& e) {
+    throw Error(what + ": " + first_line(e.what()));
+  }
+}
 
 static std::string timestamp() {
   std::time_t t = std::time(nullptr);

@@ -23,6 +23,24 @@ inline void check(bool cond, const std::string& msg) {
   if (!cond) throw Error(msg);
 }
 
+// Inside a catch block: rethrows the exception in flight as a blip2::Error "what: <its first line>"
+// (LibTorch's c10::Error without its backtrace); a blip2::Error passes unchanged.
+[[noreturn]] void rethrow_as_error(const std::string& what);
+
+// Runs f, turning LibTorch's and the standard library's exceptions into one-line blip2::Errors
+// that say which call (`what`) failed: the boundary of every public API function.
+template <class F>
+decltype(auto) guarded(const std::string& what, F&& f) {
+  try {
+    return f();
+  } catch (...) {
+    rethrow_as_error(what);
+  }
+}
+
+// The first line of a message.
+std::string first_line(const std::string& s);
+
 // Logging to stderr with a timestamp; `info` is for progress a user wants to see.
 void log_info(const std::string& msg);
 void log_warn(const std::string& msg);

@@ -1,6 +1,7 @@
 #include "blip2/vision/image.h"
 
 #include <array>
+#include <atomic>
 #include <csetjmp>
 #include <cstdio>
 #include <cstring>
@@ -36,6 +37,22 @@ inline uint8_t cmyk_channel(int c, int k) {
   return static_cast<uint8_t>(std::clamp(v, 0, 255));
 }
 
+std::atomic<int64_t> g_max_image_pixels{178956970};
+
+// Pillow's decompression-bomb guard, from the header: an error above the limit, a warning above
+// half of it (Pillow's MAX_IMAGE_PIXELS). Returns the error message, "" when the size is fine.
+std::string pixel_limit_error(int64_t width, int64_t height, const std::string& name) {
+  const int64_t pixels = width * height, limit = g_max_image_pixels.load();
+  if (pixels > limit)
+    return name + ": " + std::to_string(width) + " x " + std::to_string(height) + " = " + std::to_string(pixels) +
+           " pixels exceeds the limit of " + std::to_string(limit) +
+           " (max_image_pixels); refused before decoding, as Pillow refuses decompression bombs";
+  if (pixels > limit / 2)
+    log_warn(name + ": " + std::to_string(width) + " x " + std::to_string(height) + " is a very large image (" +
+             std::to_string(pixels) + " pixels)");
+  return "";
+}
+
 Image decode_jpeg(const std::string& bytes, const std::string& name) {
   jpeg_decompress_struct cinfo;
   JpegError err;
@@ -52,6 +69,10 @@ Image decode_jpeg(const std::string& bytes, const std::string& name) {
   jpeg_mem_src(&cinfo, reinterpret_cast<const unsigned char*>(bytes.data()),
                static_cast<unsigned long>(bytes.size()));
   jpeg_read_header(&cinfo, TRUE);
+  if (auto too_big = pixel_limit_error(cinfo.image_width, cinfo.image_height, name); !too_big.empty()) {
+    jpeg_destroy_decompress(&cinfo);
+    throw Error(too_big);
+  }
   const bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
   const bool grey = cinfo.jpeg_color_space == JCS_GRAYSCALE;
   cinfo.out_color_space = cmyk ? JCS_CMYK : grey ? JCS_GRAYSCALE : JCS_RGB;
@@ -119,6 +140,11 @@ Image decode_png(const std::string& bytes, const std::string& name) {
   }
   png_set_read_fn(png, &reader, png_read_mem);
   png_read_info(png, info);
+  if (auto too_big = pixel_limit_error(png_get_image_width(png, info), png_get_image_height(png, info), name);
+      !too_big.empty()) {
+    png_destroy_read_struct(&png, &info, nullptr);
+    throw Error(too_big);
+  }
   const int color = png_get_color_type(png, info);
   const int depth = png_get_bit_depth(png, info);
   if (color == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(png);  // tRNS ignored: no alpha
@@ -257,6 +283,13 @@ Image decode_image_bytes(const std::string& bytes, const std::string& name) {
   if (starts("\x89PNG\r\n\x1a\n", 8)) return decode_png(bytes, name);
   throw Error(name + ": not a JPEG or PNG image" + (bytes.empty() ? " (empty file)" : ""));
 }
+
+void set_max_image_pixels(int64_t pixels) {
+  check(pixels > 0, "max_image_pixels must be positive");
+  g_max_image_pixels.store(pixels);
+}
+
+int64_t max_image_pixels() { return g_max_image_pixels.load(); }
 
 Image load_image(const std::string& path) {
   std::error_code ec;

@@ -24,6 +24,13 @@ struct Image {
   const uint8_t* row(int64_t y) const { return rgb.data() + y * width * 3; }
 };
 
+// The largest image (width x height) the decoders take: a larger one is refused from its header,
+// before any pixel buffer is allocated (a 7 KB PNG can declare 40000 x 40000). Default: Pillow's
+// error threshold, twice its MAX_IMAGE_PIXELS: 178,956,970; above half of it a warning is logged,
+// as Pillow does. Run configs set it with max_image_pixels. Process-wide.
+void set_max_image_pixels(int64_t pixels);
+int64_t max_image_pixels();
+
 // Detects the format from the bytes; errors name `name` (the file) and what is wrong.
 Image decode_image_bytes(const std::string& bytes, const std::string& name);
 Image load_image(const std::string& path);

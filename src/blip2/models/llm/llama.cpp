@@ -27,32 +27,50 @@ torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, con
 }
 
 LlamaAttentionImpl::LlamaAttentionImpl(const TextConfig& c, const InitOptions& init)
-    : heads(c.num_heads) {
-  const int64_t h = c.hidden_size;
-  q_proj = register_module("q_proj", Linear(h, h, false, init));
-  k_proj = register_module("k_proj", Linear(h, h, false, init));
-  v_proj = register_module("v_proj", Linear(h, h, false, init));
-  o_proj = register_module("o_proj", Linear(h, h, false, init));
+    : heads(c.num_heads), kv_heads(c.kv_heads()) {
+  const int64_t h = c.hidden_size, d = c.head_size();
+  const bool bias = c.attention_bias;
+  q_proj = register_module("q_proj", Linear(h, heads * d, bias, init));
+  k_proj = register_module("k_proj", Linear(h, kv_heads * d, bias, init));
+  v_proj = register_module("v_proj", Linear(h, kv_heads * d, bias, init));
+  o_proj = register_module("o_proj", Linear(heads * d, h, bias, init));
 }
 
 torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
                                           const torch::Tensor& sin, const torch::Tensor& mask,
                                           KVCache* cache) {
   auto q = apply_rotary(split_heads(q_proj(x), heads), cos, sin);
-  auto k = apply_rotary(split_heads(k_proj(x), heads), cos, sin);
-  auto v = split_heads(v_proj(x), heads);
-  return o_proj(merge_heads(cached_attention(q, k, v, mask, cache)));
+  auto k = apply_rotary(split_heads(k_proj(x), kv_heads), cos, sin);
+  auto v = split_heads(v_proj(x), kv_heads);
+  return o_proj(merge_heads(cached_attention(q, k, v, mask, cache, heads / kv_heads)));
 }
 
-LlamaMLPImpl::LlamaMLPImpl(const TextConfig& c, const InitOptions& init) {
+LlamaMLPImpl::LlamaMLPImpl(const TextConfig& c, const InitOptions& init) : act(activation(c.activation())) {
   const int64_t h = c.hidden_size, f = c.ffn_size();
-  gate_proj = register_module("gate_proj", Linear(h, f, false, init));
-  up_proj = register_module("up_proj", Linear(h, f, false, init));
-  down_proj = register_module("down_proj", Linear(f, h, false, init));
+  gate_proj = register_module("gate_proj", Linear(h, f, c.mlp_bias, init));
+  up_proj = register_module("up_proj", Linear(h, f, c.mlp_bias, init));
+  down_proj = register_module("down_proj", Linear(f, h, c.mlp_bias, init));
 }
 
 torch::Tensor LlamaMLPImpl::forward(const torch::Tensor& x) {
-  return down_proj(torch::silu(gate_proj(x)) * up_proj(x));
+  return down_proj(act(gate_proj(x)) * up_proj(x));
+}
+
+torch::Tensor rope_inv_freq(const TextConfig& c) {
+  const int64_t d = c.head_size();
+  auto inv = 1.0 / torch::pow(c.rope_theta, torch::arange(0, d, 2, torch::kLong).to(torch::kFloat32) / d);
+  if (c.rope_type == "linear") return inv / c.rope_factor;
+  if (c.rope_type != "llama3") return inv;
+  // Llama 3.1: long wavelengths divided by the factor, short ones kept, a smooth blend between.
+  const double factor = c.rope_factor, low = c.rope_low_freq_factor, high = c.rope_high_freq_factor;
+  const double old_len = static_cast<double>(c.rope_original_max_position_embeddings);
+  const double low_wavelen = old_len / low, high_wavelen = old_len / high;
+  auto wavelen = 2 * M_PI / inv;
+  auto scaled = torch::where(wavelen > low_wavelen, inv / factor, inv);
+  auto smooth = (old_len / wavelen - low) / (high - low);
+  auto smoothed = (1 - smooth) * scaled / factor + smooth * scaled;
+  auto medium = (wavelen < high_wavelen).logical_not() & (wavelen > low_wavelen).logical_not();
+  return torch::where(medium, smoothed, scaled);
 }
 
 LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const TextConfig& c, const InitOptions& init) {
@@ -79,8 +97,7 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const TextConfig& c, const InitOption
   norm = model->register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, init));
   if (!c.tie_word_embeddings)
     lm_head = register_module("lm_head", Linear(c.hidden_size, c.vocab_size, false, init));
-  const int64_t d = c.hidden_size / c.num_heads;
-  inv_freq = 1.0 / torch::pow(c.rope_theta, torch::arange(0, d, 2, torch::kLong).to(torch::kFloat32) / d);
+  inv_freq = rope_inv_freq(c);
 }
 
 torch::Tensor LlamaForCausalLMImpl::embed(const torch::Tensor& ids) { return embed_tokens(ids); }

@@ -1,6 +1,8 @@
 // Llama (Hugging Face LlamaForCausalLM): pre-RMSNorm decoder layers with rotary position
 // embeddings (rotate-half convention) and a SwiGLU MLP; Llama-7B: 32 layers, width 4096, 32
-// heads, FFN 11008, vocabulary 32000. Baichuan-7B is the same network (vocabulary 64000) whose
+// heads, FFN 11008, vocabulary 32000. Also as LlamaConfig allows: grouped-query attention
+// (num_key_value_heads), a head_dim of its own, biased projections (attention_bias, mlp_bias),
+// another activation, and linear or llama3 RoPE scaling. Baichuan-7B is the same network (vocabulary 64000) whose
 // checkpoint fuses q/k/v into W_pack; io/hf splits it on load.
 //
 // Names: model.embed_tokens, model.layers.{i}.{input_layernorm, self_attn.{q,k,v,o}_proj,
@@ -26,15 +28,16 @@ class LlamaAttentionImpl : public torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const torch::Tensor& mask, KVCache* cache);
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
-  int64_t heads;
+  int64_t heads, kv_heads;
 };
 TORCH_MODULE(LlamaAttention);
 
 class LlamaMLPImpl : public torch::nn::Module {
  public:
   LlamaMLPImpl(const TextConfig& c, const InitOptions& init);
-  torch::Tensor forward(const torch::Tensor& x);  // down(silu(gate(x)) * up(x))
+  torch::Tensor forward(const torch::Tensor& x);  // down(act(gate(x)) * up(x)), act = silu
   Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  Activation act;
 };
 TORCH_MODULE(LlamaMLP);
 
@@ -62,6 +65,9 @@ class LlamaForCausalLMImpl : public CausalLMImpl {
   torch::Tensor inv_freq;   // [head_dim / 2] fp32 on the CPU; not saved (as in transformers)
 };
 
+// The rotary inverse frequencies [head_dim / 2] (fp32) of rope_type default, linear or llama3,
+// as transformers' ROPE_INIT_FUNCTIONS compute them.
+torch::Tensor rope_inv_freq(const TextConfig& c);
 // cos and sin [B, L, head_dim] of the rotary embedding at `positions` [B, L].
 std::pair<torch::Tensor, torch::Tensor> rotary_cos_sin(const torch::Tensor& inv_freq,
                                                        const torch::Tensor& positions,

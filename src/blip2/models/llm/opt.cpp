@@ -4,10 +4,11 @@ namespace blip2 {
 
 OptAttentionImpl::OptAttentionImpl(const TextConfig& c, const InitOptions& init) : heads(c.num_heads) {
   const int64_t h = c.hidden_size;
-  q_proj = register_module("q_proj", Linear(h, h, true, init));
-  k_proj = register_module("k_proj", Linear(h, h, true, init));
-  v_proj = register_module("v_proj", Linear(h, h, true, init));
-  out_proj = register_module("out_proj", Linear(h, h, true, init));
+  const bool bias = c.enable_bias;
+  q_proj = register_module("q_proj", Linear(h, h, bias, init));
+  k_proj = register_module("k_proj", Linear(h, h, bias, init));
+  v_proj = register_module("v_proj", Linear(h, h, bias, init));
+  out_proj = register_module("out_proj", Linear(h, h, bias, init));
 }
 
 torch::Tensor OptAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask, KVCache* cache) {
@@ -16,18 +17,24 @@ torch::Tensor OptAttentionImpl::forward(const torch::Tensor& x, const torch::Ten
   return out_proj(merge_heads(ctx));
 }
 
-OptDecoderLayerImpl::OptDecoderLayerImpl(const TextConfig& c, const InitOptions& init) {
+OptDecoderLayerImpl::OptDecoderLayerImpl(const TextConfig& c, const InitOptions& init)
+    : act(activation(c.activation())), norm_before(c.do_layer_norm_before) {
   const int64_t h = c.hidden_size, f = c.ffn_size();
+  const bool affine = c.layer_norm_elementwise_affine;
   self_attn = register_module("self_attn", OptAttention(c, init));
-  self_attn_layer_norm = register_module("self_attn_layer_norm", LayerNorm(h, c.layer_norm_eps, init));
-  fc1 = register_module("fc1", Linear(h, f, true, init));
-  fc2 = register_module("fc2", Linear(f, h, true, init));
-  final_layer_norm = register_module("final_layer_norm", LayerNorm(h, c.layer_norm_eps, init));
+  self_attn_layer_norm = register_module("self_attn_layer_norm", LayerNorm(h, c.layer_norm_eps, init, affine));
+  fc1 = register_module("fc1", Linear(h, f, c.enable_bias, init));
+  fc2 = register_module("fc2", Linear(f, h, c.enable_bias, init));
+  final_layer_norm = register_module("final_layer_norm", LayerNorm(h, c.layer_norm_eps, init, affine));
 }
 
 torch::Tensor OptDecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& mask, KVCache* cache) {
-  auto h = x + self_attn(self_attn_layer_norm(x), mask, cache);
-  return h + fc2(torch::relu(fc1(final_layer_norm(h))));
+  if (norm_before) {
+    auto h = x + self_attn(self_attn_layer_norm(x), mask, cache);
+    return h + fc2(act(fc1(final_layer_norm(h))));
+  }
+  auto h = self_attn_layer_norm(x + self_attn(x, mask, cache));  // post-LN (OPT-350m)
+  return final_layer_norm(h + fc2(act(fc1(h))));
 }
 
 OptForCausalLMImpl::OptForCausalLMImpl(const TextConfig& c, const InitOptions& init) : CausalLMImpl(c) {
@@ -38,8 +45,9 @@ OptForCausalLMImpl::OptForCausalLMImpl(const TextConfig& c, const InitOptions& i
       "embed_positions", Embedding(c.max_position_embeddings + kPositionOffset, c.hidden_size, init));
   layers = decoder->register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(OptDecoderLayer(c, init));
-  final_layer_norm = decoder->register_module("final_layer_norm",
-                                              LayerNorm(c.hidden_size, c.layer_norm_eps, init));
+  if (c.do_layer_norm_before && !c.remove_final_layer_norm)
+    final_layer_norm = decoder->register_module(
+        "final_layer_norm", LayerNorm(c.hidden_size, c.layer_norm_eps, init, c.layer_norm_elementwise_affine));
   if (!c.tie_word_embeddings)
     lm_head = register_module("lm_head", Linear(c.hidden_size, c.vocab_size, false, init));
 }
@@ -56,7 +64,7 @@ torch::Tensor OptForCausalLMImpl::forward(const torch::Tensor& embeds, const tor
   for (size_t i = 0; i < layers->size(); ++i)
     h = layers[i]->as<OptDecoderLayer>()->forward(h, mask, cache ? &cache->layers[i] : nullptr);
   if (last_only) h = h.narrow(1, n - 1, 1);
-  h = final_layer_norm(h);
+  if (!final_layer_norm.is_empty()) h = final_layer_norm(h);
   return output_logits(h, lm_head, embed_tokens);
 }
 

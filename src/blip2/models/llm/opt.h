@@ -2,7 +2,9 @@
 // positions with an offset of 2, ReLU FFN, biases everywhere, lm_head tied to the token
 // embeddings. OPT-2.7B: 32 layers, width 2560, 32 heads, FFN 10240; OPT-6.7B: 32 / 4096 / 32 /
 // 16384; vocabulary 50272 (the BLIP-2 hub configs pad it to 50304). The EOS BLIP-2 uses is "\n"
-// (50118).
+// (50118). Also as OPTConfig allows: post-LayerNorm layers (do_layer_norm_before false, then no
+// final LayerNorm, as OPT-350m), no final LayerNorm (_remove_final_layer_norm), LayerNorms
+// without weight and bias, projections without biases, another activation.
 //
 // Names: model.decoder.{embed_tokens, embed_positions, layers.{i}.{self_attn.{q,k,v,out}_proj,
 // self_attn_layer_norm, fc1, fc2, final_layer_norm}, final_layer_norm}, lm_head (tied: not saved).
@@ -28,6 +30,8 @@ class OptDecoderLayerImpl : public torch::nn::Module {
   OptAttention self_attn{nullptr};
   LayerNorm self_attn_layer_norm{nullptr}, final_layer_norm{nullptr};
   Linear fc1{nullptr}, fc2{nullptr};
+  Activation act;
+  bool norm_before;
 };
 TORCH_MODULE(OptDecoderLayer);
 
@@ -40,7 +44,7 @@ class OptForCausalLMImpl : public CausalLMImpl {
                         const torch::Tensor& positions, LlmCache* cache, bool last_only) override;
   Embedding embed_tokens{nullptr}, embed_positions{nullptr};
   torch::nn::ModuleList layers;
-  LayerNorm final_layer_norm{nullptr};
+  LayerNorm final_layer_norm{nullptr};  // absent with post-LN layers or _remove_final_layer_norm
   Linear lm_head{nullptr};  // absent when tied (always, for the released OPT models)
 };
 

@@ -1,0 +1,399 @@
+// Never silently wrong: each input that used to run to completion with wrong numbers (or crash) is
+// now either computed as the reference computes it or refused with one line naming it. One test
+// per finding of the issue, on the tiny variants of tests/fixtures/variants.
+#include <sys/resource.h>
+
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "blip2/api/api.h"
+#include "blip2/io/checkpoint.h"
+#include "blip2/io/hf.h"
+#include "blip2/io/pth.h"
+#include "blip2/tasks/stage2.h"
+#include "blip2/tasks/trainer.h"
+#include "blip2/vision/image.h"
+#include "test_util.h"
+
+namespace blip2 {
+namespace {
+
+using namespace blip2::testing;
+namespace fs = std::filesystem;
+
+const fs::path kVariants = fs::path(BLIP2_FIXTURE_DIR) / "variants";
+
+bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+// A stage-1 run config for the tiny variants: the blip2_stage1_vit_g preset (whose architecture
+// their config.json overrides), their vocabulary, 8-token texts, and `model` lines under
+// model.model_config (indented by 4).
+fs::path variant_run_config(const fs::path& dir, const fs::path& variant, const std::string& model = "",
+                            const std::string& name = "run.yaml") {
+  const std::string vocab = (variant / "vocab.txt").string();
+  std::string yaml = "run_mode: predict\ntrainer:\n  type: contrastive_language_image_pretrain\n"
+                     "  model_name: blip2_stage1_vit_g\n";
+  for (const char* section : {"train_dataset", "eval_dataset"})
+    yaml += std::string(section) + ":\n  data_loader:\n    type: ImageFolder\n  text_transforms:\n    max_length: 8\n"
+            "  tokenizer:\n    max_length: 8\n    vocab_file: " + vocab + "\n";
+  if (!model.empty()) yaml += "model:\n  model_config:\n" + model;
+  const auto path = dir / name;
+  atomic_write(path, yaml);
+  return path;
+}
+
+// The ITC text feature of "tok10 tok11 tok12" = ids [CLS] 15 16 17 [SEP], the first text of the
+// variants' inputs, as `blip2 run --run_mode predict` writes it.
+torch::Tensor cli_text_feature(const fs::path& out) {
+  return load_safetensors((out / "features.safetensors").string()).at("text_embeds_proj").select(1, 0);
+}
+
+TEST(Trust, HuggingFaceActivationsAreComputedNotAssumedGelu) {
+  // Q-Former relu through the CLI (--load_checkpoint) and the API; a quick_gelu ViT through
+  // blip2 convert, whose config.yaml says quick_gelu and is read back as such.
+  auto dir = temp_dir("trust_act");
+  const auto relu = kVariants / "stage1_qformer_config.hidden_act_1";
+  ASSERT_EQ(nlohmann::json::parse(read_file(relu / "config.json"))["qformer_config"]["hidden_act"], "relu");
+  const TensorMap want = load_safetensors((relu / "expected.safetensors").string());
+  auto r = run_cli("run --config " + variant_run_config(dir, relu).string() + " --load_checkpoint " + relu.string() +
+                   " --output_dir " + (dir / "out").string() + " --predict_text 'tok10 tok11 tok12'");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_LE(max_abs_diff(cli_text_feature(dir / "out"), want.at("text_feat").narrow(0, 0, 1)), 1e-4);
+
+  const auto quick = kVariants / "stage1_vision_config.hidden_act_0";
+  ASSERT_EQ(nlohmann::json::parse(read_file(quick / "config.json"))["vision_config"]["hidden_act"], "quick_gelu");
+  r = run_cli("convert " + quick.string() + " --out " + (dir / "converted").string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(contains(read_file(dir / "converted" / "config.yaml"), "hidden_act: quick_gelu"));
+  FromPretrainedOptions o;
+  o.vocab_file = (quick / "vocab.txt").string();
+  auto model = Blip2Model::from_pretrained((dir / "converted").string(), o);
+  const TensorMap q = load_safetensors((quick / "expected.safetensors").string());
+  torch::NoGradGuard no_grad;
+  auto feats = model.module()->extract_features(q.at("pixel_values"), {}, {}, "image").image_embeds_proj;
+  EXPECT_LE(max_abs_diff(feats, q.at("image_feat")), 1e-4);
+  fs::remove_all(dir);
+}
+
+TEST(Trust, ArchitectureComesFromTheCheckpointAndConflictsAreErrors) {
+  auto dir = temp_dir("trust_arch");
+  const auto base = kVariants / "stage1_base";  // cross_attention_frequency 1
+  // The config sets 2: one line naming the key, both values and both files; nothing run.
+  const auto yaml = variant_run_config(dir, base, "    qformer_config:\n      cross_attention_freq: 2\n", "freq2.yaml");
+  auto r = run_cli("run --config " + yaml.string() + " --load_checkpoint " + base.string() + " --output_dir " +
+                   (dir / "out").string() + " --predict_text 'tok10 tok11 tok12'");
+  EXPECT_EQ(r.code, 1) << r.out;
+  const std::string err = r.out.substr(r.out.find("error: "));
+  EXPECT_TRUE(contains(err, "model.model_config.qformer_config.cross_attention_freq: 2 in " + yaml.string() +
+                                ", but 1 in " + (base / "config.json").string()))
+      << r.out;
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+  EXPECT_FALSE(fs::exists(dir / "out" / "features.safetensors"));
+  // Left to the preset (2), it is the checkpoint's (1), and the numbers are transformers'.
+  r = run_cli("run --config " + variant_run_config(dir, base).string() + " --load_checkpoint " + base.string() +
+              " --output_dir " + (dir / "out").string() + " --predict_text 'tok10 tok11 tok12'");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(contains(r.out, "qformer_config.cross_attention_freq 2 -> 1")) << r.out;
+  const TensorMap want = load_safetensors((base / "expected.safetensors").string());
+  EXPECT_LE(max_abs_diff(cli_text_feature(dir / "out"), want.at("text_feat").narrow(0, 0, 1)), 1e-4);
+  // Through the API: a run config that disagrees with the model given to the Trainer.
+  TrainerOptions o;
+  o.config = yaml.string();
+  o.output_dir = (dir / "api").string();
+  auto msg = error_of([&] { Trainer("contrastive_language_image_pretrain", base.string(), o); });
+  EXPECT_TRUE(contains(msg, "cross_attention_freq: 2 in " + yaml.string())) << msg;
+  fs::remove_all(dir);
+}
+
+TEST(Trust, LoadsCoverTheModelOrStop) {
+  // Weights of a model with cross-attention every 2nd layer into one with it in every layer
+  // (config.yaml edited): the second layer's cross-attention would stay random.
+  auto dir = temp_dir("trust_cover");
+  const auto freq2 = kVariants / "stage1_qformer_config.cross_attention_frequency";
+  auto r = run_cli("convert " + freq2.string() + " --out " + (dir / "c").string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::string model_yaml = read_file(dir / "c" / "config.yaml");
+  const auto at = model_yaml.find("cross_attention_freq: 2");
+  ASSERT_NE(at, std::string::npos);
+  model_yaml.replace(at, 23, "cross_attention_freq: 1");
+  fs::create_directories(dir / "bare");
+  fs::copy_file(dir / "c" / "model.safetensors", dir / "bare" / "weights.safetensors");  // no config beside it
+  atomic_write(dir / "arch.yaml", model_yaml);
+  FromPretrainedOptions o;
+  o.config = (dir / "arch.yaml").string();
+  o.vocab_file = (freq2 / "vocab.txt").string();
+  auto msg = error_of([&] { Blip2Model::from_pretrained((dir / "bare" / "weights.safetensors").string(), o); });
+  EXPECT_TRUE(contains(msg, "the weights do not cover the model")) << msg;
+  EXPECT_TRUE(contains(msg, "qformer.encoder.layer.1.crossattention")) << msg;
+  EXPECT_TRUE(contains(msg, "allow_partial_load")) << msg;
+  // On purpose: the load report names what is random, and tasks see it.
+  o.allow_partial_load = true;
+  auto partial = Blip2Model::from_pretrained((dir / "bare" / "weights.safetensors").string(), o);
+  const auto random = partial.missing_weights();
+  EXPECT_TRUE(std::any_of(random.begin(), random.end(), [](const std::string& n) {
+    return contains(n, "qformer.encoder.layer.1.crossattention");
+  }));
+  // The other way round (a checkpoint with tensors the model has no place for) through the CLI.
+  const auto freq1_weights = dir / "bare1" / "weights.safetensors";
+  r = run_cli("convert " + (kVariants / "stage1_base").string() + " --out " + (dir / "c1").string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  fs::create_directories(dir / "bare1");
+  fs::copy_file(dir / "c1" / "model.safetensors", freq1_weights);
+  std::string arch = read_file(dir / "c1" / "config.yaml");
+  arch.replace(arch.find("cross_attention_freq: 1"), 23, "cross_attention_freq: 2");
+  std::string indented;
+  std::istringstream lines(arch);
+  for (std::string line; std::getline(lines, line);) indented += "    " + line + "\n";
+  const auto yaml = variant_run_config(dir, freq2, indented);
+  r = run_cli("run --config " + yaml.string() + " --load_checkpoint " + freq1_weights.string() + " --output_dir " +
+              (dir / "out").string() + " --predict_text 'tok10'");
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_TRUE(contains(r.out, "that the model has no place for")) << r.out;
+  r = run_cli("run --config " + yaml.string() + " --load_checkpoint " + freq1_weights.string() + " --output_dir " +
+              (dir / "out").string() + " --predict_text 'tok10' --allow_partial_load");
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(contains(r.out, "ignored (allow_partial_load)")) << r.out;
+  fs::remove_all(dir);
+}
+
+TEST(Trust, ZeroShotLabelsFitTheQformerPositions) {
+  // A Q-Former with 8 positions: the labels are padded to its max_txt_len, not to 32; asking for
+  // 32 is refused by name instead of LibTorch's "index out of range in self".
+  const auto dir = kVariants / "stage1_qformer_config.max_position_embeddings";
+  Image img;
+  img.width = img.height = 8;
+  img.rgb.assign(8 * 8 * 3, 100);
+  PipelineOptions o;
+  o.candidate_labels = {"tok5", "tok6 tok7"};
+  auto classify = pipeline("zero_shot_image_classification", dir.string(), o);
+  auto result = classify(img);
+  ASSERT_EQ(result.size(), 1u);
+  EXPECT_EQ(result[0].size(), 2u);
+  o.max_length = 32;
+  auto msg = error_of([&] { pipeline("zero_shot_image_classification", dir.string(), o); });
+  EXPECT_TRUE(contains(msg, "max_length 32 exceeds the Q-Former's max_position_embeddings 8")) << msg;
+  EXPECT_FALSE(contains(msg, "\n")) << msg;
+  // The same through tokenize (features of texts).
+  auto model = Blip2Model::from_pretrained(dir.string());
+  msg = error_of([&] { model.tokenize({"tok5"}, 32); });
+  EXPECT_TRUE(contains(msg, "max_length 32 exceeds the Q-Former's max_position_embeddings 8")) << msg;
+}
+
+RunConfig short_stage2(const fs::path& out) {
+  RunConfig c = load_run_config(std::string(BLIP2_CONFIG_DIR) + "/tiny_pretrain_stage_2.yaml");
+  c.output_dir = out.string();
+  c.model.model_config.checkpoint_name_or_path = "";
+  c.runner_config.epochs = 2;
+  c.runner_config.batch_size = 8;
+  c.runner_config.log_interval = 100;
+  c.runner_config.llm_pretrain_epochs = 1;
+  c.train_dataset.data_loader.num_samples = 64;
+  c.eval_dataset.data_loader.num_samples = 8;
+  c.lr_schedule.warmup_steps = 3;
+  // dropout on, so resuming must also restore the random generator
+  c.model.model_config.qformer_config.hidden_dropout_prob = 0.1;
+  return c;
+}
+
+TEST(Trust, Stage2ResumeContinuesExactly) {
+  auto dir = temp_dir("trust_resume2");
+  auto full = Stage2Trainer(short_stage2(dir / "full")).train();
+  ASSERT_EQ(full.size(), 16u);
+  RunConfig first = short_stage2(dir / "split");
+  first.runner_config.max_steps = 6;
+  auto head = Stage2Trainer(first).train();
+  ASSERT_EQ(head.size(), 6u);
+  RunConfig second = short_stage2(dir / "split");
+  second.resume_training = true;
+  second.load_checkpoint = (dir / "split").string();
+  auto tail = Stage2Trainer(second).train();
+  ASSERT_EQ(tail.size(), 10u);
+  expect_same_trajectory(full, head, tail);
+  // The resumed run kept the first 6 metrics lines and appended the rest: 16 in all.
+  std::string metrics = read_file(dir / "split" / "metrics.jsonl");
+  EXPECT_EQ(std::count(metrics.begin(), metrics.end(), '\n'), 16);
+  EXPECT_EQ(read_file(dir / "split" / "checkpoint" / "latest"), "step_00000016\n");
+  fs::remove_all(dir);
+}
+
+TEST(Trust, OptionsThatWouldDoNothingAreRefused) {
+  // bf16 autocast on the CPU, and k_test below the R@10 that retrieval reports.
+  RunConfig c = parse_run_config(embedded_tiny_config(), "tiny.yaml");
+  c.runner_config.bf16_autocast = true;
+  auto msg = error_of([&] { validate(c, "tiny.yaml"); });
+  EXPECT_TRUE(contains(msg, "tiny.yaml: runner_config.bf16_autocast: true does nothing on the CPU")) << msg;
+  c.device_target = "cuda:0";
+  EXPECT_EQ(error_of([&] { validate(c, "tiny.yaml"); }), "<no error>");
+  c = parse_run_config(embedded_tiny_config(), "tiny.yaml");
+  c.eval_dataset.k_test = 5;
+  msg = error_of([&] { validate(c, "tiny.yaml"); });
+  EXPECT_TRUE(contains(msg, "tiny.yaml: eval_dataset.k_test: 5 is below 10")) << msg;
+  c.eval_dataset.k_test = 10;
+  EXPECT_EQ(error_of([&] { validate(c, "tiny.yaml"); }), "<no error>");
+}
+
+TEST(Trust, CudaDeviceIndexIsKeptEverywhere) {
+  EXPECT_EQ(parse_device("cuda:1"), torch::Device(torch::kCUDA, 1));
+  EXPECT_EQ(parse_device("cuda"), torch::Device(torch::kCUDA));
+  EXPECT_EQ(parse_device("cpu"), torch::Device(torch::kCPU));
+  EXPECT_TRUE(contains(error_of([] { parse_device("gpu"); }), "'gpu' is not cpu|cuda|cuda:N"));
+  if (torch::cuda::device_count() >= 2) GTEST_SKIP() << "this machine has two GPUs: checked elsewhere";
+  // No such device here: the error names cuda:1, the device asked for, not cuda.
+  FromPretrainedOptions o;
+  o.device = "cuda:1";
+  auto msg = error_of([&] { Blip2Model::from_pretrained("tiny", o); });
+  EXPECT_TRUE(contains(msg, "cuda:1")) << msg;
+  GenerationModelOptions g;
+  g.device = "cuda:1";
+  msg = error_of([&] { Blip2GenerationModel::from_pretrained("tiny_stage2", g); });
+  EXPECT_TRUE(contains(msg, "cuda:1")) << msg;
+  auto r = run_cli("run --device_target cuda:1 --run_mode eval");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_TRUE(contains(r.out, "device_target is cuda:1")) << r.out;
+}
+
+// A Baichuan directory whose config.json is edited to look like another Baichuan.
+std::string baichuan_error(const fs::path& dir, const std::function<void(nlohmann::json&)>& edit) {
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const auto src = kParity / "baichuan_llm";
+  fs::copy_file(src / "pytorch_model.bin", dir / "pytorch_model.bin");
+  auto j = nlohmann::json::parse(read_file(src / "config.json"));
+  edit(j);
+  atomic_write(dir / "config.json", j.dump(2));
+  return error_of([&] { load_hf_llm(dir.string()); });
+}
+
+TEST(Trust, BaichuanCheckpointsAreToldApart) {
+  auto dir = temp_dir("trust_baichuan");
+  EXPECT_EQ(baichuan_error(dir / "7b", [](nlohmann::json&) {}), "<no error>");
+  auto msg = baichuan_error(dir / "13b", [](nlohmann::json& j) {
+    j["architectures"] = {"BaichuanForCausalLM"};
+    j["hidden_size"] = 5120;
+  });
+  EXPECT_TRUE(contains(msg, "architectures: [\"BaichuanForCausalLM\"]")) << msg;
+  EXPECT_TRUE(contains(msg, "ALiBi")) << msg;
+  msg = baichuan_error(dir / "b2", [](nlohmann::json& j) {
+    j["architectures"] = {"BaichuanForCausalLM"};
+    j["hidden_size"] = 4096;
+    j["vocab_size"] = 125696;
+  });
+  EXPECT_TRUE(contains(msg, "Baichuan2-7B")) << msg;
+  EXPECT_TRUE(contains(msg, "NormHead")) << msg;
+  msg = baichuan_error(dir / "none", [](nlohmann::json& j) { j.erase("architectures"); });
+  EXPECT_TRUE(contains(msg, "does not say which Baichuan")) << msg;
+  fs::remove_all(dir);
+}
+
+// Peak resident memory of this process, in MiB.
+double peak_rss_mib() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) / 1024.0;
+}
+
+uint32_t crc32(const std::string& bytes) {
+  uint32_t c = 0xFFFFFFFFu;
+  for (unsigned char b : bytes) {
+    c ^= b;
+    for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0xEDB88320u & (0u - (c & 1u)));
+  }
+  return c ^ 0xFFFFFFFFu;
+}
+
+void put_be32(std::string& s, size_t at, uint32_t v) {
+  for (int i = 0; i < 4; ++i) s[at + i] = static_cast<char>((v >> (24 - 8 * i)) & 0xFF);
+}
+
+TEST(Trust, DecodersRefuseDecompressionBombsFromTheHeader) {
+  auto dir = temp_dir("trust_bomb");
+  const double before = peak_rss_mib();
+  // A valid PNG whose IHDR (CRC fixed up) says 40000 x 40000.
+  std::string png = read_file(fs::path(BLIP2_FIXTURE_DIR) / "images" / "rgb.png");
+  ASSERT_EQ(png.substr(12, 4), "IHDR");
+  put_be32(png, 16, 40000);
+  put_be32(png, 20, 40000);
+  put_be32(png, 29, crc32(png.substr(12, 17)));
+  atomic_write(dir / "bomb.png", png);
+  auto msg = error_of([&] { load_image((dir / "bomb.png").string()); });
+  EXPECT_TRUE(contains(msg, (dir / "bomb.png").string() + ": 40000 x 40000 = 1600000000 pixels exceeds the limit "
+                                                         "of 178956970")) << msg;
+  // A JPEG whose SOF says 60000 x 60000.
+  std::string jpg = read_file(fs::path(BLIP2_FIXTURE_DIR) / "images" / "rgb_420.jpg");
+  const auto sof = jpg.find("\xFF\xC0");
+  ASSERT_NE(sof, std::string::npos);
+  jpg[sof + 5] = static_cast<char>(0xEA), jpg[sof + 6] = 0x60;  // height 60000
+  jpg[sof + 7] = static_cast<char>(0xEA), jpg[sof + 8] = 0x60;  // width 60000
+  atomic_write(dir / "bomb.jpg", jpg);
+  msg = error_of([&] { load_image((dir / "bomb.jpg").string()); });
+  EXPECT_TRUE(contains(msg, "bomb.jpg: 60000 x 60000 = 3600000000 pixels exceeds the limit")) << msg;
+  EXPECT_LT(peak_rss_mib() - before, 200.0) << "a pixel buffer was allocated before the check";
+  // The limit is configurable (and Pillow-sized by default); small images are unaffected.
+  EXPECT_EQ(max_image_pixels(), 178956970);
+  set_max_image_pixels(10);
+  msg = error_of([&] { load_image((fs::path(BLIP2_FIXTURE_DIR) / "images" / "rgb.png").string()); });
+  EXPECT_TRUE(contains(msg, "exceeds the limit of 10 (max_image_pixels)")) << msg;
+  set_max_image_pixels(178956970);
+  EXPECT_EQ(error_of([&] { load_image((fs::path(BLIP2_FIXTURE_DIR) / "images" / "rgb.png").string()); }), "<no error>");
+  // Through the CLI: one line, exit 1.
+  auto r = run_cli("run --run_mode predict --predict_data " + (dir / "bomb.png").string() + " --output_dir " +
+                   (dir / "out").string());
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_TRUE(contains(r.out, "40000 x 40000")) << r.out;
+  fs::remove_all(dir);
+}
+
+TEST(Trust, LavisDuplicatesAreCheckedAndAcceptedQuietly) {
+  // LAVIS stores the LM decoder's bias twice and ties its weight to the word embeddings.
+  TensorMap raw = load_pth((kParity / "blip2_lavis.pth").string());
+  ASSERT_TRUE(raw.count("Qformer.cls.predictions.decoder.bias"));  // as LAVIS saves it
+  auto canon = canonical_from_lavis(raw);
+  EXPECT_FALSE(canon.count("cls.predictions.decoder.bias"));
+  EXPECT_TRUE(canon.count("cls.predictions.bias"));
+  auto hf = load_hf_directory((kParity / "hf_itm").string());
+  Blip2Qformer model(hf.config);
+  WeightLedger ledger;
+  auto report = ledger.load(*model, canon, "blip2_lavis.pth");
+  EXPECT_TRUE(report.unexpected.empty()) << report.summary();
+  EXPECT_NO_THROW(ledger.check(*model, {}));
+  // A twin that differs is not silently dropped.
+  raw["Qformer.cls.predictions.decoder.bias"] = raw.at("Qformer.cls.predictions.bias") + 1;
+  auto msg = error_of([&] { canonical_from_lavis(raw); });
+  EXPECT_TRUE(contains(msg, "'Qformer.cls.predictions.decoder.bias' differs from 'Qformer.cls.predictions.bias'"))
+      << msg;
+}
+
+TEST(Trust, ConfigsAsTransformers4WroteThemAreRead) {
+  // Nested sections in full, every generic key at its default (tools/make_legacy_configs.py).
+  const fs::path dir = fs::path(BLIP2_FIXTURE_DIR) / "legacy_configs";
+  auto blip2 = read_json_file((dir / "blip2_opt.json").string());
+  ASSERT_TRUE(blip2["text_config"].contains("num_beams"));
+  const auto c = blip2_config_from_hf(blip2, "blip2_opt.json");
+  ASSERT_TRUE(c.text_config.has_value());
+  EXPECT_TRUE(c.text_config->is_opt());
+  EXPECT_EQ(c.text_config->eos_token_id, 50118);
+  EXPECT_EQ(c.qformer_config.query_length, 32);
+  const auto llama = text_config_from_hf(read_json_file((dir / "llama.json").string()), "llama.json");
+  EXPECT_EQ(llama.rope_type, "linear");
+  EXPECT_DOUBLE_EQ(llama.rope_factor, 2.0);
+  EXPECT_TRUE(text_config_from_hf(read_json_file((dir / "opt.json").string()), "opt.json").is_opt());
+  // The same config with a generation setting off its default is refused by name.
+  blip2["text_config"]["num_beams"] = 5;
+  auto msg = error_of([&] { blip2_config_from_hf(blip2, "blip2_opt.json"); });
+  EXPECT_TRUE(contains(msg, "blip2_opt.json: text_config.num_beams: 5 is a generation setting")) << msg;
+}
+
+TEST(Trust, SentencePieceDecodeOfInvalidUtf8FollowsSentencepiece) {
+  // Ids of the byte pieces <0xE2> <0x82> <0x41> and <0xE2> <0x41> <0xFF> <0xFF> in the fixture model;
+  // the expected strings are sentencepiece's SentencePieceProcessor.decode (transformers 5's
+  // LlamaTokenizer.decode returns "" for both, which blip2cpp does not follow).
+  auto tok = load_llm_tokenizer((fs::path(BLIP2_FIXTURE_DIR) / "llm_tokenizers" / "spm" / "tokenizer.model").string());
+  const std::string r = "\xEF\xBF\xBD";  // U+FFFD
+  ASSERT_EQ(tok->decode({229, 133, 68}).size(), (r + r + "A").size());
+  EXPECT_EQ(tok->decode({229, 133, 68}), r + r + "A");
+  EXPECT_EQ(tok->decode({229, 68, 258, 258}), r + "A" + r + r);
+}
+
+}  // namespace
+}  // namespace blip2
