@@ -90,11 +90,14 @@ TEST(Trust, ArchitectureComesFromTheCheckpointAndConflictsAreErrors) {
       << r.out;
   EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
   EXPECT_FALSE(fs::exists(dir / "out" / "features.safetensors"));
+  EXPECT_FALSE(fs::exists(dir / "out" / "resolved_config.yaml"));
   // Left to the preset (2), it is the checkpoint's (1), and the numbers are transformers'.
   r = run_cli("run --config " + variant_run_config(dir, base).string() + " --load_checkpoint " + base.string() +
               " --output_dir " + (dir / "out").string() + " --predict_text 'tok10 tok11 tok12'");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_TRUE(contains(r.out, "qformer_config.cross_attention_freq 2 -> 1")) << r.out;
+  // What ran is what resolved_config.yaml says.
+  EXPECT_TRUE(contains(read_file(dir / "out" / "resolved_config.yaml"), "cross_attention_freq: 1"));
   const TensorMap want = load_safetensors((base / "expected.safetensors").string());
   EXPECT_LE(max_abs_diff(cli_text_feature(dir / "out"), want.at("text_feat").narrow(0, 0, 1)), 1e-4);
   // Through the API: a run config that disagrees with the model given to the Trainer.
@@ -103,6 +106,43 @@ TEST(Trust, ArchitectureComesFromTheCheckpointAndConflictsAreErrors) {
   o.output_dir = (dir / "api").string();
   auto msg = error_of([&] { Trainer("contrastive_language_image_pretrain", base.string(), o); });
   EXPECT_TRUE(contains(msg, "cross_attention_freq: 2 in " + yaml.string())) << msg;
+  // Weights given to a model built already must describe it: the relu variant has the base's
+  // shapes, and would otherwise load and be computed with GELU.
+  TrainerOptions p;
+  p.output_dir = (dir / "predict").string();
+  Trainer built("contrastive_language_image_pretrain", base.string(), p);
+  const auto relu = kVariants / "stage1_qformer_config.hidden_act_1";
+  msg = error_of([&] { built.predict({}, relu.string(), {"tok10"}); });
+  EXPECT_TRUE(contains(msg, "qformer_config.hidden_act: 'gelu' in the model as built, but 'relu' in " +
+                                (relu / "config.json").string())) << msg;
+  // A model.safetensors given as a file brings the config.yaml beside it.
+  auto r2 = run_cli("convert " + relu.string() + " --out " + (dir / "conv").string());
+  ASSERT_EQ(r2.code, 0) << r2.out;
+  FromPretrainedOptions fo;
+  fo.vocab_file = (relu / "vocab.txt").string();
+  auto m = Blip2Model::from_pretrained((dir / "conv" / "model.safetensors").string(), fo);
+  EXPECT_EQ(m.config().qformer_config.hidden_act, "relu");
+  fs::remove_all(dir);
+}
+
+TEST(Trust, Stage2ConvertOutputLoadsAsItsArchitecture) {
+  // blip2 convert of a stage-2 Hugging Face model writes a model config.yaml; the API reads it.
+  auto dir = temp_dir("trust_s2conv");
+  const auto opt = kVariants / "stage2_opt_base";
+  auto r = run_cli("convert " + opt.string() + " --out " + (dir / "c").string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  TrainerOptions o;
+  DatasetConfig d;
+  d.data_loader.type = "SyntheticShapes";
+  o.eval_dataset = d;
+  o.output_dir = (dir / "out").string();
+  Trainer trainer("image_to_text_generation", (dir / "c").string(), o);
+  auto model = trainer.generation_model().module();
+  const TensorMap want = load_safetensors((opt / "expected.safetensors").string());
+  torch::NoGradGuard no_grad;
+  const auto& ids = want.at("input_ids");
+  auto [text, keep] = strip_image_tokens(ids, torch::ones_like(ids), model->text_config().image_token_id);
+  EXPECT_LE(max_abs_diff(model->forward(want.at("pixel_values"), text, keep), want.at("logits")), 1e-4);
   fs::remove_all(dir);
 }
 
@@ -231,6 +271,18 @@ TEST(Trust, OptionsThatWouldDoNothingAreRefused) {
   EXPECT_TRUE(contains(msg, "tiny.yaml: eval_dataset.k_test: 5 is below 10")) << msg;
   c.eval_dataset.k_test = 10;
   EXPECT_EQ(error_of([&] { validate(c, "tiny.yaml"); }), "<no error>");
+  // Resuming outside training, pipeline parallelism, a processor that is not what runs.
+  c.resume_training = true;
+  c.run_mode = "eval";
+  msg = error_of([&] { validate(c, "tiny.yaml"); });
+  EXPECT_TRUE(contains(msg, "tiny.yaml: resume_training: true with run_mode eval")) << msg;
+  c = parse_run_config(embedded_tiny_config(), "tiny.yaml");
+  c.parallel_config.pipeline_stage = 2;
+  EXPECT_TRUE(contains(error_of([&] { validate(c, "tiny.yaml"); }), "parallel_config.pipeline_stage: 2")) << msg;
+  c = parse_run_config(embedded_tiny_config(), "tiny.yaml");
+  c.processor.image_processor.image_size = 224;  // the tiny config gives it (32)
+  msg = error_of([&] { validate(c, "tiny.yaml"); });
+  EXPECT_TRUE(contains(msg, "processor.image_processor.image_size: 224 differs from the model's image size 32")) << msg;
 }
 
 TEST(Trust, CudaDeviceIndexIsKeptEverywhere) {
@@ -378,6 +430,13 @@ TEST(Trust, ConfigsAsTransformers4WroteThemAreRead) {
   EXPECT_EQ(llama.rope_type, "linear");
   EXPECT_DOUBLE_EQ(llama.rope_factor, 2.0);
   EXPECT_TRUE(text_config_from_hf(read_json_file((dir / "opt.json").string()), "opt.json").is_opt());
+  // Keys of older releases that no model reads (Salesforce's 4.47 configs carry them), and keys of
+  // no release, are accepted: transformers reads none of them.
+  blip2["qformer_config"]["classifier_dropout"] = nullptr;
+  blip2["vision_config"]["projection_dim"] = 512;
+  blip2["vision_config"]["dropout"] = 0.0;
+  blip2["text_config"]["max_sequence_length"] = 2048;
+  EXPECT_EQ(error_of([&] { blip2_config_from_hf(blip2, "blip2_opt.json"); }), "<no error>");
   // The same config with a generation setting off its default is refused by name.
   blip2["text_config"]["num_beams"] = 5;
   auto msg = error_of([&] { blip2_config_from_hf(blip2, "blip2_opt.json"); });

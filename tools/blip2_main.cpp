@@ -90,17 +90,26 @@ int convert_checkpoint(const std::vector<std::string>& inputs, const std::string
   if (model_given)
     for (const auto& [path, value] : blip2::flatten(run.model.model_config)) run.given[path] = "--model " + model_name;
   blip2::TensorMap merged;
+  std::vector<blip2::CheckpointArchitecture> llms;  // LLM directories: after the whole model's
   for (const auto& in : inputs) {
     if (auto a = blip2::checkpoint_architecture(in)) {
-      // A whole stage-2 model (a Hugging Face Blip2ForConditionalGeneration) brings its LLM.
-      if (!model_given && a->parts.vision && a->config.text_config && !run.model.model_config.text_config)
-        run.model.model_config.text_config = a->config.text_config;
-      if (!a->parts.vision && !run.model.model_config.text_config)
-        throw blip2::Error(in + ": an LLM on its own, but --model " + model_name + " has no LLM (give a stage-2 "
-                           "model, e.g. --model blip2_opt_2.7b)");
-      blip2::adopt_architecture(run, a->config, a->source, a->parts);
+      if (!a->parts.vision) {
+        llms.push_back(*a);
+      } else {
+        // A whole stage-2 model (a Hugging Face Blip2ForConditionalGeneration) brings its LLM.
+        if (!model_given && a->config.text_config && !run.model.model_config.text_config)
+          run.model.model_config.text_config = a->config.text_config;
+        blip2::adopt_architecture(run, a->config, a->source, a->parts);
+      }
     }
     for (auto& [k, v] : blip2::load_checkpoint_tensors(in)) merged[k] = v;
+  }
+  for (const auto& a : llms) {
+    if (!run.model.model_config.text_config)
+      throw blip2::Error(a.source + ": an LLM on its own, but " +
+                         (model_given ? "--model " + model_name : std::string("no input")) +
+                         " describes a stage-2 model to put it in (give one, e.g. --model blip2_opt_2.7b)");
+    blip2::adopt_architecture(run, a.config, a.source, a.parts);
   }
   const blip2::Blip2Config cfg = run.model.model_config;
   // Check names and shapes against the architecture without allocating it (meta device).

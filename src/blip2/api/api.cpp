@@ -73,8 +73,12 @@ Blip2Model Blip2Model::from_pretrained(const std::string& name_or_path,
             name_or_path + ": not a model of the support list (" + join(support_list(), ", ") +
                 ") and no such file or directory");
       weights = weights_location(name_or_path);
-      // A bare weight file (.pth, .safetensors) carries no architecture: take it from o.config.
-      config = model_config_of(fs::is_directory(weights, ec) ? weights : o.config);
+      if (auto a = checkpoint_architecture(weights)) {  // config.json / config.yaml (beside a model.safetensors)
+        check(a->parts.vision, weights + ": an LLM on its own, not a BLIP-2 model");
+        config = a->config;
+      } else {  // a bare weight file (.pth, .safetensors) carries no architecture: o.config's
+        config = model_config_of(fs::is_directory(weights, ec) ? weights : o.config);
+      }
     }
     config.checkpoint_name_or_path.clear();  // the weights are loaded below, once
     const torch::Device device = pick_device(o.device);
@@ -86,7 +90,12 @@ Blip2Model Blip2Model::from_pretrained(const std::string& name_or_path,
     else if (config.qformer_config.vocab_size != static_cast<int64_t>(SyntheticShapes::vocabulary().size()))
       throw Error(name_or_path + ": no vocab.txt beside the weights; give the BERT vocabulary "
                   "(bert-base-uncased's vocab.txt for the published weights) as the vocab file");
-    auto tokenizer = model_tokenizer(tc, config.qformer_config, "from_pretrained");
+    std::shared_ptr<WordPieceTokenizer> tokenizer;
+    try {
+      tokenizer = model_tokenizer(tc, config.qformer_config, "from_pretrained");
+    } catch (const Error& e) {
+      throw Error((weights.empty() ? name_or_path : weights) + ": " + e.what());
+    }
 
     WeightLedger ledger(o.allow_partial_load || config.allow_partial_load);
     Blip2Qformer module = build_model(config, &ledger);
@@ -188,7 +197,8 @@ bool use_stage2_model(RunConfig& cfg, const std::string& name_or_path, bool allo
 // The model section of `cfg` is replaced by the program, not set by the user: nothing in it is given.
 void forget_model_keys(RunConfig& cfg) {
   for (auto it = cfg.given.begin(); it != cfg.given.end();)
-    it = it->first.rfind("model.", 0) == 0 ? cfg.given.erase(it) : std::next(it);
+    it = it->first.rfind("model.", 0) == 0 || it->first.rfind("processor.", 0) == 0 ? cfg.given.erase(it)
+                                                                                   : std::next(it);
 }
 
 // The run config of an API Trainer: the user's YAML (its model section on top of `preset` when
@@ -197,8 +207,12 @@ void forget_model_keys(RunConfig& cfg) {
 RunConfig trainer_config(const std::string& task, const TrainerOptions& o, const std::string& preset = "") {
   RunConfig cfg;
   if (o.config.empty()) {
-    cfg = parse_run_config(embedded_tiny_config(), "embedded tiny config");
+    cfg = parse_run_config(embedded_tiny_config(), "<embedded tiny config>");
     forget_model_keys(cfg);
+    if (!preset.empty()) {
+      cfg.model.model_config = find_preset(preset)->config;
+      cfg.trainer.model_name = preset;
+    }
   } else {
     std::error_code ec;
     check(fs::is_regular_file(o.config, ec), o.config + ": config file not found");
@@ -215,10 +229,41 @@ RunConfig trainer_config(const std::string& task, const TrainerOptions& o, const
 
 // A run config and a model built already: the model section the run set must be the model's.
 void use_built_model(RunConfig& cfg, const Blip2Model& model) {
-  adopt_architecture(cfg, model.config(), model.source(), {true, true, true, true});
-  require_given_model_settings(cfg, model.config(), model.source());
+  const std::string source = "the model given to the Trainer (" + model.source() + ")";
+  adopt_architecture(cfg, model.config(), source, {true, true, true, true});
+  require_given_model_settings(cfg, model.config(), source);
+  const bool partial = cfg.model.model_config.allow_partial_load;
   cfg.model.model_config = model.config();
-  validate(cfg, "Trainer");
+  cfg.model.model_config.allow_partial_load = partial;  // a load policy, not the model's
+  validate(cfg, cfg.source);
+}
+
+// Stage 1 by name or path, as `blip2 run` builds it: the weights become model_config's
+// checkpoint (their config.json / config.yaml gives the architecture; a bare file takes the run
+// config's, blip2_stage1_vit_g without one), and the BERT vocabulary beside them is the
+// tokenizer unless the datasets name one.
+void use_stage1_model(RunConfig& cfg, const std::string& task, const std::string& model, bool user_config) {
+  std::error_code ec;
+  std::string weights;
+  if (find_preset(model)) {
+    const fs::path dir = fs::path(blip2_home()) / model;
+    if (fs::is_directory(dir, ec)) weights = dir.string();
+    else if (!(task == "contrastive_language_image_pretrain" || model == "tiny"))  // training may start random
+      resolve_weights(model);  // throws, saying which files to place where
+  } else {
+    weights = model;
+    if (!user_config) cfg.model.model_config = find_preset("blip2_stage1_vit_g")->config;
+  }
+  if (weights.empty()) return;
+  auto& mc = cfg.model.model_config;
+  const auto given = cfg.given.find("model.model_config.checkpoint_name_or_path");
+  if (given != cfg.given.end() && !mc.checkpoint_name_or_path.empty() && mc.checkpoint_name_or_path != weights)
+    throw Error("model.model_config.checkpoint_name_or_path: '" + mc.checkpoint_name_or_path + "' in " +
+                given->second + ", but the Trainer was given the model '" + weights + "'");
+  mc.checkpoint_name_or_path = weights;
+  const fs::path vocab = fs::path(weights_location(weights)) / "vocab.txt";
+  for (auto* d : {&cfg.train_dataset, &cfg.eval_dataset})
+    if (d->tokenizer.vocab_file.empty() && fs::exists(vocab, ec)) d->tokenizer.vocab_file = vocab.string();
 }
 
 const std::vector<std::string>& trainer_tasks() {
@@ -249,20 +294,14 @@ Trainer::Trainer(const std::string& task, const std::string& model, const Traine
       cfg.model.arch.type = "Blip2Llm";
       // The seed's image_to_text_generation passes the prompt as given unless told otherwise.
       if (task == "image_to_text_generation" && !o.eval_dataset) cfg.eval_dataset.data_loader.hypothesis_template = "{}";
-      validate(cfg, "Trainer");
+      validate(cfg, cfg.source);
       stage2_ = std::make_unique<Stage2Trainer>(cfg);
       return;
     }
     if (preset || fs::exists(model, ec)) {
-      // The architecture and weights of the name or path (a preset without local weights starts
-      // from random weights when it is the tiny one, as from_pretrained does).
-      FromPretrainedOptions load;
-      load.device = cfg.device_target;
-      load.allow_random_init = task == "contrastive_language_image_pretrain";  // training from scratch
-      load.allow_partial_load = cfg.model.model_config.allow_partial_load;
-      auto loaded = Blip2Model::from_pretrained(model, load);
-      use_built_model(cfg, loaded);
-      impl_ = std::make_unique<PretrainTrainer>(cfg, loaded.module(), loaded.tokenizer(), loaded.random_weights());
+      use_stage1_model(cfg, task, model, !o.config.empty());
+      validate(cfg, cfg.source);
+      impl_ = std::make_unique<PretrainTrainer>(cfg);
       return;
     }
     throw Error("model '" + model + "' is neither a model of the support list (" +
@@ -442,7 +481,7 @@ nlohmann::json Pipeline::operator()(const std::vector<PipelineInput>& inputs,
     torch::Tensor pixels = images.empty() ? torch::Tensor() : model_.preprocess(images);
     features_ = model_.extract_features(pixels, texts, options_.mode);
     return feature_shapes(features_);
-});
+  });
 }
 
 Pipeline pipeline(const std::string& task, const std::string& model, PipelineOptions options) {
@@ -510,21 +549,26 @@ bool use_stage2_model(RunConfig& cfg, const std::string& name_or_path, bool allo
                                             join(support_list(), ", ") + ") and no such file or directory");
     const std::string weights = weights_location(name_or_path);
     const fs::path yaml = fs::path(weights) / "config.yaml";
-    if (fs::is_directory(weights, ec) && fs::exists(yaml, ec)) {  // a stage-2 training checkpoint
-      RunConfig saved = load_run_config(yaml.string());
-      check(saved.model.model_config.text_config.has_value(), weights + ": a stage-1 checkpoint (no text_config)");
-      adopt_architecture(cfg, saved.model.model_config, yaml.string(), {true, true, true, true});
-      require_given_model_settings(cfg, saved.model.model_config, yaml.string());
-      cfg.model = saved.model;
+    if (fs::is_directory(weights, ec) && fs::exists(yaml, ec)) {  // a stage-2 checkpoint or model directory
+      auto saved = checkpoint_architecture(weights);  // a training checkpoint's run config, or a model config
+      check(saved && saved->config.text_config.has_value(), weights + ": a stage-1 checkpoint (no text_config)");
       auto& mc = cfg.model.model_config;
-      // The checkpoint holds the trained weights; the paths it was built from are kept when they
-      // still exist (a checkpoint without frozen weights needs them).
-      for (std::string* p : {&mc.checkpoint_name_or_path, &mc.vision_config.checkpoint_name_or_path,
-                             &mc.text_config->checkpoint_name_or_path}) {
+      if (!mc.text_config) mc.text_config = saved->config.text_config;  // with its generation settings
+      adopt_architecture(cfg, saved->config, saved->source, saved->parts);  // a conflict with the run config is an error
+      // The checkpoint holds the trained weights; the paths it was built from are kept (unless the
+      // run names its own) when they still exist: a checkpoint without frozen weights needs them.
+      const auto& from = saved->config;
+      for (auto [mine, theirs, key] :
+           {std::tuple{&mc.checkpoint_name_or_path, from.checkpoint_name_or_path, "checkpoint_name_or_path"},
+            {&mc.vision_config.checkpoint_name_or_path, from.vision_config.checkpoint_name_or_path,
+             "vision_config.checkpoint_name_or_path"},
+            {&mc.text_config->checkpoint_name_or_path, from.text_config->checkpoint_name_or_path,
+             "text_config.checkpoint_name_or_path"}}) {
+        if (cfg.given.count(std::string("model.model_config.") + key) || theirs.empty()) continue;
         try {
-          if (!p->empty()) resolve_weights(*p);
+          resolve_weights(theirs);
+          *mine = theirs;
         } catch (const Error&) {
-          p->clear();
         }
       }
       cfg.load_checkpoint = weights;
@@ -578,7 +622,7 @@ torch::Tensor Blip2GenerationModel::preprocess(const std::vector<PipelineInput>&
                                                                      : load_image(std::get<std::string>(in)),
                                    config().vision_config.image_size));
     return torch::stack(out).to(device());
-});
+  });
 }
 
 std::vector<std::string> Blip2GenerationModel::generate(const torch::Tensor& images,
@@ -592,7 +636,7 @@ std::vector<std::string> Blip2GenerationModel::generate(const torch::Tensor& ima
     if (prompts.size() == n) filled = prompts;
     Blip2Llm m = module_;  // a handle: the same module
     return generate_texts(*m, *tokenizer_, images, filled, o);
-});
+  });
 }
 
 ImageToTextPipeline::ImageToTextPipeline(Blip2GenerationModel model, ImageToTextOptions options)
@@ -608,7 +652,7 @@ nlohmann::json ImageToTextPipeline::operator()(const std::vector<PipelineInput>&
     nlohmann::json out = nlohmann::json::array();
     for (const auto& t : texts) out.push_back({{"text", t}, {"prompt", text}});
     return out;
-});
+  });
 }
 
 ImageToTextPipeline image_to_text_pipeline(const std::string& model, ImageToTextOptions options) {

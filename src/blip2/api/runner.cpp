@@ -50,6 +50,14 @@ static void print_eval(const nlohmann::json& ev) {
 
 namespace {
 
+// The config the run uses, once its model is built (with the architecture its checkpoints gave
+// it): printed and written to OUTPUT_DIR/resolved_config.yaml.
+void announce(const RunConfig& cfg) {
+  const std::string resolved = to_yaml(cfg);
+  std::cout << "---- resolved config ----\n" << resolved << "-------------------------\n";
+  atomic_write(fs::path(cfg.output_dir) / "resolved_config.yaml", resolved);
+}
+
 std::vector<std::string> split_commas(const std::string& list) {
   std::vector<std::string> out;
   for (size_t a = 0, b; a <= list.size(); a = b + 1) {
@@ -87,6 +95,7 @@ int run_stage2(RunConfig& cfg, const std::vector<std::string>& inputs, const Run
     throw Error("run_mode train: task image_to_text_generation has eval and predict (train with "
                 "contrastive_language_image_pretrain)");
   Stage2Trainer trainer(cfg);
+  announce(trainer.config());
   if (mode == "predict") {
     const std::string prompt = o.predict_text.empty() ? "" : o.predict_text.front();
     auto results = trainer.predict(inputs, prompt);
@@ -111,10 +120,7 @@ int run_stage2(RunConfig& cfg, const std::vector<std::string>& inputs, const Run
 int run(const std::string& path, const RunOverrides& overrides) {
   RunConfig cfg = resolve_config(path, overrides);
   set_max_image_pixels(cfg.max_image_pixels);
-  const std::string resolved = to_yaml(cfg);
-  std::cout << "---- resolved config ----\n" << resolved << "-------------------------\n";
   fs::create_directories(cfg.output_dir);
-  atomic_write(fs::path(cfg.output_dir) / "resolved_config.yaml", resolved);
 
   const std::string& task = cfg.trainer.type;
   const std::string& mode = cfg.run_mode;
@@ -132,12 +138,14 @@ int run(const std::string& path, const RunOverrides& overrides) {
     if (mode != "eval") throw modes_error("eval only (use --run_mode eval)");
     cfg.trainer.type = "image_to_text_retrieval";
     Trainer trainer(cfg);
+    announce(trainer.config());
     write_result(cfg, "retrieval_results.json", trainer.evaluate());
     return 0;
   }
   if (task == "zero_shot_image_classification") {
     if (mode != "eval" && mode != "predict") throw modes_error("eval and predict");
     Trainer trainer(cfg);
+    announce(trainer.config());
     if (mode == "eval") {
       write_result(cfg, "zero_shot_eval_results.json", trainer.evaluate());
       return 0;
@@ -158,6 +166,7 @@ int run(const std::string& path, const RunOverrides& overrides) {
                 "zero_shot_image_classification)");
 
   Trainer trainer(cfg);
+  announce(trainer.config());
   if (mode == "predict") {  // LAVIS' extract_features
     auto report = trainer.predict(inputs, "", overrides.predict_text);
     write_result(cfg, "features.json", report);

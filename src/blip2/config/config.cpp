@@ -1,6 +1,7 @@
 #include "blip2/config/config.h"
 
 #include <set>
+#include <tuple>
 #include <sstream>
 #include <type_traits>
 
@@ -206,6 +207,7 @@ RunConfig parse_run_config(const std::string& text, const std::string& source, c
   cfg.visit(in);
   in.finish();
   if (!preset.empty()) cfg.trainer.model_name = preset;
+  cfg.source = source;
   return cfg;
 }
 
@@ -238,7 +240,8 @@ void require_given_model_settings(const RunConfig& run, const Blip2Config& model
       "qformer_config.vocab_size", "qformer_config.special_token_nums", "qformer_config.resize_token_embeddings",
       "qformer_config.encoder_width", "text_config.intermediate_size", "text_config.multiple_of",
       "text_config.hidden_act", "text_config.num_key_value_heads", "text_config.head_dim",
-      "checkpoint_name_or_path", "vision_config.checkpoint_name_or_path", "text_config.checkpoint_name_or_path"};
+      "checkpoint_name_or_path", "vision_config.checkpoint_name_or_path", "text_config.checkpoint_name_or_path",
+      "allow_partial_load"};  // a load policy, not the model's
   const auto mine = flatten(run.model.model_config), theirs = flatten(model);
   const std::string prefix = "model.model_config.";
   for (const auto& [path, value] : theirs) {
@@ -387,8 +390,8 @@ void validate_model_config(const Blip2Config& m, const std::string& source) { va
 
 bool is_device_target(const std::string& t) {
   if (t == "cpu" || t == "cuda") return true;
-  if (t.rfind("cuda:", 0) != 0 || t.size() == 5 || t.size() > 9) return false;
-  return t.find_first_not_of("0123456789", 5) == std::string::npos;
+  if (t.rfind("cuda:", 0) != 0 || t.size() == 5 || t.size() > 8) return false;
+  return t.find_first_not_of("0123456789", 5) == std::string::npos && std::stoi(t.substr(5)) < 128;
 }
 
 void validate(const RunConfig& c, const std::string& s) {
@@ -400,6 +403,12 @@ void validate(const RunConfig& c, const std::string& s) {
     bad(s, "runner_config.bf16_autocast", "true does nothing on the CPU (device_target cpu): bf16 autocast "
         "is for CUDA; set it false, or run with --device_target cuda");
   if (c.max_image_pixels <= 0) bad(s, "max_image_pixels", "must be positive");
+  if (c.resume_training && c.run_mode != "train")
+    bad(s, "resume_training", "true with run_mode " + c.run_mode + ": only training resumes (use --load_checkpoint "
+        "to " + c.run_mode + " a checkpoint)");
+  if (c.parallel_config.pipeline_stage != 1)
+    bad(s, "parallel_config.pipeline_stage", std::to_string(c.parallel_config.pipeline_stage) +
+            ": pipeline parallelism is not implemented (1 = none)");
   if (c.runner_config.epochs <= 0) bad(s, "runner_config.epochs", "must be positive");
   if (c.runner_config.batch_size <= 0) bad(s, "runner_config.batch_size", "must be positive");
   if (c.runner_config.log_interval <= 0) bad(s, "runner_config.log_interval", "must be positive");
@@ -417,10 +426,12 @@ void validate(const RunConfig& c, const std::string& s) {
     std::string at = d == &c.train_dataset ? "train_dataset." : "eval_dataset.";
     if (d->text_transforms.max_length <= 2)
       bad(s, at + "text_transforms.max_length", "must be at least 3 ([CLS] x [SEP])");
+    const int64_t positions = c.model.model_config.qformer_config.max_position_embeddings;
     if (!c.model.model_config.text_config &&  // stage 2 tokenises for the LLM, not the Q-Former
-        d->text_transforms.max_length > c.model.model_config.qformer_config.max_position_embeddings)
+        d->text_transforms.max_length > positions)
       bad(s, at + "text_transforms.max_length",
-          "exceeds model.model_config.qformer_config.max_position_embeddings");
+          std::to_string(d->text_transforms.max_length) + " exceeds model.model_config.qformer_config."
+          "max_position_embeddings " + std::to_string(positions));
     if (d->batch_size < 0) bad(s, at + "batch_size", "must be >= 0");
     if (d->tokenizer.max_length != d->text_transforms.max_length)
       bad(s, at + "tokenizer.max_length",
@@ -453,6 +464,28 @@ void validate(const RunConfig& c, const std::string& s) {
     bad(s, "parallel_config", "data_parallel and model_parallel must be >= 1");
   const auto& mc = c.model.model_config;
   validate_model(mc, s, "model.model_config.");
+  // The seed's processor section (what its pipelines preprocess with): when given, it must be
+  // what the run preprocesses with: the model's image size and max_txt_len, eval_dataset's tokenizer.
+  auto given = [&](const std::string& key) { return c.given.count(key) > 0; };
+  const auto& proc = c.processor;
+  if (given("processor.image_processor.image_size") &&
+      proc.image_processor.image_size != mc.vision_config.image_size)
+    bad(s, "processor.image_processor.image_size", std::to_string(proc.image_processor.image_size) +
+            " differs from the model's image size " + std::to_string(mc.vision_config.image_size) +
+            " (eval_dataset.image_transforms.image_size resizes otherwise)");
+  if (given("processor.tokenizer.max_length") && proc.tokenizer.max_length != mc.max_txt_len)
+    bad(s, "processor.tokenizer.max_length", std::to_string(proc.tokenizer.max_length) +
+            " differs from model.model_config.max_txt_len " + std::to_string(mc.max_txt_len) +
+            ", the length texts given to predict are tokenised to");
+  for (auto [key, a, b] : {std::tuple{"vocab_file", proc.tokenizer.vocab_file, c.eval_dataset.tokenizer.vocab_file},
+                           {"pad_token", proc.tokenizer.pad_token, c.eval_dataset.tokenizer.pad_token},
+                           {"bos_token", proc.tokenizer.bos_token, c.eval_dataset.tokenizer.bos_token},
+                           {"type", proc.tokenizer.type, c.eval_dataset.tokenizer.type}})
+    if (given(std::string("processor.tokenizer.") + key) && a != b)
+      bad(s, std::string("processor.tokenizer.") + key, "'" + a + "' differs from eval_dataset.tokenizer." + key +
+              " '" + b + "'");
+  if (given("processor.tokenizer.do_lower_case") && proc.tokenizer.do_lower_case != c.eval_dataset.tokenizer.do_lower_case)
+    bad(s, "processor.tokenizer.do_lower_case", "differs from eval_dataset.tokenizer.do_lower_case");
   if (mc.text_config) {  // blip2cpp's LLMs have no dropout: they run in eval mode, frozen
     const auto& t = *mc.text_config;
     const bool llm_trains = !mc.freeze_text || c.runner_config.llm_pretrain_epochs > 0;

@@ -447,6 +447,8 @@ struct RunConfig {
   // "--load_checkpoint"). Architecture fields a checkpoint describes are taken from it unless
   // set here, and a disagreement with a value set here is an error naming both.
   std::map<std::string, std::string> given;
+  // Not a config field: the file (or "<embedded tiny config>") it was read from, for messages.
+  std::string source = "the run config";
 };
 
 // Parses YAML text; `source` names the file in error messages. The model section starts from

@@ -205,7 +205,13 @@ std::string known_extra(const std::string& name, const TensorMap& tensors, const
       R"(^(embeddings\.|cls\.|temp$|vision_projection\.|text_projection\.|itm_head\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.))");
   const bool stage2_model = model_names.count("language_projection.weight") > 0;
   if (stage2_model && std::regex_search(name, stage1_only)) return "stage-1";
-  if (name.size() > 13 && name.compare(name.size() - 13, 13, ".position_ids") == 0) return "positions";
+  if (name.size() > 13 && name.compare(name.size() - 13, 13, ".position_ids") == 0) {  // 0, 1, 2, ...: computed
+    const auto& t = tensors.at(name);
+    check(t.numel() > 0 && torch::equal(t.flatten().to(torch::kLong), torch::arange(t.numel(), torch::kLong)),
+          "'" + name + "' is not 0, 1, 2, ... (blip2cpp computes the positions)");
+    return "positions";
+  }
+  // Older Llama checkpoints save the rotary frequencies, which the config's rope settings give.
   if (name.find(".rotary_emb.inv_freq") != std::string::npos) return "rotary";
   if (name == "language_model.lm_head.weight") {  // tied: must equal the embeddings
     for (const char* twin : {"language_model.model.embed_tokens.weight", "language_model.model.decoder.embed_tokens.weight"}) {

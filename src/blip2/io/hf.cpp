@@ -163,6 +163,18 @@ void export_hf_llm(const TextConfig& t, const TensorMap& tensors, const std::str
 
 void export_hf_directory(const Blip2Config& c, const TensorMap& tensors, const std::string& dir) {
   Blip2Config cfg = c;
+  // What transformers' configs cannot say: OPT's LayerNorm eps is fixed at 1e-5; the ViT and
+  // post_layernorm share one eps (LAVIS' ln_vision uses 1e-5 where its ViT uses 1e-6, and
+  // transformers' own conversion of LAVIS weights makes it 1e-6, as this export does).
+  if (cfg.text_config && cfg.text_config->is_opt())
+    check(cfg.text_config->layer_norm_eps == 1e-5,
+          "export: text_config.layer_norm_eps " + format_float(cfg.text_config->layer_norm_eps, 8) +
+              " cannot be expressed in transformers' OPTConfig (its LayerNorms use 1e-5)");
+  if (cfg.vision_config.post_layernorm_eps != cfg.vision_config.layer_norm_eps)
+    log_warn("export: ln_vision's eps " + format_float(cfg.vision_config.post_layernorm_eps, 8) +
+             " becomes the ViT's " + format_float(cfg.vision_config.layer_norm_eps, 8) +
+             ": transformers' Blip2VisionConfig has one layer_norm_eps for both (its own conversion of LAVIS "
+             "weights does the same); ln_vision's output changes slightly");
   TensorMap out = hf_from_canonical(tensors);
   if (cfg.text_config && cfg.text_config->image_token_id < 0) {
     // transformers' Blip2ForConditionalGeneration places the queries at <image> placeholder ids:

@@ -10,8 +10,10 @@ namespace {
 
 using nlohmann::json;
 
-// The keys of one config section. Each key must be read, declared known, or refused; finish()
-// refuses the keys nobody took.
+// The keys of one config section. Each key a transformers release (4.27 to 5.24) defines for the
+// section's class must be read, declared known, or refused. A key no release defines is one
+// transformers does not read either (hub configs carry a few, e.g. facebook/opt's
+// activation_dropout, huggyllama's max_sequence_length): finish() names them in a warning.
 class Fields {
  public:
   Fields(const json& j, std::string where, std::string family)
@@ -95,11 +97,13 @@ class Fields {
   }
 
   void finish() const {
+    std::vector<std::string> unknown;
     for (const auto& [key, value] : j_.items())
-      if (!seen_.count(key))
-        throw Error(where_ + "." + key + ": " + value.dump() + " is not a field of " + family_ +
-                    " that blip2cpp knows, so what it changes cannot be honoured; remove it if transformers "
-                    "ignores it too");
+      if (!seen_.count(key)) unknown.push_back(key + " = " + value.dump());
+    if (!unknown.empty())
+      log_warn(where_ + ": " + join(unknown, ", ") + ": not a field of " + family_ +
+               " in any transformers release (4.27 to 5.24), so transformers does not read it and neither "
+               "does blip2cpp");
   }
 
  private:
@@ -113,14 +117,16 @@ VisionConfig vision_from_hf(const json& j, const std::string& where) {
   Fields f(j, where, "Blip2VisionConfig");
   f.generic();
   f.model_type("blip_2_vision_model");
-  f.known({"initializer_range", "initializer_factor", "bos_token_id", "eos_token_id", "pad_token_id"});
+  // dropout and projection_dim (transformers 4.x) are read by no release's Blip2 model; its patch
+  // embedding always takes 3 channels, whatever num_channels says.
+  f.known({"initializer_range", "initializer_factor", "bos_token_id", "eos_token_id", "pad_token_id", "dropout",
+           "projection_dim", "num_channels"});
   f.read("hidden_size", v.hidden_size);
   f.read("intermediate_size", v.intermediate_size);
   f.read("num_hidden_layers", v.num_hidden_layers);
   f.read("num_attention_heads", v.num_attention_heads);
   f.read("image_size", v.image_size);
   f.read("patch_size", v.patch_size);
-  f.read("num_channels", v.num_channels);
   f.read("layer_norm_eps", v.layer_norm_eps);
   v.post_layernorm_eps = v.layer_norm_eps;  // transformers' post_layernorm uses the ViT's eps
   f.read_activation("hidden_act", v.hidden_act);
@@ -137,7 +143,8 @@ QFormerConfig qformer_from_hf(const json& j, const std::string& where) {
   f.model_type("blip_2_qformer");
   // use_qformer_text_input decides whether the text FFN exists; the weights say the same (a
   // stage-1 model needs it, a stage-2 model never runs it).
-  f.known({"initializer_range", "bos_token_id", "eos_token_id", "use_qformer_text_input"});
+  // classifier_dropout (transformers 4.x) is read by no release's Blip2 model.
+  f.known({"initializer_range", "bos_token_id", "eos_token_id", "use_qformer_text_input", "classifier_dropout"});
   f.require("position_embedding_type", "absolute", "is not supported (only absolute position embeddings)");
   f.read("vocab_size", q.vocab_size);
   q.resize_token_embeddings = false;  // the checkpoint's table is already its final size
@@ -194,8 +201,7 @@ void read_opt(Fields& f, TextConfig& t) {
   f.read("word_embed_proj_dim", proj);
   if (proj != t.hidden_size)
     f.refuse("word_embed_proj_dim", "differs from hidden_size " + std::to_string(t.hidden_size) +
-                                        ": OPT-350m's project_in/out are not implemented (transformers' BLIP-2 "
-                                        "cannot run it either)");
+                                        ": OPT-350m's project_in/project_out are not implemented");
   f.read("do_layer_norm_before", t.do_layer_norm_before);
   f.read("_remove_final_layer_norm", t.remove_final_layer_norm);
   f.read("enable_bias", t.enable_bias);
@@ -262,7 +268,7 @@ void check_baichuan(Fields& f, const json& j) {
   auto has_arch = [&](const std::string& a) { return std::find(archs.begin(), archs.end(), a) != archs.end(); };
   if (has_arch("BaiChuanForCausalLM")) return;  // Baichuan-7B
   if (has_arch("BaichuanForCausalLM")) {
-    if (j.value("hidden_size", 0) == 4096)
+    if (j.contains("hidden_size") && j["hidden_size"] == 4096)
       f.refuse("architectures", "is Baichuan2-7B, whose lm_head is normalised (NormHead): not implemented "
                                 "(Baichuan-7B, BaiChuanForCausalLM, is)");
     f.refuse("architectures", "is Baichuan-13B or Baichuan2-13B, which use ALiBi attention biases instead of "
@@ -376,9 +382,9 @@ Blip2Config blip2_config_from_hf(const nlohmann::json& j, const std::string& sou
   if (has_llm) {
     if (j.contains("use_decoder_only_language_model") && j["use_decoder_only_language_model"] == false)
       f.refuse("use_decoder_only_language_model", "(an encoder-decoder LLM such as Flan-T5) is not implemented");
-    const json text = j.value("text_config", json::object());
-    c.text_config = text_config_from_hf(text.contains("model_type") ? text : json{{"model_type", "opt"}},
-                                        source + ": text_config");
+    json text = j.value("text_config", json::object());
+    if (text.is_object() && !text.contains("model_type")) text["model_type"] = "opt";  // Blip2Config's default
+    c.text_config = text_config_from_hf(text, source + ": text_config");
     // Captions fit the LLM's positions after the queries.
     c.max_txt_len = std::max<int64_t>(1, std::min(c.max_txt_len, c.text_config->max_position_embeddings -
                                                                      c.qformer_config.query_length));

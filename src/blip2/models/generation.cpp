@@ -272,11 +272,14 @@ std::vector<std::vector<int64_t>> generate(CausalLMImpl& lm, const torch::Tensor
   const int64_t b = ids.size(0);
   const int64_t p = prefix.defined() ? prefix.size(1) : 0;
   check(p + ids.size(1) > 0, "generation: nothing to condition on (no prefix and an empty prompt)");
-  if (o.max_context > 0 && p + ids.size(1) + o.max_new_tokens > o.max_context)
+  // The LLM's positions bound the context whatever the options say (OPT's are a table).
+  const int64_t context = o.max_context > 0 ? std::min(o.max_context, lm.config.max_position_embeddings)
+                                            : lm.config.max_position_embeddings;
+  if (p + ids.size(1) + o.max_new_tokens > context)
     throw Error("generation: " + std::to_string(p) + " image queries + a prompt of " +
                 std::to_string(ids.size(1)) + " tokens + max_new_tokens " +
                 std::to_string(o.max_new_tokens) + " exceed the model's context of " +
-                std::to_string(o.max_context) + " positions");
+                std::to_string(context) + " positions");
   auto e = lm.embed(ids);
   auto k = keep.to(torch::kLong);
   if (p) {

@@ -29,7 +29,8 @@ struct GenerationOptions {
   uint64_t seed = 0;                // sampling
   std::vector<int64_t> eos_token_ids;
   bool use_cache = true;            // false recomputes the whole sequence each step
-  int64_t max_context = 0;          // prefix + prompt + new tokens may not exceed it (0 = no check)
+  int64_t max_context = 0;          // prefix + prompt + new tokens may not exceed it (nor, in any
+                                    // case, the LLM's max_position_embeddings; 0 = that alone)
   // The id the prefix positions stand for, as far as repetition_penalty goes: transformers
   // feeds <image> placeholder ids there and penalises them like prompt tokens (-1 = none).
   int64_t prefix_token_id = -1;

@@ -141,7 +141,7 @@ Stage2Trainer::Stage2Trainer(RunConfig cfg)
   torch::manual_seed(cfg_.seed);
   check(cfg_.model.model_config.text_config.has_value(),
         "model.model_config.text_config: a stage-2 model needs its LLM described");
-  adopt_checkpoint_architectures(cfg_, "the run config");
+  adopt_checkpoint_architectures(cfg_);
   const auto& mc = cfg_.model.model_config;
   const bool train = cfg_.run_mode == "train";
   tokenizer_ = stage2_tokenizer(train ? cfg_.train_dataset : cfg_.eval_dataset, mc,
@@ -154,6 +154,7 @@ Stage2Trainer::Stage2Trainer(RunConfig cfg)
 }
 
 void Stage2Trainer::load_weights(const std::string& path) {
+  require_checkpoint_architecture(model_->config(), path);
   load_model_weights(*model_, path, ledger_);
   ledger_.check(*model_, coverage_policy(cfg_, false));
 }
@@ -354,6 +355,7 @@ std::vector<std::string> generate_texts(Blip2LlmImpl& model, const LlmTokenizer&
 
 std::vector<std::string> Stage2Trainer::generate(const torch::Tensor& images, const std::vector<std::string>& prompts,
                                                  const GenerationOptions& o, GenerationStats* stats) {
+  AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
   return generate_texts(*model_, *tokenizer_, images, prompts, o, stats);
 }
 

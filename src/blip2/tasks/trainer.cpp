@@ -16,6 +16,7 @@
 #include "blip2/io/safetensors.h"
 #include "blip2/tasks/retrieval.h"
 #include "blip2/util/common.h"
+#include "blip2/vision/image.h"
 
 namespace blip2 {
 namespace fs = std::filesystem;
@@ -70,7 +71,7 @@ AutocastGuard::~AutocastGuard() {
 }
 
 torch::Device parse_device(const std::string& target) {
-  check(is_device_target(target), "device_target: '" + target + "' is not cpu|cuda|cuda:N");
+  check(is_device_target(target), "device_target: '" + target + "' is not cpu|cuda|cuda:N (N < 128)");
   if (target == "cpu") return torch::Device(torch::kCPU);
   if (target == "cuda") return torch::Device(torch::kCUDA);
   return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(std::stoi(target.substr(5))));
@@ -187,7 +188,7 @@ LoadReport load_model_weights(torch::nn::Module& model, const std::string& path,
   return ledger.load(model, load_checkpoint_tensors(where), where, prefix);
 }
 
-void adopt_checkpoint_architectures(RunConfig& cfg, const std::string& source) {
+void adopt_checkpoint_architectures(RunConfig& cfg) {
   auto& mc = cfg.model.model_config;
   auto adopt = [&](const std::string& path, ArchitectureParts mask) {
     if (path.empty()) return;
@@ -201,7 +202,17 @@ void adopt_checkpoint_architectures(RunConfig& cfg, const std::string& source) {
   if (mc.text_config) adopt(mc.text_config->checkpoint_name_or_path, {false, false, true, false});
   adopt(mc.checkpoint_name_or_path, {true, true, true, true});
   adopt(cfg.load_checkpoint, {true, true, true, true});
-  validate(cfg, source);
+  validate(cfg, cfg.source);
+  set_max_image_pixels(cfg.max_image_pixels);
+}
+
+void require_checkpoint_architecture(const Blip2Config& built, const std::string& path) {
+  auto a = checkpoint_architecture(path);
+  if (!a) return;
+  RunConfig run;
+  run.model.model_config = built;
+  for (const auto& [key, value] : flatten(built)) run.given[key] = "the model as built";
+  adopt_architecture(run, a->config, a->source, a->parts);  // any difference is an error
 }
 
 CoveragePolicy coverage_policy(const RunConfig& cfg, bool training) {
@@ -229,7 +240,7 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg)
   dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel,
                       cfg_.parallel_config.model_parallel);
   torch::manual_seed(cfg_.seed);
-  adopt_checkpoint_architectures(cfg_, "the run config");
+  adopt_checkpoint_architectures(cfg_);
   const auto& mc = cfg_.model.model_config;
   // Training reads its tokenizer from train_dataset, evaluation from eval_dataset.
   const DatasetConfig& data = cfg_.run_mode == "train" ? cfg_.train_dataset : cfg_.eval_dataset;
@@ -257,7 +268,9 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg, Blip2Qformer model,
                       cfg_.parallel_config.model_parallel);
   torch::manual_seed(cfg_.seed);
   cfg_.model.model_config = model_->config();
+  set_max_image_pixels(cfg_.max_image_pixels);
   if (!cfg_.load_checkpoint.empty() && !(cfg_.run_mode == "train" && cfg_.resume_training)) {
+    require_checkpoint_architecture(model_->config(), cfg_.load_checkpoint);
     load_model_weights(*model_, cfg_.load_checkpoint, ledger_);
     ledger_.check(*model_, coverage_policy(cfg_, cfg_.run_mode == "train"));
   }
@@ -265,6 +278,7 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg, Blip2Qformer model,
 }
 
 void PretrainTrainer::load_weights(const std::string& path) {
+  require_checkpoint_architecture(model_->config(), path);
   load_model_weights(*model_, path, ledger_);
   ledger_.check(*model_, coverage_policy(cfg_, false));
 }
@@ -611,6 +625,7 @@ nlohmann::json PretrainTrainer::evaluate_zero_shot() {
   auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
   model_->eval();
   torch::NoGradGuard no_grad;
+  AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
   auto classifier = zero_shot_classifier(loader.dataset().label_names());
   int64_t n = 0, top1 = 0, top5 = 0;
   BatchLoader::Stream stream(loader, 0, 0);
@@ -635,6 +650,7 @@ nlohmann::json PretrainTrainer::evaluate_zero_shot() {
 nlohmann::json PretrainTrainer::predict_zero_shot(const std::vector<std::string>& inputs) {
   model_->eval();
   torch::NoGradGuard no_grad;
+  AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
   nlohmann::json out = nlohmann::json::array();
   if (inputs.empty()) {  // the eval dataset, its class names as candidates (as the seed's CIFAR-100)
     auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
@@ -666,6 +682,7 @@ nlohmann::json PretrainTrainer::evaluate_retrieval() {
   auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
   model_->eval();
   torch::NoGradGuard no_grad;
+  AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
   const auto& d = cfg_.eval_dataset;
   const auto& tt = d.text_transforms;
   const int64_t bs = std::max<int64_t>(1, d.batch_size > 0 ? d.batch_size : cfg_.runner_config.batch_size);

@@ -166,8 +166,11 @@ LoadReport load_model_weights(torch::nn::Module& model, const std::string& path,
                               const std::string& prefix = "");
 // The architecture the run's checkpoints describe becomes the run's (adopt_architecture), in
 // order: vision_config's, text_config's (an LLM directory), model_config's, then load_checkpoint's;
-// the config is validated again after (`source` names it in errors).
-void adopt_checkpoint_architectures(RunConfig& cfg, const std::string& source);
+// the config is validated again after, and its max_image_pixels applied.
+void adopt_checkpoint_architectures(RunConfig& cfg);
+// Weights for a model built already: the architecture their config describes (if any) must be
+// `built`'s, field for field, else an Error naming the field, both values and the file.
+void require_checkpoint_architecture(const Blip2Config& built, const std::string& path);
 // What a run may leave without checkpoint weights (CoveragePolicy) when `training` or not.
 CoveragePolicy coverage_policy(const RunConfig& cfg, bool training);
 // The tokenizer `tc` describes, checked against the Q-Former's vocabulary and special ids.
