@@ -125,6 +125,76 @@ TEST(Trust, ArchitectureComesFromTheCheckpointAndConflictsAreErrors) {
   fs::remove_all(dir);
 }
 
+TEST(Trust, KnownExtrasAreDroppedOnlyWhereTheyAreKnown) {
+  // EVA-CLIP-g's 40th block, which BLIP-2 removes (LAVIS loads eva_vit_g.pth with strict=False),
+  // is dropped; a second extra block is not.
+  auto hf = load_hf_directory((kParity / "hf_itm").string());  // a 2-block ViT
+  Blip2Qformer model(hf.config);
+  TensorMap vit;
+  for (const auto& [name, t] : hf.tensors)
+    if (name.rfind("vision_model.", 0) == 0) vit[name] = t;
+  vit["vision_model.encoder.layers.2.mlp.fc1.weight"] = vit.at("vision_model.encoder.layers.1.mlp.fc1.weight");
+  WeightLedger ledger;
+  EXPECT_NO_THROW(ledger.load(*model, vit, "eva_vit_g.pth", "vision_model."));
+  vit["vision_model.encoder.layers.3.mlp.fc1.weight"] = vit.at("vision_model.encoder.layers.1.mlp.fc1.weight");
+  auto msg = error_of([&] { WeightLedger().load(*model, vit, "eva_vit_g.pth", "vision_model."); });
+  EXPECT_TRUE(contains(msg, "eva_vit_g.pth: vision_model.encoder.layers.3.mlp.fc1.weight (1 tensor) that the model "
+                            "has no place for")) << msg;
+  // A tied lm_head that differs from the embeddings it is tied to is not dropped.
+  auto f = load_hf_directory((kParity / "hf_opt").string());
+  Blip2Llm llm(f.config);
+  TensorMap t = f.tensors;
+  t["language_model.lm_head.weight"] = t.at("language_model.model.decoder.embed_tokens.weight") + 1;
+  msg = error_of([&] { WeightLedger().load(*llm, t, "opt.bin"); });
+  EXPECT_TRUE(contains(msg, "'language_model.lm_head.weight' differs from 'language_model.model.decoder.embed_tokens.weight'"))
+      << msg;
+  t["language_model.lm_head.weight"] = t.at("language_model.model.decoder.embed_tokens.weight").clone();
+  EXPECT_NO_THROW(WeightLedger().load(*llm, t, "opt.bin"));
+}
+
+TEST(Trust, TrainerRefusesAModelOfTheWrongStage) {
+  auto msg = error_of([] { Trainer("image_to_text_retrieval", "tiny_stage2"); });
+  EXPECT_TRUE(contains(msg, "task image_to_text_retrieval works on stage-1 models")) << msg;
+  TrainerOptions o;
+  o.config = std::string(BLIP2_CONFIG_DIR) + "/tiny_pretrain_stage_2.yaml";
+  msg = error_of([&] { Trainer("contrastive_language_image_pretrain", "tiny", o); });
+  EXPECT_TRUE(contains(msg, "a stage-2 run config (text_config), but 'tiny' is a stage-1 model")) << msg;
+}
+
+TEST(Trust, ExportRefusesWhatTransformersWouldFillAtRandom) {
+  auto dir = temp_dir("trust_export");
+  const auto base = kVariants / "stage1_base";
+  auto r = run_cli("convert " + base.string() + " --out " + (dir / "c").string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  TensorMap t = load_safetensors((dir / "c" / "model.safetensors").string());
+  for (auto it = t.begin(); it != t.end();) it = it->first.rfind("vision_model.encoder.", 0) == 0 ? t.erase(it) : std::next(it);
+  save_safetensors((dir / "c" / "model.safetensors").string(), t);
+  r = run_cli("export --to hf " + (dir / "c").string() + " --out " + (dir / "hf").string());
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_TRUE(contains(r.out, "vision_model.encoder.layers.0")) << r.out;
+  EXPECT_TRUE(contains(r.out, "transformers would initialise them at random")) << r.out;
+  EXPECT_FALSE(fs::exists(dir / "hf" / "model.safetensors"));
+  // A Hugging Face model.safetensors given as a file brings the config.json beside it.
+  const auto relu = kVariants / "stage1_qformer_config.hidden_act_1";
+  auto m = Blip2Model::from_pretrained((relu / "model.safetensors").string(),
+                                       FromPretrainedOptions{.vocab_file = (relu / "vocab.txt").string()});
+  EXPECT_EQ(m.config().qformer_config.hidden_act, "relu");
+  // transformers' default encoder_hidden_size (1408) when config.json leaves it out.
+  auto j = read_json_file((base / "config.json").string());
+  j["qformer_config"].erase("encoder_hidden_size");
+  auto msg = error_of([&] { blip2_config_from_hf(j, "config.json"); });
+  EXPECT_TRUE(contains(msg, "qformer_config.encoder_hidden_size: 1408 differs from vision_config.hidden_size 8")) << msg;
+  fs::remove_all(dir);
+}
+
+TEST(Trust, EvaluatingRandomWeightsIsSaidOutLoud) {
+  auto dir = temp_dir("trust_random");
+  auto r = run_cli("run --run_mode eval --output_dir " + dir.string());
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(contains(r.out, "no weights were loaded: the model holds its random initialisation")) << r.out;
+  fs::remove_all(dir);
+}
+
 TEST(Trust, Stage2ConvertOutputLoadsAsItsArchitecture) {
   // blip2 convert of a stage-2 Hugging Face model writes a model config.yaml; the API reads it.
   auto dir = temp_dir("trust_s2conv");

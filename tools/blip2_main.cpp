@@ -80,6 +80,31 @@ int inspect_checkpoint(const std::string& path, bool raw) {
 
 using blip2::model_config_of;
 
+// The model a config describes, on the meta device: names and shapes, no memory.
+std::shared_ptr<torch::nn::Module> meta_model(const blip2::Blip2Config& cfg) {
+  blip2::InitOptions meta{torch::TensorOptions().dtype(torch::kFloat32).device(torch::kMeta), 0.02};
+  if (cfg.text_config) return blip2::Blip2Llm(cfg, meta).ptr();
+  return blip2::Blip2Qformer(cfg, meta).ptr();
+}
+
+// blip2 export --to hf: every tensor transformers' model has must be in the checkpoint (it would
+// initialise a missing one at random); the stage-1 LM head and temp, which it has no place for,
+// are dropped.
+int export_checkpoint(const std::string& in, const std::string& out) {
+  const auto cfg = model_config_of(in);
+  const auto tensors = blip2::load_checkpoint_tensors(blip2::weights_location(in));
+  std::vector<std::string> missing;
+  for (const auto& p : meta_model(cfg)->named_parameters())
+    if (!tensors.count(p.key()) && p.key().rfind("cls.", 0) != 0 && p.key() != "temp") missing.push_back(p.key());
+  if (!missing.empty())
+    throw blip2::Error(in + ": " + blip2::name_list(missing) + " are not in the checkpoint, and transformers would "
+                       "initialise them at random (merge them in first: blip2 convert CHECKPOINT VIT LLM --out DIR)");
+  blip2::export_hf_directory(cfg, tensors, out);
+  std::cout << "wrote a Hugging Face " << (cfg.text_config ? "Blip2ForConditionalGeneration" : "Blip2ForImageTextRetrieval")
+            << " directory to " << out << "\n";
+  return 0;
+}
+
 int convert_checkpoint(const std::vector<std::string>& inputs, const std::string& out,
                        const std::string& model_name, bool model_given) {
   namespace fs = std::filesystem;
@@ -113,10 +138,7 @@ int convert_checkpoint(const std::vector<std::string>& inputs, const std::string
   }
   const blip2::Blip2Config cfg = run.model.model_config;
   // Check names and shapes against the architecture without allocating it (meta device).
-  blip2::InitOptions meta{torch::TensorOptions().dtype(torch::kFloat32).device(torch::kMeta), 0.02};
-  std::shared_ptr<torch::nn::Module> model;
-  if (cfg.text_config) model = blip2::Blip2Llm(cfg, meta).ptr();
-  else model = blip2::Blip2Qformer(cfg, meta).ptr();
+  auto model = meta_model(cfg);
   const auto extra = blip2::unexpected_tensors(*model, merged, blip2::join(inputs, ", "));
   if (!extra.empty())
     throw blip2::Error(out + ": " + blip2::name_list(extra) + " of the inputs have no place in the model (" +
@@ -232,14 +254,7 @@ int main(int argc, char** argv) {
     }
     if (*inspect) return inspect_checkpoint(inspect_path, raw_names);
     if (*convert) return convert_checkpoint(convert_inputs, convert_out, convert_model, convert->count("--model") > 0);
-    if (*exporter) {
-      namespace fs = std::filesystem;
-      auto cfg = model_config_of(export_in);
-      blip2::export_hf_directory(cfg, blip2::load_checkpoint_tensors(blip2::weights_location(export_in)), export_out);
-      std::cout << "wrote a Hugging Face " << (cfg.text_config ? "Blip2ForConditionalGeneration" : "Blip2ForImageTextRetrieval")
-                << " directory to " << export_out << "\n";
-      return 0;
-    }
+    if (*exporter) return export_checkpoint(export_in, export_out);
     if (!run_mode.empty()) o.run_mode = run_mode;
     if (!device.empty()) o.device_target = device;
     if (!train_dir.empty()) o.train_dataset_dir = train_dir;

@@ -81,6 +81,7 @@ Blip2Model Blip2Model::from_pretrained(const std::string& name_or_path,
       }
     }
     config.checkpoint_name_or_path.clear();  // the weights are loaded below, once
+    config.allow_partial_load = o.allow_partial_load;  // the caller's policy, not a saved config's
     const torch::Device device = pick_device(o.device);
 
     TokenizerConfig tc;
@@ -97,12 +98,12 @@ Blip2Model Blip2Model::from_pretrained(const std::string& name_or_path,
       throw Error((weights.empty() ? name_or_path : weights) + ": " + e.what());
     }
 
-    WeightLedger ledger(o.allow_partial_load || config.allow_partial_load);
+    WeightLedger ledger(o.allow_partial_load);
     Blip2Qformer module = build_model(config, &ledger);
     if (!weights.empty()) load_model_weights(*module, weights, ledger);
     else log_info(name_or_path + ": random weights (nothing under " + blip2_home() + ")");
     CoveragePolicy policy;
-    policy.allow_partial = o.allow_partial_load || config.allow_partial_load;
+    policy.allow_partial = o.allow_partial_load;
     ledger.check(*module, policy);
     module->to(device);
     module->eval();
@@ -219,12 +220,36 @@ RunConfig trainer_config(const std::string& task, const TrainerOptions& o, const
     cfg = parse_run_config(read_file(o.config), o.config, preset);
   }
   cfg.trainer.type = task;
+  // Only pretraining trains; the other tasks read eval_dataset (its tokenizer) and may not start
+  // any part of the model from random values.
+  if (task != "contrastive_language_image_pretrain") cfg.run_mode = "eval";
   if (!o.output_dir.empty()) cfg.output_dir = o.output_dir;
   if (o.train_dataset) cfg.train_dataset = *o.train_dataset;
   if (o.eval_dataset) cfg.eval_dataset = *o.eval_dataset;
   if (o.seed) cfg.seed = *o.seed;
   if (!o.device.empty()) cfg.device_target = o.device;
   return cfg;
+}
+
+// Do two names or paths lead to the same weights?
+bool same_weights(const std::string& a, const std::string& b) {
+  if (a == b) return true;
+  try {
+    std::error_code ec;
+    return fs::equivalent(weights_location(resolve_weights(a)), weights_location(resolve_weights(b)), ec);
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+// The Trainer's model argument names the weights: a path the run config gives under `key` must
+// lead to the same ones.
+void set_weights(RunConfig& cfg, std::string& field, const std::string& key, const std::string& weights) {
+  auto given = cfg.given.find(key);
+  if (given != cfg.given.end() && !field.empty() && !same_weights(field, weights))
+    throw Error(key + ": '" + field + "' in " + given->second + ", but the Trainer was given the model '" +
+                weights + "'");
+  field = weights;
 }
 
 // A run config and a model built already: the model section the run set must be the model's.
@@ -256,11 +281,7 @@ void use_stage1_model(RunConfig& cfg, const std::string& task, const std::string
   }
   if (weights.empty()) return;
   auto& mc = cfg.model.model_config;
-  const auto given = cfg.given.find("model.model_config.checkpoint_name_or_path");
-  if (given != cfg.given.end() && !mc.checkpoint_name_or_path.empty() && mc.checkpoint_name_or_path != weights)
-    throw Error("model.model_config.checkpoint_name_or_path: '" + mc.checkpoint_name_or_path + "' in " +
-                given->second + ", but the Trainer was given the model '" + weights + "'");
-  mc.checkpoint_name_or_path = weights;
+  set_weights(cfg, mc.checkpoint_name_or_path, "model.model_config.checkpoint_name_or_path", weights);
   const fs::path vocab = fs::path(weights_location(weights)) / "vocab.txt";
   for (auto* d : {&cfg.train_dataset, &cfg.eval_dataset})
     if (d->tokenizer.vocab_file.empty() && fs::exists(vocab, ec)) d->tokenizer.vocab_file = vocab.string();
@@ -288,7 +309,17 @@ Trainer::Trainer(const std::string& task, const std::string& model, const Traine
     std::error_code ec;
     const Preset* preset = find_preset(model);
     RunConfig cfg = trainer_config(task, o, preset ? model : "");
-    if ((preset && preset->config.text_config) || task == "image_to_text_generation") {
+    // Stage 2 when the model is (a preset with an LLM, a directory whose config has one) or the
+    // task needs it; the run config must agree.
+    bool stage2 = task == "image_to_text_generation" || (preset && preset->config.text_config);
+    if (!preset && fs::exists(model, ec))
+      if (auto a = checkpoint_architecture(model)) stage2 = stage2 || a->config.text_config.has_value();
+    if (stage2 && task != "contrastive_language_image_pretrain" && task != "image_to_text_generation")
+      throw Error("task " + task + " works on stage-1 models, and '" + model + "' is a stage-2 model (with an LLM)");
+    if (!stage2 && !o.config.empty() && is_stage2(cfg))
+      throw Error(o.config + ": a stage-2 run config (text_config), but '" + model + "' is a stage-1 model");
+    if (stage2) {
+      if (o.config.empty() && !preset) cfg.model.model_config = Blip2Config{};  // not the embedded tiny model's settings
       // Stage 2: the preset's architecture with $BLIP2_HOME/NAME's weights, or a path's.
       use_stage2_model(cfg, model, /*allow_random=*/task == "contrastive_language_image_pretrain");
       cfg.model.arch.type = "Blip2Llm";
@@ -398,6 +429,7 @@ nlohmann::json Trainer::predict(const std::vector<std::string>& inputs, const st
     check(!inputs.empty() || !texts.empty(), "predict: give images or texts to extract features of");
     Blip2Model m = model();
     m.module()->eval();
+    AutocastGuard autocast(config().runner_config.bf16_autocast, m.device());
     nlohmann::json out = {{"images", nlohmann::json::array()}, {"texts", texts}};
     Features all;
     torch::Tensor pixels;
@@ -538,7 +570,8 @@ bool use_stage2_model(RunConfig& cfg, const std::string& name_or_path, bool allo
     }
     const fs::path dir = fs::path(blip2_home()) / name_or_path;
     if (fs::is_directory(dir, ec)) {
-      cfg.model.model_config.checkpoint_name_or_path = dir.string();
+      set_weights(cfg, cfg.model.model_config.checkpoint_name_or_path, "model.model_config.checkpoint_name_or_path",
+                  dir.string());
     } else if (allow_random || name_or_path == "tiny_stage2") {
       return false;
     } else {
@@ -571,11 +604,13 @@ bool use_stage2_model(RunConfig& cfg, const std::string& name_or_path, bool allo
         } catch (const Error&) {
         }
       }
-      cfg.load_checkpoint = weights;
+      set_weights(cfg, cfg.load_checkpoint, "load_checkpoint", weights);
     } else {
       check(is_hf_directory(weights), weights + ": not a Hugging Face directory or a blip2cpp stage-2 checkpoint");
       if (!cfg.model.model_config.text_config) cfg.model.model_config.text_config = TextConfig{};
-      cfg.model.model_config.checkpoint_name_or_path = weights;  // its config.json decides the architecture
+      // its config.json decides the architecture
+      set_weights(cfg, cfg.model.model_config.checkpoint_name_or_path, "model.model_config.checkpoint_name_or_path",
+                  weights);
     }
   }
   return true;
@@ -588,6 +623,7 @@ Blip2GenerationModel Blip2GenerationModel::from_pretrained(const std::string& na
   return guarded("Blip2GenerationModel::from_pretrained(" + name_or_path + ")", [&] {
   RunConfig cfg = parse_run_config(embedded_tiny_config(), "<embedded>");
   forget_model_keys(cfg);
+  cfg.model.model_config = Blip2Config{};  // the model's settings are not the embedded tiny model's
   cfg.runner_config.eval_tasks.clear();  // the embedded stage-1 config's; nothing is evaluated here
   cfg.run_mode = "predict";
   check(is_device_target(o.device), "device: '" + o.device + "' is not cpu|cuda|cuda:N");

@@ -38,9 +38,19 @@ class Adopter {
     }
     for (const char* k : keys) {
       auto it = run_.given.find(path(section, k));
-      if (it != run_.given.end())
-        throw Error(first + ": " + show(mine) + " in " + it->second + ", but " + show(theirs) + " in " +
-                    source_ + " (the checkpoint's architecture); remove the key to take the checkpoint's");
+      if (it == run_.given.end()) continue;
+      // The key the run set, with its own value; for a derived field (vocabulary rows, FFN width)
+      // also what it makes.
+      const std::string key = path(section, k);
+      std::string set_value = show(mine);
+      if (key != first) {
+        const auto flat = flatten(run_.model.model_config);
+        auto v = flat.find(key);
+        set_value = (v != flat.end() ? v->second : "?") + " (making " + first.substr(first.rfind('.') + 1) + " " +
+                    show(mine) + ")";
+      }
+      throw Error(key + ": " + set_value + " in " + it->second + ", but " + show(theirs) + " in " + source_ +
+                  " (the checkpoint's architecture); remove the key to take the checkpoint's");
     }
     taken_.push_back(section + "." + *keys.begin() + " " + show(mine) + " -> " + show(theirs));
     take();
@@ -54,7 +64,8 @@ class Adopter {
   template <class T>
   void setting(const std::string& section, const char* key, T& mine, const T& theirs) {
     if (mine == theirs || run_.given.count(path(section, key))) return;
-    taken_.push_back(section + "." + key + " " + show(mine) + " -> " + show(theirs));
+    taken_.push_back((section.empty() ? std::string() : section + ".") + key + " " + show(mine) + " -> " +
+                     show(theirs));
     mine = theirs;
   }
 
@@ -64,7 +75,7 @@ class Adopter {
 
  private:
   static std::string path(const std::string& section, const char* key) {
-    return "model.model_config." + section + "." + key;
+    return "model.model_config." + (section.empty() ? std::string() : section + ".") + key;
   }
   void record(const std::string& section, std::initializer_list<const char*> keys) {
     for (const char* k : keys) run_.given.emplace(path(section, k), source_);  // keeps an earlier source
@@ -113,7 +124,7 @@ void adopt_qformer(Adopter& a, Blip2Config& c, const Blip2Config& from, bool set
   a.arch(s, "max_position_embeddings", q.max_position_embeddings, f.max_position_embeddings);
   a.arch(s, "layer_norm_eps", q.layer_norm_eps, f.layer_norm_eps);
   a.arch(s, "hidden_act", q.hidden_act, f.hidden_act);
-  a.arch(s, "head_embed_dim", q.head_embed_dim, f.head_embed_dim);
+  if (!c.text_config) a.arch(s, "head_embed_dim", q.head_embed_dim, f.head_embed_dim);  // stage 2 has no ITC heads
   if (!settings) return;
   a.setting(s, "bos_token_id", q.bos_token_id, f.bos_token_id);
   a.setting(s, "sep_token_id", q.sep_token_id, f.sep_token_id);
@@ -172,6 +183,13 @@ void adopt_architecture(RunConfig& run, const Blip2Config& from, const std::stri
                         ArchitectureParts parts) {
   auto& c = run.model.model_config;
   Adopter a(run, from_source);
+  // Run settings a checkpoint of the same stage carries (a stage-1 checkpoint says nothing about
+  // how a stage-2 run freezes its ViT or how long its captions are).
+  if (parts.settings && c.text_config.has_value() == from.text_config.has_value()) {
+    a.setting("", "max_txt_len", c.max_txt_len, from.max_txt_len);
+    a.setting("", "freeze_vision", c.freeze_vision, from.freeze_vision);
+    a.setting("", "freeze_text", c.freeze_text, from.freeze_text);
+  }
   if (parts.vision) adopt_vision(a, c.vision_config, from.vision_config, parts.settings);
   if (parts.qformer) adopt_qformer(a, c, from, parts.settings);
   if (parts.text && c.text_config && from.text_config)

@@ -139,10 +139,10 @@ std::optional<CheckpointArchitecture> checkpoint_architecture(const std::string&
   const fs::path p = weights_location(resolve_weights(name_or_path));
   std::error_code ec;
   fs::path dir = p;
-  if (!fs::is_directory(p, ec)) {  // a file: its directory's config when it is our model.safetensors
-    if (p.filename() != "model.safetensors") return std::nullopt;
+  if (!fs::is_directory(p, ec)) {  // a file: its directory's config when it is that directory's weights
+    const std::string file = p.filename().string();
+    if (file != "model.safetensors" && file != "pytorch_model.bin") return std::nullopt;
     dir = p.parent_path();
-    if (!fs::exists(dir / "config.yaml", ec)) return std::nullopt;
   }
   CheckpointArchitecture a;
   if (fs::exists(dir / "config.yaml", ec)) {
@@ -205,6 +205,22 @@ std::string known_extra(const std::string& name, const TensorMap& tensors, const
       R"(^(embeddings\.|cls\.|temp$|vision_projection\.|text_projection\.|itm_head\.|qformer\.encoder\.layer\.\d+\.(intermediate|output)\.))");
   const bool stage2_model = model_names.count("language_projection.weight") > 0;
   if (stage2_model && std::regex_search(name, stage1_only)) return "stage-1";
+  // BLIP-2 uses EVA-CLIP-g's second-to-last layer: LAVIS builds 39 of its 40 blocks and loads
+  // eva_vit_g.pth with strict=False, so the file's last block (and any final norm or head, which
+  // no name rule maps) are not part of the model.
+  static const std::regex vit_layer(R"(^vision_model\.encoder\.layers\.(\d+)\.)");
+  std::smatch m;
+  if (std::regex_search(name, m, vit_layer)) {
+    const std::string next = "vision_model.encoder.layers." + m[1].str() + ".";
+    const bool previous_exists = std::stoll(m[1].str()) > 0 &&
+        std::any_of(model_names.begin(), model_names.end(), [&](const std::string& n) {
+          return starts_with(n, "vision_model.encoder.layers." + std::to_string(std::stoll(m[1].str()) - 1) + ".");
+        });
+    const bool this_exists = std::any_of(model_names.begin(), model_names.end(),
+                                         [&](const std::string& n) { return starts_with(n, next); });
+    if (previous_exists && !this_exists) return "EVA-CLIP's last block";
+  }
+  if (starts_with(name, "visual_encoder.")) return "EVA-CLIP's head";
   if (name.size() > 13 && name.compare(name.size() - 13, 13, ".position_ids") == 0) {  // 0, 1, 2, ...: computed
     const auto& t = tensors.at(name);
     check(t.numel() > 0 && torch::equal(t.flatten().to(torch::kLong), torch::arange(t.numel(), torch::kLong)),
@@ -274,6 +290,15 @@ LoadReport WeightLedger::load(torch::nn::Module& model, TensorMap tensors, const
   if (!bound_) random_ = tensor_names(model);
   bound_ = true;
   const auto unexpected = unexpected_tensors(model, tensors, source);
+  std::vector<std::string> dropped;  // known extras: logged, never silent
+  const auto names = tensor_names(model);
+  const std::set<std::string> refused(unexpected.begin(), unexpected.end());
+  for (const auto& [name, t] : tensors)
+    if (!names.count(name) && !refused.count(name)) dropped.push_back(name);
+  if (!dropped.empty())
+    log_info(source + ": not part of the model, as expected: " + name_list(dropped) +
+             " (stage-1 heads of a stage-2 model, computed positions, tied copies equal to their twin, "
+             "EVA-CLIP's last block)");
   if (!unexpected.empty()) {
     const std::string msg = source + ": " + name_list(unexpected) + " that the model has no place for: the "
                             "checkpoint is another model, or its architecture differs from the config's";
@@ -301,7 +326,11 @@ bool WeightLedger::covers(const torch::nn::Module& model, const std::string& pre
 }
 
 void WeightLedger::check(const torch::nn::Module& model, const CoveragePolicy& policy) const {
-  if (!loaded_any() || random_.empty()) return;
+  if (!loaded_any()) {
+    if (!policy.training) log_warn("no weights were loaded: the model holds its random initialisation");
+    return;
+  }
+  if (random_.empty()) return;
   // Per part: how many tensors it has, how many stay random, whether all of them train.
   struct Count {
     int64_t total = 0, random = 0;

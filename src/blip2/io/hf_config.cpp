@@ -156,6 +156,7 @@ QFormerConfig qformer_from_hf(const json& j, const std::string& where) {
   f.read("intermediate_size", q.intermediate_size);
   f.read("max_position_embeddings", q.max_position_embeddings);
   f.read("cross_attention_frequency", q.cross_attention_freq);
+  q.encoder_width = 1408;  // Blip2QFormerConfig's default (ViT-g's width)
   f.read("encoder_hidden_size", q.encoder_width);
   f.read("layer_norm_eps", q.layer_norm_eps);
   f.read("hidden_dropout_prob", q.hidden_dropout_prob);
@@ -214,7 +215,7 @@ void read_opt(Fields& f, TextConfig& t) {
 
 void read_rope(Fields& f, TextConfig& t, const std::string& where) {
   double theta = 10000.0;
-  f.read("rope_theta", theta);  // transformers 4.x keeps it at the top level
+  const bool top_theta = f.read("rope_theta", theta);  // transformers 4.x keeps it at the top level
   double partial = 1.0;
   f.read("partial_rotary_factor", partial);
   json params = json::object();
@@ -248,6 +249,14 @@ void read_rope(Fields& f, TextConfig& t, const std::string& where) {
     if (!p.read("factor", t.rope_factor)) p.refuse("factor", "is needed by " + type + " scaling");
   } else {
     p.known({"factor"});
+  }
+  // A config with both (5.x and 4.x spellings, as blip2cpp's export writes) must say one thing.
+  if (top_theta && theta != t.rope_theta) f.refuse("rope_theta", "disagrees with " + key + ".rope_theta");
+  if (key == "rope_parameters" && f.has("rope_scaling")) {
+    const auto& sc = f.at("rope_scaling");
+    const std::string other = sc.is_object() ? sc.value("rope_type", sc.value("type", std::string("default"))) : "";
+    if (other != type || (type != "default" && sc.value("factor", 0.0) != t.rope_factor))
+      f.refuse("rope_scaling", "disagrees with rope_parameters");
   }
   if (type == "llama3") {
     p.read("low_freq_factor", t.rope_low_freq_factor);
@@ -453,9 +462,17 @@ nlohmann::json hf_config_from_text(const TextConfig& t) {
     if (t.rope_type == "llama3")
       rope.update({{"low_freq_factor", t.rope_low_freq_factor}, {"high_freq_factor", t.rope_high_freq_factor},
                    {"original_max_position_embeddings", t.rope_original_max_position_embeddings}});
+    // rope_parameters for transformers 5, rope_theta and rope_scaling for 4.x (the same settings).
+    nlohmann::json scaling = nullptr;
+    if (t.rope_type != "default") {
+      scaling = rope;
+      scaling.erase("rope_theta");
+      scaling["type"] = t.rope_type;
+    }
     j.update({{"architectures", {"LlamaForCausalLM"}}, {"model_type", "llama"},
               {"intermediate_size", t.ffn_size()}, {"num_key_value_heads", t.kv_heads()},
               {"head_dim", t.head_size()}, {"rms_norm_eps", t.rms_norm_eps}, {"rope_parameters", rope},
+              {"rope_theta", t.rope_theta}, {"rope_scaling", scaling},
               {"hidden_act", t.activation()}, {"attention_bias", t.attention_bias}, {"mlp_bias", t.mlp_bias},
               {"attention_dropout", t.attention_dropout}});
   }

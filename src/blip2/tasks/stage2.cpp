@@ -234,6 +234,7 @@ void Stage2Trainer::pretrain_llm(BatchLoader& loader) {
 
 TrainState Stage2Trainer::resume(torch::optim::Optimizer& opt) {
   const std::string dir = resume_checkpoint_dir(cfg_);
+  require_checkpoint_architecture(model_->config(), dir);
   load_model_weights(*model_, dir, ledger_);
   // A checkpoint written without its frozen weights: the LLM pretrained here is in output_dir/llm.
   const auto llm_dir = fs::path(cfg_.output_dir) / "llm";

@@ -267,7 +267,9 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg, Blip2Qformer model,
   dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel,
                       cfg_.parallel_config.model_parallel);
   torch::manual_seed(cfg_.seed);
+  const bool partial = cfg_.model.model_config.allow_partial_load;  // the run's load policy
   cfg_.model.model_config = model_->config();
+  cfg_.model.model_config.allow_partial_load = partial;
   set_max_image_pixels(cfg_.max_image_pixels);
   if (!cfg_.load_checkpoint.empty() && !(cfg_.run_mode == "train" && cfg_.resume_training)) {
     require_checkpoint_architecture(model_->config(), cfg_.load_checkpoint);
@@ -352,8 +354,8 @@ TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Opt
     torch::Tensor cuda_state;
     if (device.is_cuda() && archive.try_read("rng_cuda", cuda_state)) set_rng_state(device, cuda_state);
   } catch (const c10::Error& e) {
-    throw Error(state_file + ": unreadable trainer state (" +
-                std::string(e.what_without_backtrace()).substr(0, 200) + ")");
+    throw Error(state_file + ": unreadable trainer state (" + first_line(e.what_without_backtrace()).substr(0, 200) +
+                ")");
   }
   log_info("resuming from " + checkpoint_dir + " at step " + std::to_string(st.step));
   return st;
@@ -410,6 +412,7 @@ fs::path write_checkpoint(const std::string& output_dir, int64_t step,
 
 TrainState PretrainTrainer::resume(torch::optim::Optimizer& opt) {
   const std::string dir = resume_checkpoint_dir(cfg_);
+  require_checkpoint_architecture(model_->config(), dir);
   load_model_weights(*model_, dir, ledger_);
   ledger_.check(*model_, coverage_policy(cfg_, true));
   return load_train_state(dir, opt, device_);
@@ -539,10 +542,10 @@ Stage1Eval PretrainTrainer::evaluate() {
   std::vector<torch::Tensor> image_feats, text_feats;
   std::vector<std::string> captions;
   Progress progress("eval", loader.batches_per_epoch(), cfg_.runner_config.log_interval);
+  AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
   BatchLoader::Stream stream(loader, 0, 0);
   for (int64_t b = 0; b < loader.batches_per_epoch(); ++b) {
     Batch batch = stream.next().to(device_);
-    AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
     auto out = model_->forward(batch.images, batch.ids, batch.mask);
     const double n = static_cast<double>(batch.ids.size(0));
     ev.loss += out.loss.item<double>() * n;
