@@ -57,9 +57,9 @@ int main(int argc, char** argv) try {
   auto t0 = std::chrono::steady_clock::now();
   auto config = blip2::model_config_of(dir);
   config.checkpoint_name_or_path.clear();
-  auto m = blip2::build_model(config);
-  const double built = current_rss_gib();
   blip2::WeightLedger ledger;
+  auto m = blip2::build_model(config, ledger);
+  const double built = current_rss_gib();
   blip2::load_model_weights(*m, dir, ledger);
   ledger.check(*m, {});
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -99,7 +99,7 @@ Blip2Model Blip2Model::from_pretrained(const std::string& name_or_path,
     }
 
     WeightLedger ledger(o.allow_partial_load);
-    Blip2Qformer module = build_model(config, &ledger);
+    Blip2Qformer module = build_model(config, ledger);
     if (!weights.empty()) load_model_weights(*module, weights, ledger);
     else log_info(name_or_path + ": random weights (nothing under " + blip2_home() + ")");
     CoveragePolicy policy;
@@ -152,22 +152,19 @@ std::pair<torch::Tensor, torch::Tensor> Blip2Model::tokenize(const std::vector<s
 
 Features Blip2Model::extract_features(const torch::Tensor& images, const std::vector<std::string>& texts,
                                       const std::string& mode) const {
-  return guarded("Blip2Model::extract_features", [&] { return extract_features_unguarded(images, texts, mode); });
-}
-
-Features Blip2Model::extract_features_unguarded(const torch::Tensor& images, const std::vector<std::string>& texts,
-                                                const std::string& mode) const {
-  check(mode == "image" || mode == "text" || mode == "multimodal",
-        "feature mode '" + mode + "' is not image|text|multimodal");
-  check(mode == "text" || images.defined(), "feature mode " + mode + " needs images");
-  check(mode == "image" || !texts.empty(), "feature mode " + mode + " needs texts");
-  check(mode != "multimodal" || images.size(0) == static_cast<int64_t>(texts.size()),
-        "feature mode multimodal pairs images with texts: got " + std::to_string(images.size(0)) +
-            " images and " + std::to_string(texts.size()) + " texts");
-  torch::Tensor ids, mask;
-  if (mode != "image") std::tie(ids, mask) = tokenize(texts, config().max_txt_len);
-  Blip2Qformer m = module_;  // the holder is shared; calls are not const
-  return m->extract_features(images, ids, mask, mode);
+  return guarded("Blip2Model::extract_features", [&] {
+    check(mode == "image" || mode == "text" || mode == "multimodal",
+          "feature mode '" + mode + "' is not image|text|multimodal");
+    check(mode == "text" || images.defined(), "feature mode " + mode + " needs images");
+    check(mode == "image" || !texts.empty(), "feature mode " + mode + " needs texts");
+    check(mode != "multimodal" || images.size(0) == static_cast<int64_t>(texts.size()),
+          "feature mode multimodal pairs images with texts: got " + std::to_string(images.size(0)) +
+              " images and " + std::to_string(texts.size()) + " texts");
+    torch::Tensor ids, mask;
+    if (mode != "image") std::tie(ids, mask) = tokenize(texts, config().max_txt_len);
+    Blip2Qformer m = module_;  // the holder is shared; calls are not const
+    return m->extract_features(images, ids, mask, mode);
+});
 }
 
 Stage1Output Blip2Model::losses(const torch::Tensor& images, const std::vector<std::string>& captions) const {

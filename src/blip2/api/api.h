@@ -102,8 +102,6 @@ class Blip2Model {
   std::optional<std::vector<std::string>> random_weights() const;
 
  private:
-  Features extract_features_unguarded(const torch::Tensor& images, const std::vector<std::string>& texts,
-                                      const std::string& mode) const;
   Blip2Qformer module_;
   std::shared_ptr<WordPieceTokenizer> tokenizer_;
   std::string source_;

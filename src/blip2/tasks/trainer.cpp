@@ -223,10 +223,8 @@ CoveragePolicy coverage_policy(const RunConfig& cfg, bool training) {
   return p;
 }
 
-Blip2Qformer build_model(const Blip2Config& mc, WeightLedger* ledger) {
+Blip2Qformer build_model(const Blip2Config& mc, WeightLedger& l) {
   Blip2Qformer model(mc, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02});
-  WeightLedger local(mc.allow_partial_load);
-  WeightLedger& l = ledger ? *ledger : local;
   // The ViT alone (eva_vit_g.pth, or any checkpoint holding vision_model.*).
   if (!mc.vision_config.checkpoint_name_or_path.empty())
     load_model_weights(*model, mc.vision_config.checkpoint_name_or_path, l, "vision_model.");
@@ -250,7 +248,7 @@ PretrainTrainer::PretrainTrainer(RunConfig cfg)
                 "(bert-base-uncased for the published BLIP-2 weights); \"\" means the synthetic "
                 "vocabulary, which only suits the SyntheticShapes data");
   tokenizer_ = model_tokenizer(data.tokenizer, mc.qformer_config, section);
-  model_ = build_model(mc, &ledger_);
+  model_ = build_model(mc, ledger_);
   const bool resuming = cfg_.run_mode == "train" && cfg_.resume_training;
   if (!cfg_.load_checkpoint.empty() && !resuming) load_model_weights(*model_, cfg_.load_checkpoint, ledger_);
   if (!resuming) ledger_.check(*model_, coverage_policy(cfg_, cfg_.run_mode == "train"));

@@ -159,7 +159,7 @@ class PretrainTrainer {
 // The model a config describes, with the weights its vision_config and model_config
 // checkpoint_name_or_path name (random where none is named), loaded through `ledger` (whose
 // check() the caller runs once every load is done).
-Blip2Qformer build_model(const Blip2Config& config, WeightLedger* ledger = nullptr);
+Blip2Qformer build_model(const Blip2Config& config, WeightLedger& ledger);
 // Loads weights from a checkpoint, training output directory (its latest), Hugging Face
 // directory, LAVIS .pth or safetensors file (those under `prefix` only) through `ledger`.
 LoadReport load_model_weights(torch::nn::Module& model, const std::string& path, WeightLedger& ledger,
