@@ -15,8 +15,11 @@
 
 #include "blip2/api/api.h"
 #include "blip2/io/safetensors.h"
-#include "blip2/tasks/trainer.h"
+#include "blip2/tasks/factory.h"
+#include "blip2/tasks/metrics.h"
+#include "blip2/tasks/stage1.h"
 #include "blip2/util/common.h"
+#include "blip2/util/device.h"
 
 namespace fs = std::filesystem;
 

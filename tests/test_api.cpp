@@ -5,8 +5,11 @@
 #include "blip2/api/api.h"
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
+#include "blip2/tasks/factory.h"
+#include "blip2/tasks/metrics.h"
 #include "blip2/tasks/retrieval.h"
 #include "blip2/tasks/zero_shot.h"
+#include "blip2/util/device.h"
 #include "test_util.h"
 
 using namespace blip2;

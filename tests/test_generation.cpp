@@ -8,9 +8,12 @@
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/models/blip2_llm.h"
+#include "blip2/tasks/factory.h"
+#include "blip2/tasks/metrics.h"
 #include "blip2/tasks/stage2.h"
 #include "blip2/text/llm_tokenizer.h"
 #include "blip2/util/common.h"
+#include "blip2/util/device.h"
 #include "test_util.h"
 
 using namespace blip2;

@@ -41,7 +41,7 @@ TEST(Losses, MaxOverQueriesTakesTheBestQuery) {
 TEST(Losses, ItcIsTheMeanOfTwoSmoothedCrossEntropies) {
   auto i2t = torch::tensor({{2.0, 0.5, -1.0}, {0.1, 0.3, 0.2}, {1.0, 1.0, 3.0}});
   auto t2i = torch::tensor({{1.0, -2.0, 0.0}, {0.0, 4.0, 1.0}, {0.5, 0.5, 0.5}});
-  auto targets = torch::tensor({0, 1, 2});
+  auto targets = itc_positives({}, {}, 3, 3, 0, torch::kCPU);
   double want = 0;
   for (int b = 0; b < 3; ++b)
     want += smoothed_ce(row(i2t, b), b, 0.1) + smoothed_ce(row(t2i, b), b, 0.1);
@@ -74,7 +74,7 @@ TEST(HardNegatives, NeverThePositive) {
     const int64_t b = 2 + trial % 7;
     // Strongly diagonal similarities: the positive would win if it were not masked.
     auto sim = torch::randn({b, b}) + 50.0 * torch::eye(b);
-    auto neg = sample_hard_negatives(sim, sim.t().contiguous(), 0);
+    auto neg = hard_negatives(sim, sim.t().contiguous(), itc_positives({}, {}, b, b, 0, torch::kCPU));
     for (int64_t i = 0; i < b; ++i) {
       EXPECT_NE(neg.image_for_text[i].item<int64_t>(), i);
       EXPECT_NE(neg.text_for_image[i].item<int64_t>(), i);
@@ -88,7 +88,7 @@ TEST(HardNegatives, PositivesOfThisRankAreMaskedInTheGlobalBatch) {
   auto sim = torch::zeros({3, 6});
   for (int i = 0; i < 3; ++i) sim[i][3 + i] = 100.0;
   for (int trial = 0; trial < 20; ++trial) {
-    auto neg = sample_hard_negatives(sim, sim, 3);
+    auto neg = hard_negatives(sim, sim, itc_positives({}, {}, 3, 6, 3, torch::kCPU));
     for (int i = 0; i < 3; ++i) EXPECT_NE(neg.image_for_text[i].item<int64_t>(), 3 + i);
   }
 }
@@ -99,8 +99,48 @@ TEST(HardNegatives, FollowTheSoftmaxOfTheSimilarities) {
   auto sim = torch::tensor({{0.0, 8.0, 0.0}, {0.0, 0.0, 0.0}, {0.0, 0.0, 0.0}});
   int hits = 0;
   for (int trial = 0; trial < 200; ++trial)
-    hits += sample_hard_negatives(sim, sim, 0).image_for_text[0].item<int64_t>() == 1;
+    hits += hard_negatives(sim, sim, itc_positives({}, {}, 3, 3, 0, torch::kCPU)).image_for_text[0].item<int64_t>() == 1;
   EXPECT_GT(hits, 190);
+}
+
+TEST(Losses, ItcWithImageIdsSpreadsTheTargetOverTheSameImage) {
+  // Texts 0 and 1 describe image 0 (ids 5, 5), text 2 image 9: row 0's target is 0.45 on
+  // columns 0 and 1 (0.9 / 2) plus 0.1 / 3 everywhere, LAVIS' soft targets.
+  auto i2t = torch::tensor({{2.0, 0.5, -1.0}, {0.1, 0.3, 0.2}, {1.0, 1.0, 3.0}}).to(torch::kFloat);
+  auto t2i = torch::tensor({{1.0, -2.0, 0.0}, {0.0, 4.0, 1.0}, {0.5, 0.5, 0.5}}).to(torch::kFloat);
+  auto ids = torch::tensor({5, 5, 9});
+  auto pos = itc_positives(ids, ids, 3, 3, 0, torch::kCPU);
+  EXPECT_TRUE(pos[0][1].item<bool>() && pos[1][0].item<bool>() && !pos[2][0].item<bool>());
+  double want = 0;
+  for (const auto* sim : {&i2t, &t2i})
+    for (int b = 0; b < 3; ++b) {
+      auto logp = torch::log_softmax(sim->select(0, b).to(torch::kDouble), 0);
+      for (int j = 0; j < 3; ++j) {
+        const double target = (b < 2 ? (j < 2 ? 0.45 : 0.0) : (j == 2 ? 0.9 : 0.0)) + 0.1 / 3;
+        want -= target * logp[j].item<double>();
+      }
+    }
+  EXPECT_NEAR(itc_loss(i2t, t2i, pos, 0.1).item<double>(), want / 6.0, 1e-6);
+}
+
+TEST(HardNegatives, NeverAnotherCaptionOfTheSameImage) {
+  // Samples 0 and 1 show the same image and are the most similar pair: neither may be the
+  // other's negative, drawn or argmax.
+  auto sim = torch::tensor({{9.0, 8.0, 0.0}, {8.0, 9.0, 1.0}, {0.0, 1.0, 9.0}}).to(torch::kFloat);
+  auto ids = torch::tensor({3, 3, 4});
+  auto pos = itc_positives(ids, ids, 3, 3, 0, torch::kCPU);
+  auto argmax = hard_negatives(sim, sim, pos, /*sample=*/false);
+  EXPECT_EQ(argmax.image_for_text[0].item<int64_t>(), 2);
+  EXPECT_EQ(argmax.text_for_image[1].item<int64_t>(), 2);
+  EXPECT_EQ(argmax.image_for_text[2].item<int64_t>(), 1);  // the likeliest other image
+  torch::manual_seed(4);
+  for (int trial = 0; trial < 50; ++trial) {
+    auto neg = hard_negatives(sim, sim, pos);
+    for (int i = 0; i < 2; ++i) {
+      EXPECT_EQ(neg.image_for_text[i].item<int64_t>(), 2);
+      EXPECT_EQ(neg.text_for_image[i].item<int64_t>(), 2);
+    }
+  }
 }
 
 TEST(Stage1, ForwardReturnsTheSumAndWorksAtBatchSizeOne) {
@@ -150,7 +190,7 @@ TEST(Stage1, ItmLossMatchesItsDefinitionForGivenNegatives) {
   auto i2t = max_over_queries(feats, text) / model->temp;
   auto t2i = max_over_queries(feats, text).t() / model->temp;
   torch::manual_seed(11);
-  auto neg = sample_hard_negatives(i2t, t2i, 0);
+  auto neg = hard_negatives(i2t, t2i, itc_positives({}, {}, 3, 3, 0, torch::kCPU));
   auto logits = model->itm_logits(
       torch::cat({embeds, embeds.index_select(0, neg.image_for_text), embeds}),
       torch::cat({ids, ids, ids.index_select(0, neg.text_for_image)}),

@@ -4,8 +4,11 @@
 #include <gtest/gtest.h>
 
 #include "blip2/config/config.h"
+#include "blip2/tasks/factory.h"
+#include "blip2/tasks/metrics.h"
 #include "blip2/tasks/retrieval.h"
 #include "blip2/util/common.h"
+#include "blip2/util/device.h"
 #include "test_util.h"
 
 #include <nlohmann/json.hpp>

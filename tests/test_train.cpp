@@ -2,12 +2,15 @@
 // tiny preset actually learns on the synthetic shapes.
 #include <gtest/gtest.h>
 
-#include "blip2/config/config.h"
 #include "blip2/api/api.h"
-#include "blip2/tasks/stage2.h"
-#include "blip2/tasks/trainer.h"
+#include "blip2/config/config.h"
 #include "blip2/io/hf.h"
+#include "blip2/tasks/factory.h"
+#include "blip2/tasks/metrics.h"
+#include "blip2/tasks/stage1.h"
+#include "blip2/tasks/stage2.h"
 #include "blip2/util/common.h"
+#include "blip2/util/device.h"
 #include "test_util.h"
 
 using namespace blip2;
@@ -67,19 +70,19 @@ TEST(Retrieval, RecallAtKByHand) {
 TEST(Training, ResumedRunFollowsTheSameLossTrajectory) {
   auto dir = temp_dir("resume");
   // Uninterrupted: 16 steps.
-  auto full = PretrainTrainer(short_run(dir / "full")).train();
+  auto full = Stage1Task(short_run(dir / "full")).train();
   ASSERT_EQ(full.size(), 16u);
 
   // Interrupted after 6 steps (mid-epoch), then resumed from its checkpoint.
   RunConfig first = short_run(dir / "split");
   first.runner_config.max_steps = 6;
-  auto head = PretrainTrainer(first).train();
+  auto head = Stage1Task(first).train();
   ASSERT_EQ(head.size(), 6u);
   ASSERT_TRUE(fs::exists(dir / "split" / "checkpoint" / "step_00000006" / "model.safetensors"));
   RunConfig second = short_run(dir / "split");
   second.resume_training = true;
   second.load_checkpoint = (dir / "split").string();
-  auto tail = PretrainTrainer(second).train();
+  auto tail = Stage1Task(second).train();
   ASSERT_EQ(tail.size(), 10u);
   expect_same_trajectory(full, head, tail);
   // Checkpoints were written atomically: no temporary directories left, `latest` is the end.
@@ -96,17 +99,17 @@ TEST(Training, EvalLoadsTheCheckpointItWasGiven) {
   auto dir = temp_dir("evalckpt");
   RunConfig c = short_run(dir);
   c.runner_config.epochs = 1;
-  PretrainTrainer(c).train();
+  Stage1Task(c).train();
   RunConfig e = short_run(dir);
   e.run_mode = "eval";
   e.load_checkpoint = dir.string();
-  auto a = PretrainTrainer(e).evaluate();
-  auto b = PretrainTrainer(e).evaluate();
+  auto a = Stage1Task(e).evaluate();
+  auto b = Stage1Task(e).evaluate();
   EXPECT_DOUBLE_EQ(a.loss, b.loss);  // eval is repeatable
   RunConfig fresh = short_run(dir);
   fresh.run_mode = "eval";
   fresh.seed = 7;  // a differently initialised model scores differently
-  EXPECT_NE(PretrainTrainer(fresh).evaluate().loss, a.loss);
+  EXPECT_NE(Stage1Task(fresh).evaluate().loss, a.loss);
   fs::remove_all(dir);
 }
 
@@ -117,18 +120,18 @@ TEST(Learning, TinyPresetLearnsTheSyntheticShapes) {
   auto dir = temp_dir("learn");
   RunConfig c = parse_run_config(embedded_tiny_config(), "embedded");
   c.output_dir = dir.string();
-  PretrainTrainer trainer(c);
+  Stage1Task trainer(c);
   auto logs = trainer.train();
   ASSERT_GE(logs.size(), 100u);
-  auto mean = [&](size_t b, size_t e, double StepLog::*f) {
+  auto mean = [&](size_t b, size_t e, const std::string& part) {
     double s = 0;
-    for (size_t i = b; i < e; ++i) s += logs[i].*f;
+    for (size_t i = b; i < e; ++i) s += logs[i].part(part);
     return s / static_cast<double>(e - b);
   };
   const size_t n = logs.size(), k = 20;
-  EXPECT_LT(mean(n - k, n, &StepLog::loss_itc), 0.5 * mean(0, k, &StepLog::loss_itc));
-  EXPECT_LT(mean(n - k, n, &StepLog::loss_lm), 0.5 * mean(0, k, &StepLog::loss_lm));
-  EXPECT_LT(mean(n - k, n, &StepLog::loss_itm), 0.5);
+  EXPECT_LT(mean(n - k, n, "loss_itc"), 0.5 * mean(0, k, "loss_itc"));
+  EXPECT_LT(mean(n - k, n, "loss_lm"), 0.5 * mean(0, k, "loss_lm"));
+  EXPECT_LT(mean(n - k, n, "loss_itm"), 0.5);
   auto ev = trainer.evaluate();
   EXPECT_GT(ev.itc_retrieval.txt_r1, 80.0);
   EXPECT_GT(ev.itc_retrieval.img_r1, 80.0);
@@ -157,7 +160,7 @@ TEST(Learning, TinyPresetLearnsTheSyntheticShapes) {
   s2.model.model_config.checkpoint_name_or_path = dir.string();
   s2.output_dir = (dir / "stage2").string();
   validate(s2, "tiny_pretrain_stage_2.yaml");
-  Stage2Trainer stage2(s2);
+  Stage2Task stage2(s2);
   auto s2_logs = stage2.train();
   ASSERT_GE(s2_logs.size(), 100u);
   auto cap = stage2.evaluate();

@@ -5,18 +5,21 @@
 
 #include <iostream>
 
-#include "blip2/config/config.h"
-#include "blip2/models/blip2_llm.h"
-#include "blip2/models/blip2_qformer.h"
-#include "blip2/io/checkpoint.h"
-#include "blip2/io/hf.h"
-#include "blip2/text/llm_tokenizer.h"
-#include "blip2/io/pth.h"
 #include "blip2/api/api.h"
 #include "blip2/api/runner.h"
-#include "blip2/tasks/trainer.h"
+#include "blip2/config/config.h"
+#include "blip2/io/checkpoint.h"
+#include "blip2/io/hf.h"
+#include "blip2/io/pth.h"
+#include "blip2/models/blip2_llm.h"
+#include "blip2/models/blip2_qformer.h"
+#include "blip2/tasks/factory.h"
+#include "blip2/tasks/metrics.h"
+#include "blip2/tasks/stage1.h"
+#include "blip2/text/llm_tokenizer.h"
 #include "blip2/text/text.h"
 #include "blip2/util/common.h"
+#include "blip2/util/device.h"
 
 namespace {
 
@@ -92,7 +95,7 @@ std::shared_ptr<torch::nn::Module> meta_model(const blip2::Blip2Config& cfg) {
 // are dropped.
 int export_checkpoint(const std::string& in, const std::string& out) {
   const auto cfg = model_config_of(in);
-  const auto tensors = blip2::load_checkpoint_tensors(blip2::weights_location(in));
+  const auto tensors = blip2::load_checkpoint_tensors(blip2::locate_weights(in));
   std::vector<std::string> missing;
   for (const auto& p : meta_model(cfg)->named_parameters())
     if (!tensors.count(p.key()) && p.key().rfind("cls.", 0) != 0 && p.key() != "temp") missing.push_back(p.key());

@@ -8,10 +8,13 @@
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/io/safetensors.h"
+#include "blip2/tasks/factory.h"
+#include "blip2/tasks/metrics.h"
+#include "blip2/tasks/stage1.h"
 #include "blip2/tasks/stage2.h"
-#include "blip2/tasks/trainer.h"
 #include "blip2/tasks/zero_shot.h"
 #include "blip2/util/common.h"
+#include "blip2/util/device.h"
 
 namespace blip2 {
 namespace fs = std::filesystem;
@@ -21,7 +24,7 @@ Blip2Config model_config_of(const std::string& what) {
   std::error_code ec;
   fs::path yaml = what;
   if (fs::is_directory(what, ec)) {
-    fs::path dir = weights_location(what);
+    fs::path dir = locate_weights(what);
     if (fs::exists(dir / "config.yaml")) yaml = dir / "config.yaml";
     else if (fs::exists(dir / "config.json"))
       return blip2_config_from_hf(read_json_file((dir / "config.json").string()), (dir / "config.json").string());
@@ -72,7 +75,7 @@ Blip2Model Blip2Model::from_pretrained(const std::string& name_or_path,
       check(fs::exists(name_or_path, ec),
             name_or_path + ": not a model of the support list (" + join(support_list(), ", ") +
                 ") and no such file or directory");
-      weights = weights_location(name_or_path);
+      weights = locate_weights(name_or_path);
       if (auto a = checkpoint_architecture(weights)) {  // config.json / config.yaml (beside a model.safetensors)
         check(a->parts.vision, weights + ": an LLM on its own, not a BLIP-2 model");
         config = a->config;
@@ -233,7 +236,7 @@ bool same_weights(const std::string& a, const std::string& b) {
   if (a == b) return true;
   try {
     std::error_code ec;
-    return fs::equivalent(weights_location(resolve_weights(a)), weights_location(resolve_weights(b)), ec);
+    return fs::equivalent(locate_weights(a), locate_weights(b), ec);
   } catch (const Error&) {
     return false;
   }
@@ -279,7 +282,7 @@ void use_stage1_model(RunConfig& cfg, const std::string& task, const std::string
   if (weights.empty()) return;
   auto& mc = cfg.model.model_config;
   set_weights(cfg, mc.checkpoint_name_or_path, "model.model_config.checkpoint_name_or_path", weights);
-  const fs::path vocab = fs::path(weights_location(weights)) / "vocab.txt";
+  const fs::path vocab = fs::path(locate_weights(weights)) / "vocab.txt";
   for (auto* d : {&cfg.train_dataset, &cfg.eval_dataset})
     if (d->tokenizer.vocab_file.empty() && fs::exists(vocab, ec)) d->tokenizer.vocab_file = vocab.string();
 }
@@ -323,13 +326,13 @@ Trainer::Trainer(const std::string& task, const std::string& model, const Traine
       // The seed's image_to_text_generation passes the prompt as given unless told otherwise.
       if (task == "image_to_text_generation" && !o.eval_dataset) cfg.eval_dataset.data_loader.hypothesis_template = "{}";
       validate(cfg, cfg.source);
-      stage2_ = std::make_unique<Stage2Trainer>(cfg);
+      stage2_ = std::make_unique<Stage2Task>(cfg);
       return;
     }
     if (preset || fs::exists(model, ec)) {
       use_stage1_model(cfg, task, model, !o.config.empty());
       validate(cfg, cfg.source);
-      impl_ = std::make_unique<PretrainTrainer>(cfg);
+      impl_ = std::make_unique<Stage1Task>(cfg);
       return;
     }
     throw Error("model '" + model + "' is neither a model of the support list (" +
@@ -342,15 +345,15 @@ Trainer::Trainer(const std::string& task, const Blip2Model& model, const Trainer
     check_task(task);
     RunConfig cfg = trainer_config(task, o);
     use_built_model(cfg, model);
-    impl_ = std::make_unique<PretrainTrainer>(cfg, model.module(), model.tokenizer(), model.random_weights());
+    impl_ = std::make_unique<Stage1Task>(cfg, model.module(), model.tokenizer(), model.random_weights());
   });
 }
 
 Trainer::Trainer(RunConfig config) {
   guarded("Trainer", [&] {
     check_task(config.trainer.type);
-    if (is_stage2(config)) stage2_ = std::make_unique<Stage2Trainer>(std::move(config));
-    else impl_ = std::make_unique<PretrainTrainer>(std::move(config));
+    if (is_stage2(config)) stage2_ = std::make_unique<Stage2Task>(std::move(config));
+    else impl_ = std::make_unique<Stage1Task>(std::move(config));
   });
 }
 
@@ -358,7 +361,7 @@ Trainer::Trainer(RunConfig config, const Blip2Model& model) {
   guarded("Trainer", [&] {
     check_task(config.trainer.type);
     use_built_model(config, model);
-    impl_ = std::make_unique<PretrainTrainer>(std::move(config), model.module(), model.tokenizer(),
+    impl_ = std::make_unique<Stage1Task>(std::move(config), model.module(), model.tokenizer(),
                                               model.random_weights());
   });
 }
@@ -382,18 +385,12 @@ nlohmann::json Trainer::train() {
   return guarded("Trainer::train", [&]() -> nlohmann::json {
     check(config().trainer.type == "contrastive_language_image_pretrain",
           "task " + config().trainer.type + " does not train (contrastive_language_image_pretrain does)");
-    if (stage2_) {
-      auto logs = stage2_->train();
-      nlohmann::json out = {{"steps", logs.empty() ? 0 : logs.back().step}};
-      if (!logs.empty()) out["final"] = {{"loss", logs.back().loss}};
-      out["checkpoint"] = (fs::path(config().output_dir) / "checkpoint").string();
-      return out;
-    }
-    auto logs = impl_->train();
+    auto logs = stage2_ ? stage2_->train() : impl_->train();
     nlohmann::json out = {{"steps", logs.empty() ? 0 : logs.back().step}};
-    if (!logs.empty())
-      out["final"] = {{"loss", logs.back().loss}, {"loss_itc", logs.back().loss_itc},
-                      {"loss_itm", logs.back().loss_itm}, {"loss_lm", logs.back().loss_lm}};
+    if (!logs.empty()) {
+      out["final"] = {{"loss", logs.back().loss}};
+      for (const auto& [name, value] : logs.back().parts) out["final"][name] = value;
+    }
     out["checkpoint"] = (fs::path(config().output_dir) / "checkpoint").string();
     return out;
   });
@@ -577,7 +574,7 @@ bool use_stage2_model(RunConfig& cfg, const std::string& name_or_path, bool allo
   } else {
     check(fs::exists(name_or_path, ec), name_or_path + ": not a model of the support list (" +
                                             join(support_list(), ", ") + ") and no such file or directory");
-    const std::string weights = weights_location(name_or_path);
+    const std::string weights = locate_weights(name_or_path);
     const fs::path yaml = fs::path(weights) / "config.yaml";
     if (fs::is_directory(weights, ec) && fs::exists(yaml, ec)) {  // a stage-2 checkpoint or model directory
       auto saved = checkpoint_architecture(weights);  // a training checkpoint's run config, or a model config
@@ -635,7 +632,7 @@ Blip2GenerationModel Blip2GenerationModel::from_pretrained(const std::string& na
     cfg.eval_dataset.data_loader.type = "SyntheticShapes";  // the tiny model's built-in vocabulary
   else
     cfg.eval_dataset.data_loader.type = "ImageFolder";
-  Stage2Trainer loaded(cfg);
+  Stage2Task loaded(cfg);
   auto module = loaded.model();
   module->eval();
   return Blip2GenerationModel(module, loaded.tokenizer(), source);

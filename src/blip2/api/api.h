@@ -35,8 +35,8 @@
 
 namespace blip2 {
 
-class PretrainTrainer;
-class Stage2Trainer;
+class Stage1Task;
+class Stage2Task;
 class Blip2GenerationModel;
 
 // The architecture a name or path describes: a preset of the support list, a Hugging Face
@@ -154,8 +154,8 @@ class Trainer {
   Blip2GenerationModel generation_model() const;  // stage 2
 
  private:
-  std::unique_ptr<PretrainTrainer> impl_;
-  std::unique_ptr<Stage2Trainer> stage2_;
+  std::unique_ptr<Stage1Task> impl_;
+  std::unique_ptr<Stage2Task> stage2_;
 };
 
 // ---- pipeline ----

@@ -3,9 +3,12 @@
 #include <iostream>
 
 #include "blip2/api/api.h"
+#include "blip2/tasks/factory.h"
+#include "blip2/tasks/metrics.h"
+#include "blip2/tasks/stage1.h"
 #include "blip2/tasks/stage2.h"
-#include "blip2/tasks/trainer.h"
 #include "blip2/util/common.h"
+#include "blip2/util/device.h"
 #include "blip2/vision/image.h"
 
 namespace blip2 {
@@ -94,7 +97,7 @@ int run_stage2(RunConfig& cfg, const std::vector<std::string>& inputs, const Run
   if (task == "image_to_text_generation" && mode == "train")
     throw Error("run_mode train: task image_to_text_generation has eval and predict (train with "
                 "contrastive_language_image_pretrain)");
-  Stage2Trainer trainer(cfg);
+  Stage2Task trainer(cfg);
   announce(trainer.config());
   if (mode == "predict") {
     const std::string prompt = o.predict_text.empty() ? "" : o.predict_text.front();

@@ -241,7 +241,7 @@ void require_given_model_settings(const RunConfig& run, const Blip2Config& model
       "qformer_config.encoder_width", "text_config.intermediate_size", "text_config.multiple_of",
       "text_config.hidden_act", "text_config.num_key_value_heads", "text_config.head_dim",
       "checkpoint_name_or_path", "vision_config.checkpoint_name_or_path", "text_config.checkpoint_name_or_path",
-      "allow_partial_load"};  // a load policy, not the model's
+      "allow_partial_load", "itc_gather", "itm_negatives"};  // how a run loads and trains, not the model
   const auto mine = flatten(run.model.model_config), theirs = flatten(model);
   const std::string prefix = "model.model_config.";
   for (const auto& [path, value] : theirs) {
@@ -383,6 +383,10 @@ static void validate_model(const Blip2Config& m, const std::string& s, const std
   if (!(m.temperature > 0)) bad(s, at + "temperature", "must be positive");
   if (m.frozen_dtype != "auto" && m.frozen_dtype != "float32" && m.frozen_dtype != "bfloat16")
     bad(s, at + "frozen_dtype", "'" + m.frozen_dtype + "' is not auto|float32|bfloat16");
+  if (m.itc_gather != "no_grad" && m.itc_gather != "with_grad")
+    bad(s, at + "itc_gather", "'" + m.itc_gather + "' is not no_grad|with_grad");
+  if (m.itm_negatives != "sample" && m.itm_negatives != "argmax")
+    bad(s, at + "itm_negatives", "'" + m.itm_negatives + "' is not sample|argmax");
   if (m.text_config) validate_text(*m.text_config, q.query_length + m.max_txt_len, s, at + "text_config.");
 }
 
@@ -399,9 +403,9 @@ void validate(const RunConfig& c, const std::string& s) {
   if (!modes.count(c.run_mode)) bad(s, "run_mode", "'" + c.run_mode + "' is not train|eval|predict");
   if (!is_device_target(c.device_target))
     bad(s, "device_target", "'" + c.device_target + "' is not cpu|cuda|cuda:N");
-  if (c.runner_config.bf16_autocast && c.device_target == "cpu")
-    bad(s, "runner_config.bf16_autocast", "true does nothing on the CPU (device_target cpu): bf16 autocast "
-        "is for CUDA; set it false, or run with --device_target cuda");
+  if (c.runner_config.gradient_accumulation_steps <= 0)
+    bad(s, "runner_config.gradient_accumulation_steps",
+        std::to_string(c.runner_config.gradient_accumulation_steps) + " must be >= 1 (1 = no accumulation)");
   if (c.max_image_pixels <= 0) bad(s, "max_image_pixels", "must be positive");
   if (c.resume_training && c.run_mode != "train")
     bad(s, "resume_training", "true with run_mode " + c.run_mode + ": only training resumes (use --load_checkpoint "
@@ -418,8 +422,13 @@ void validate(const RunConfig& c, const std::string& s) {
   if (c.optimizer.betas.size() != 2) bad(s, "optimizer.betas", "expected two numbers");
   for (double b : c.optimizer.betas)
     if (b < 0 || b >= 1) bad(s, "optimizer.betas", "each must be in [0, 1)");
-  if (c.lr_schedule.type != "cosine" && c.lr_schedule.type != "CosineWithWarmUpLR")
-    bad(s, "lr_schedule.type", "'" + c.lr_schedule.type + "' is not cosine");
+  if (c.lr_schedule.type != "cosine" && c.lr_schedule.type != "CosineWithWarmUpLR" &&
+      c.lr_schedule.type != "linear_warmup_cosine_lr")
+    bad(s, "lr_schedule.type", "'" + c.lr_schedule.type + "' is not cosine (per step, MindFormers' "
+        "CosineWithWarmUpLR) or linear_warmup_cosine_lr (LAVIS': warmup in epoch 0, cosine per epoch)");
+  if (c.lr_schedule.type == "linear_warmup_cosine_lr" && c.lr_schedule.total_steps != -1)
+    bad(s, "lr_schedule.total_steps", std::to_string(c.lr_schedule.total_steps) +
+        " with type linear_warmup_cosine_lr, whose cosine runs over runner_config.epochs (set -1)");
   if (c.lr_schedule.learning_rate <= 0) bad(s, "lr_schedule.learning_rate", "must be positive");
   if (c.lr_schedule.warmup_steps < 0) bad(s, "lr_schedule.warmup_steps", "must be >= 0");
   for (const auto* d : {&c.train_dataset, &c.eval_dataset}) {
@@ -433,6 +442,7 @@ void validate(const RunConfig& c, const std::string& s) {
           std::to_string(d->text_transforms.max_length) + " exceeds model.model_config.qformer_config."
           "max_position_embeddings " + std::to_string(positions));
     if (d->batch_size < 0) bad(s, at + "batch_size", "must be >= 0");
+    if (d->prefetch_size < 1) bad(s, at + "prefetch_size", std::to_string(d->prefetch_size) + " must be >= 1");
     if (d->tokenizer.max_length != d->text_transforms.max_length)
       bad(s, at + "tokenizer.max_length",
           std::to_string(d->tokenizer.max_length) + " != text_transforms.max_length " +

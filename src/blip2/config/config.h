@@ -193,13 +193,20 @@ struct Blip2Config {
   int64_t prompt_length = 0;           // its token count
   bool freeze_vision = true;           // ViT frozen: no grad, eval mode
   bool freeze_text = true;             // stage-2 LLM frozen
-  // Stage 2: the dtype the frozen ViT and LLM are held in. auto = bfloat16 on CUDA, float32 on
-  // the CPU; the Q-Former, ln_vision and language_projection stay float32.
+  // The dtype the frozen ViT (and the stage-2 LLM) are created and held in, once. auto = bfloat16
+  // on CUDA, float32 on the CPU; the Q-Former, ln_vision and the projections stay float32.
   std::string frozen_dtype = "auto";
   double temperature = 0.07;           // initial ITC temperature (learnable `temp`)
   // A load that leaves tensors of the model at their random initialisation (or brings tensors it
   // has no place for) is an error unless this is true; the load report then names them.
   bool allow_partial_load = false;
+  // Stage-1 training semantics. itc_gather: the gathered side of ITC carries no gradient
+  // ("no_grad": LAVIS' concat_all_gather, at every world size) or does ("with_grad": gradients
+  // that do not depend on the world size). itm_negatives: each ITM hard negative drawn from
+  // softmax(similarity) with same-image pairs masked ("sample", LAVIS) or the most similar
+  // other image/text ("argmax", deterministic, for tests).
+  std::string itc_gather = "no_grad";
+  std::string itm_negatives = "sample";
   VisionConfig vision_config;
   QFormerConfig qformer_config;
   std::optional<TextConfig> text_config;  // stage 2 only
@@ -210,6 +217,7 @@ struct Blip2Config {
     v("prompt_length", prompt_length); v("freeze_vision", freeze_vision);
     v("freeze_text", freeze_text); v("frozen_dtype", frozen_dtype); v("temperature", temperature);
     v("allow_partial_load", allow_partial_load);
+    v("itc_gather", itc_gather); v("itm_negatives", itm_negatives);
     v("vision_config", vision_config); v("qformer_config", qformer_config);
     v("text_config", text_config);
   }
@@ -319,7 +327,10 @@ struct DatasetConfig {
   // zero_shot_image_classification: the top labels of each image re-ranked by ITM + ITC
   // (0 = ITC only, as the seed).
   int64_t itm_top_k = 0;
+  // Batches built ahead on background threads while the current one trains (>= 1).
+  int64_t prefetch_size = 2;
   template <class V> void visit(V& v) {
+    v("prefetch_size", prefetch_size);
     v("data_loader", data_loader); v("image_transforms", image_transforms);
     v("text_transforms", text_transforms);
     v("tokenizer", tokenizer); v("batch_size", batch_size);
@@ -336,7 +347,12 @@ struct RunnerConfig {
   int64_t save_steps = 0;              // checkpoint every N steps; 0 = at each epoch end
   int64_t max_steps = -1;              // stop after this many steps (schedule unchanged); -1 = all
   double max_grad_norm = 0.0;          // gradient clipping; 0 = off
-  bool bf16_autocast = false;          // CUDA only (refused on the CPU): Q-Former under bf16 autocast
+  // Micro-batches whose gradients add up to one optimizer step (each loss divided by it); the
+  // schedule, max_steps, save_steps and the logged step count optimizer steps.
+  int64_t gradient_accumulation_steps = 1;
+  // The trainable part's matmuls under bf16 autocast (CUDA, or the CPU's); master weights,
+  // similarities, softmaxes and losses stay fp32.
+  bool bf16_autocast = false;
   bool save_frozen_weights = true;     // include the frozen ViT in checkpoints
   // Evaluations `blip2 run --run_mode train` runs on eval_dataset after training, besides the
   // losses: image_to_text_retrieval, zero_shot_image_classification.
@@ -348,6 +364,7 @@ struct RunnerConfig {
   template <class V> void visit(V& v) {
     v("epochs", epochs); v("batch_size", batch_size); v("log_interval", log_interval);
     v("save_steps", save_steps); v("max_steps", max_steps); v("max_grad_norm", max_grad_norm);
+    v("gradient_accumulation_steps", gradient_accumulation_steps);
     v("bf16_autocast", bf16_autocast); v("save_frozen_weights", save_frozen_weights);
     v("eval_tasks", eval_tasks); v("llm_pretrain_epochs", llm_pretrain_epochs);
     v("llm_pretrain_lr", llm_pretrain_lr);
@@ -365,6 +382,9 @@ struct OptimizerConfig {
 };
 
 // Linear warmup from warmup_lr_init to learning_rate, then cosine down to lr_end.
+// type cosine (or CosineWithWarmUpLR, the seed's): per optimizer step, warmup over warmup_steps,
+// cosine until total_steps. type linear_warmup_cosine_lr: LAVIS' scheduler, warmup over the
+// first warmup_steps batches of epoch 0, then one cosine value per epoch over runner_config.epochs.
 struct LrScheduleConfig {
   std::string type = "cosine";
   double learning_rate = 1e-4;

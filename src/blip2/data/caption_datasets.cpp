@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <map>
 #include <random>
 
 #include <nlohmann/json.hpp>
@@ -57,6 +58,13 @@ std::vector<CaptionEntry> read_caption_annotations(const std::string& json_path,
     CaptionEntry e;
     e.image = (fs::path(image_dir) / a["image"].get<std::string>()).string();
     e.where = where;
+    if (a.contains("image_id")) {
+      const auto& id = a["image_id"];
+      check(id.is_string() || id.is_number_integer(), where + ": 'image_id' must be a string or an integer");
+      e.image_key = "id " + id.dump();
+    } else {
+      e.image_key = "path " + e.image;
+    }
     const auto& c = a["caption"];
     if (c.is_string()) {
       e.captions.push_back(c.get<std::string>());
@@ -85,28 +93,40 @@ CaptionDataset::CaptionDataset(const DataLoaderConfig& cfg, ImageTransform trans
     for (auto& e : entries) entries_.push_back(std::move(e));
   }
   check(!entries_.empty(), "data_loader.annotation_files hold no annotation");
-  img2txt_.resize(entries_.size());
-  for (size_t i = 0; i < entries_.size(); ++i)
-    for (const auto& c : entries_[i].captions) {
+  // LAVIS' caption datasets: the dense index of each distinct image_id.
+  std::map<std::string, int64_t> dense;
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    const auto& e = entries_[i];
+    auto [it, added] = dense.emplace(e.image_key, static_cast<int64_t>(images_.size()));
+    if (added) {
+      images_.push_back(static_cast<int64_t>(i));
+      img2txt_.emplace_back();
+    } else {
+      const auto& first = entries_[static_cast<size_t>(images_[static_cast<size_t>(it->second)])];
+      check(first.image == e.image, e.where + ": image_id " + e.image_key.substr(3) + " is also " + first.where +
+                                        "'s, whose image is another file (" + first.image + " vs " + e.image + ")");
+    }
+    for (const auto& c : e.captions) {
       const auto t = static_cast<int64_t>(texts_.size());
       texts_.push_back(c);
-      img2txt_[i].push_back(t);
-      txt2img_.push_back(static_cast<int64_t>(i));
+      img2txt_[static_cast<size_t>(it->second)].push_back(t);
+      txt2img_.push_back(it->second);
       pairs_.emplace_back(static_cast<int64_t>(i), t);
     }
+  }
 }
 
 ImageTextSample CaptionDataset::get(int64_t index, uint64_t sample_seed) const {
-  const auto [img, txt] = pairs_.at(static_cast<size_t>(index));
-  const auto& e = entries_[img];
+  const auto [entry, txt] = pairs_.at(static_cast<size_t>(index));
+  const auto& e = entries_[static_cast<size_t>(entry)];
   ImageTextSample s;
   try {
     s.image = transform_(load_image(e.image), sample_seed);
   } catch (const Error& err) {
     throw Error(std::string(err.what()) + " (" + e.where + ")");
   }
-  s.caption = texts_[txt];
-  s.image_id = img;
+  s.caption = texts_[static_cast<size_t>(txt)];
+  s.image_id = txt2img_[static_cast<size_t>(txt)];
   return s;
 }
 
@@ -115,7 +135,7 @@ std::string CaptionDataset::describe(int64_t index) const {
 }
 
 torch::Tensor CaptionDataset::image(int64_t image_index) const {
-  const auto& e = entries_.at(static_cast<size_t>(image_index));
+  const auto& e = entries_.at(static_cast<size_t>(images_.at(static_cast<size_t>(image_index))));
   return eval_transform(load_image(e.image), transform_.options.size);
 }
 

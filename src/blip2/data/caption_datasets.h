@@ -33,6 +33,9 @@ struct CaptionEntry {
   std::string image;                  // full path
   std::vector<std::string> captions;
   std::string where;                  // "file: entry N" for errors
+  // What identifies the image: the annotation's "image_id" (as JSON text, so 9 and "9" differ),
+  // else the path. Entries with equal keys show one image (COCO-train style: an entry per caption).
+  std::string image_key;
 };
 
 // Reads one LAVIS caption annotation file; errors name the file and the entry.
@@ -47,8 +50,9 @@ class CaptionDataset : public ImageTextDataset {
   ImageTextSample get(int64_t index, uint64_t sample_seed) const override;
   std::string describe(int64_t index) const override;
 
-  // Retrieval view (eval): images in annotation order, every caption once.
-  int64_t num_images() const { return static_cast<int64_t>(entries_.size()); }
+  // Retrieval view (eval): each distinct image once (entries grouped by image id, in order of
+  // first appearance), every caption once, a caption matching every caption-list of its image.
+  int64_t num_images() const { return static_cast<int64_t>(images_.size()); }
   const std::vector<std::string>& texts() const { return texts_; }
   const std::vector<std::vector<int64_t>>& img2txt() const { return img2txt_; }
   const std::vector<int64_t>& txt2img() const { return txt2img_; }
@@ -56,6 +60,7 @@ class CaptionDataset : public ImageTextDataset {
 
  private:
   std::vector<CaptionEntry> entries_;
+  std::vector<int64_t> images_;                     // the first entry of each distinct image
   std::vector<std::pair<int64_t, int64_t>> pairs_;  // (image index, text index)
   std::vector<std::string> texts_;
   std::vector<std::vector<int64_t>> img2txt_;

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <atomic>
+#include <deque>
 #include <cstdint>
 #include <future>
 #include <memory>
@@ -23,7 +24,9 @@ namespace blip2 {
 struct ImageTextSample {
   torch::Tensor image;    // [3, S, S] float, normalised
   std::string caption;    // raw caption (cleaned by the loader)
-  int64_t image_id = 0;   // index of the image (several captions may share one)
+  // Dense id of the image shown: samples with equal ids show the same image (several captions
+  // of one picture; synthetic: the same attribute combination).
+  int64_t image_id = 0;
   int64_t label = -1;     // class, where the dataset has one
 };
 
@@ -44,10 +47,12 @@ struct Batch {
   torch::Tensor images;    // [B, 3, S, S]
   torch::Tensor ids;       // [B, L]
   torch::Tensor mask;      // [B, L]
-  torch::Tensor image_ids; // [B]
+  torch::Tensor image_ids; // [B] ImageTextSample::image_id
   torch::Tensor labels;    // [B]
+  std::vector<int64_t> indices;  // the dataset index of each sample (for describe())
   std::vector<std::string> captions;  // cleaned
-  Batch to(const torch::Device& device) const;  // ids/mask stay undefined without a tokenizer
+  // ids/mask stay undefined without a tokenizer; copies from pinned memory do not block.
+  Batch to(const torch::Device& device) const;
 };
 
 struct LoaderOptions {
@@ -57,6 +62,8 @@ struct LoaderOptions {
   bool drop_last = true;
   uint64_t seed = 42;
   int64_t num_workers = 2;
+  int64_t prefetch = 2;           // batches built ahead by Stream
+  bool pin_memory = false;        // batches in page-locked memory (for non-blocking CUDA copies)
   int rank = 0, world_size = 1;
 };
 
@@ -75,8 +82,8 @@ class BatchLoader {
   const ImageTextDataset& dataset() const { return *dataset_; }
   int64_t skipped() const { return skipped_->load(); }  // bad samples skipped so far
 
-  // Iterates the batches of one epoch from `start`, building the next batch on a background
-  // thread while the caller works on the current one.
+  // Iterates the batches of one epoch from `start`, building the next `prefetch` batches on
+  // background threads while the caller works on the current one.
   class Stream {
    public:
     Stream(const BatchLoader& loader, int64_t epoch, int64_t start);
@@ -85,9 +92,10 @@ class BatchLoader {
     Batch next();
 
    private:
+    void fill();
     const BatchLoader& loader_;
-    int64_t epoch_, next_index_, end_;
-    std::future<Batch> pending_;
+    int64_t epoch_, next_index_, end_, queued_;
+    std::deque<std::future<Batch>> pending_;
   };
 
  private:

@@ -9,11 +9,12 @@ namespace blip2 {
 
 Batch Batch::to(const torch::Device& device) const {
   Batch b = *this;
-  b.images = images.to(device);
-  if (ids.defined()) b.ids = ids.to(device);
-  if (mask.defined()) b.mask = mask.to(device);
-  b.image_ids = image_ids.to(device);
-  b.labels = labels.to(device);
+  auto move = [&](const torch::Tensor& t) { return t.to(device, /*non_blocking=*/t.is_pinned()); };
+  b.images = move(images);
+  if (ids.defined()) b.ids = move(ids);
+  if (mask.defined()) b.mask = move(mask);
+  b.image_ids = move(image_ids);
+  b.labels = move(labels);
   return b;
 }
 
@@ -69,6 +70,7 @@ Batch BatchLoader::collate(const std::vector<int64_t>& indices, int64_t epoch) c
   const int64_t n = static_cast<int64_t>(indices.size());
   const int64_t total = dataset_->size();
   std::vector<ImageTextSample> samples(n);
+  std::vector<int64_t> used(n);  // a skipped sample's stand-in
   auto load = [&](int64_t i) {
     int64_t index = indices[i];
     for (int64_t attempt = 0;; ++attempt) {
@@ -76,6 +78,7 @@ Batch BatchLoader::collate(const std::vector<int64_t>& indices, int64_t epoch) c
                       static_cast<uint64_t>(index);
       try {
         samples[i] = dataset_->get(index, seed);
+        used[i] = index;
         return;
       } catch (const Error& e) {
         if (!opt_.skip_bad_samples) throw;
@@ -110,28 +113,40 @@ Batch BatchLoader::collate(const std::vector<int64_t>& indices, int64_t epoch) c
     b.mask = enc.mask;
   }
   b.image_ids = torch::tensor(ids, torch::kLong);
+  b.indices = std::move(used);
   b.labels = torch::tensor(labels, torch::kLong);
+  if (opt_.pin_memory) {
+    b.images = b.images.pin_memory();
+    if (b.ids.defined()) b.ids = b.ids.pin_memory();
+    if (b.mask.defined()) b.mask = b.mask.pin_memory();
+    b.image_ids = b.image_ids.pin_memory();
+    b.labels = b.labels.pin_memory();
+  }
   return b;
 }
 
 BatchLoader::Stream::Stream(const BatchLoader& loader, int64_t epoch, int64_t start)
-    : loader_(loader), epoch_(epoch), next_index_(start), end_(loader.batches_per_epoch() - 1) {
-  if (!done()) pending_ = std::async(std::launch::async, [this, i = next_index_] {
-    return loader_.batch(epoch_, i);
-  });
+    : loader_(loader), epoch_(epoch), next_index_(start), end_(loader.batches_per_epoch() - 1), queued_(start) {
+  fill();
+}
+
+void BatchLoader::Stream::fill() {
+  const auto depth = static_cast<size_t>(std::max<int64_t>(1, loader_.opt_.prefetch));
+  while (pending_.size() < depth && queued_ <= end_)
+    pending_.push_back(std::async(std::launch::async, [this, i = queued_++] { return loader_.batch(epoch_, i); }));
 }
 
 BatchLoader::Stream::~Stream() {
-  if (pending_.valid()) pending_.wait();
+  for (auto& p : pending_)
+    if (p.valid()) p.wait();
 }
 
 Batch BatchLoader::Stream::next() {
   check(!done(), "batch stream exhausted");
-  Batch current = pending_.get();
+  Batch current = pending_.front().get();
+  pending_.pop_front();
   ++next_index_;
-  if (!done()) pending_ = std::async(std::launch::async, [this, i = next_index_] {
-    return loader_.batch(epoch_, i);
-  });
+  fill();
   return current;
 }
 

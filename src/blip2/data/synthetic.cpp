@@ -62,6 +62,12 @@ SyntheticShapes::SyntheticShapes(std::string split, int64_t num_samples, int64_t
   check(image_size_ >= 16, "synthetic images need image_size >= 16");
 }
 
+int64_t ShapeAttributes::combination() const {
+  return shape + static_cast<int64_t>(kShapes.size()) *
+                     (color + static_cast<int64_t>(kColors.size()) *
+                                  (size + static_cast<int64_t>(kSizes.size()) * position));
+}
+
 ShapeAttributes SyntheticShapes::attributes(int64_t index) const {
   ShapeAttributes a;
   if (heldout_) {
@@ -129,7 +135,7 @@ ImageTextSample SyntheticShapes::get(int64_t index, uint64_t) const {
   auto a = attributes(index);
   ImageTextSample out;
   out.image = normalize_image(render(a, index));
-  out.image_id = index;
+  out.image_id = a.combination();
   out.label = a.label();
   if (heldout_) {
     out.caption = canonical_caption(a);

@@ -20,6 +20,9 @@ namespace blip2 {
 struct ShapeAttributes {
   int shape = 0, color = 0, size = 0, position = 0;
   int label() const;  // color * num_shapes + shape
+  // Which of the 300 combinations this is: samples with the same one show the same content, so
+  // it is their image id (ITC positives of each other, never each other's ITM negatives).
+  int64_t combination() const;
 };
 
 class SyntheticShapes : public ImageTextDataset {

@@ -22,7 +22,7 @@ void init_from_env(bool use_parallel, int64_t data_parallel, int64_t model_paral
                 " cards, but only 1 process is running");
 }
 
-torch::Tensor all_gather_no_grad(const torch::Tensor& t) { return t; }
+torch::Tensor all_gather_no_grad(const torch::Tensor& t) { return t.detach(); }
 torch::Tensor all_gather_with_grad(const torch::Tensor& t) { return t; }
 void all_reduce_gradients(const std::vector<torch::Tensor>&) {}
 

@@ -18,9 +18,9 @@ inline bool is_main_process() { return rank() == 0; }
 // supports (WORLD_SIZE > 1), naming the config's parallel settings.
 void init_from_env(bool use_parallel, int64_t data_parallel, int64_t model_parallel);
 
-// Concatenates every rank's tensor along dim 0. No gradient flows to other ranks' parts
-// (LAVIS concat_all_gather). At world size 1 it returns the input itself, so gradients flow
-// through both sides of the similarity, exactly as LAVIS without a process group.
+// Concatenates every rank's tensor along dim 0, without gradient (LAVIS' concat_all_gather is
+// @torch.no_grad): at world size 1 too it returns the input detached, as LAVIS, which always
+// runs stage 1 under a process group, computes it.
 torch::Tensor all_gather_no_grad(const torch::Tensor& t);
 // Same, but the backward pass returns each rank its slice of the summed gradient
 // (LAVIS all_gather_with_grad / GatherLayer).

@@ -107,6 +107,9 @@ std::string explain_missing(const std::vector<std::string>& missing) {
   return s;
 }
 
+namespace {
+
+// A checkpoint directory, an output directory's checkpoint/ root (its `latest`), or a file.
 std::string resolve_checkpoint(const std::string& path) {
   fs::path p(path);
   std::error_code ec;
@@ -134,9 +137,13 @@ std::string weights_location(const std::string& path) {
   return path;
 }
 
+}  // namespace
+
+std::string locate_weights(const std::string& name_or_path) { return weights_location(resolve_weights(name_or_path)); }
+
 
 std::optional<CheckpointArchitecture> checkpoint_architecture(const std::string& name_or_path) {
-  const fs::path p = weights_location(resolve_weights(name_or_path));
+  const fs::path p = locate_weights(name_or_path);
   std::error_code ec;
   fs::path dir = p;
   if (!fs::is_directory(p, ec)) {  // a file: its directory's config when it is that directory's weights

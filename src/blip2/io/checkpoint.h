@@ -32,12 +32,11 @@ LoadReport load_weights_into(torch::nn::Module& model, TensorMap tensors, const 
 // Why keys are missing, in words (e.g. "no ViT: LAVIS saves only trainable weights").
 std::string explain_missing(const std::vector<std::string>& missing);
 
-// Resolves --load_checkpoint: a checkpoint directory, an output directory's checkpoint/ root
-// (its `latest`), or a file. Returns the directory or file to read.
-std::string resolve_checkpoint(const std::string& path);
-// Where the weights of a path are: a training output directory (or its checkpoint/ root) is its
-// latest checkpoint; anything else (a checkpoint, HF or LAVIS file or directory) is itself.
-std::string weights_location(const std::string& path);
+// Where the weights a name or path means are, the one place that decides it: a name becomes
+// $BLIP2_HOME/<name> (resolve_weights); a training output directory, or its checkpoint/ root,
+// becomes its latest checkpoint (checkpoint/latest); a checkpoint directory, a Hugging Face
+// directory, a LAVIS .pth, a .safetensors file is itself. Errors name what is missing.
+std::string locate_weights(const std::string& name_or_path);
 
 // The architecture a checkpoint's own config describes: a Hugging Face directory's config.json
 // (a BLIP-2 model: vision + Q-Former [+ LLM]; an LLM directory: the LLM alone), or a blip2cpp

@@ -1,11 +1,14 @@
 #include "blip2/models/blip2_qformer.h"
 
 #include "blip2/dist/dist.h"
+#include "blip2/util/device.h"
 
 namespace blip2 {
 namespace F = torch::nn::functional;
 
-Blip2QformerImpl::Blip2QformerImpl(const Blip2Config& c, const InitOptions& init) : config_(c) {
+Blip2QformerImpl::Blip2QformerImpl(const Blip2Config& c, const InitOptions& init,
+                                   const std::optional<InitOptions>& frozen)
+    : config_(c) {
   const auto& q = c.qformer_config;
   InitOptions vit_init = init;
   vit_init.std = c.vision_config.initializer_range;
@@ -14,7 +17,9 @@ Blip2QformerImpl::Blip2QformerImpl(const Blip2Config& c, const InitOptions& init
   InitOptions head_init = init;
   head_init.std = -1;  // torch.nn.Linear default, as LAVIS creates the heads
 
+  if (frozen && c.freeze_vision) vit_init.options = frozen->options;
   vision_model = register_module("vision_model", EvaVisionModel(c.vision_config, vit_init));
+  vision_model->post_layernorm->to(init.options.dtype().toScalarType());  // ln_vision trains (float32)
   {
     torch::NoGradGuard no_grad;
     query_tokens = register_parameter(
@@ -46,12 +51,14 @@ void Blip2QformerImpl::train(bool on) {
 }
 
 torch::Tensor Blip2QformerImpl::encode_image(const torch::Tensor& images) {
+  // The ViT runs in the dtype it is held in (bf16 when frozen on CUDA), ln_vision in fp32.
+  const auto dtype = vision_model->embeddings->position_embedding.scalar_type();
   torch::Tensor feats;
   if (config_.freeze_vision) {
     torch::NoGradGuard no_grad;
-    feats = vision_model->forward_features(images);
+    feats = vision_model->forward_features(images.to(dtype));
   } else {
-    feats = vision_model->forward_features(images);
+    feats = vision_model->forward_features(images.to(dtype));
   }
   return vision_model->post_layernorm(feats.to(torch::kFloat32));
 }
@@ -142,9 +149,11 @@ torch::Tensor Blip2QformerImpl::lm_logits(const torch::Tensor& decoder_ids,
 }
 
 Stage1Output Blip2QformerImpl::forward(const torch::Tensor& images, const torch::Tensor& ids,
-                                       const torch::Tensor& mask) {
+                                       const torch::Tensor& mask, const torch::Tensor& image_ids) {
   const int64_t b = images.size(0);
   TORCH_CHECK(ids.size(0) == b, "got ", b, " images but ", ids.size(0), " texts");
+  TORCH_CHECK(!image_ids.defined() || image_ids.numel() == b, "got ", b, " images but ", image_ids.numel(),
+              " image ids");
   const auto& q = config_.qformer_config;
 
   auto image_embeds = encode_image(images);                  // [B,N,Dv]
@@ -152,29 +161,45 @@ Stage1Output Blip2QformerImpl::forward(const torch::Tensor& images, const torch:
   auto image_feats = image_features(query.hidden);            // [B,Q,E]
   auto text_feat = text_features(text_pass(ids, mask));       // [B,E]
 
-  // ---- ITC: image-text contrastive ----
-  auto image_feats_all = dist::all_gather_no_grad(image_feats);  // [BW,Q,E]
-  auto text_feat_all = dist::all_gather_no_grad(text_feat);      // [BW,E]
-  auto sim_i2t = max_over_queries(image_feats, text_feat_all) / temp;        // [B,BW]
-  auto sim_t2i = max_over_queries(image_feats_all, text_feat).t() / temp;    // [B,BW]
-  const int64_t offset = dist::rank() * b;
-  auto targets = torch::arange(offset, offset + b, ids.options().dtype(torch::kLong));
-  auto loss_itc = itc_loss(sim_i2t, sim_t2i, targets, 0.1);
+  // ---- ITC: image-text contrastive, in fp32 (in bf16, similarities near 1/temp = 14 would be
+  // rounded to steps of 1/16 before the softmax) ----
+  const int64_t offset = dist::rank() * b, world_b = dist::world_size() * b;
+  torch::Tensor sim_i2t, sim_t2i, positives;
+  {
+    NoAutocast fp32(images.device());
+    auto img = image_feats.to(torch::kFloat32), txt = text_feat.to(torch::kFloat32);
+    // LAVIS gathers the other side without gradient, even in one process (concat_all_gather
+    // is @torch.no_grad); itc_gather: with_grad keeps it.
+    const bool with_grad = config_.itc_gather == "with_grad";
+    auto gather = with_grad ? dist::all_gather_with_grad : dist::all_gather_no_grad;
+    auto image_feats_all = gather(img);                                     // [BW,Q,E]
+    auto text_feat_all = gather(txt);                                       // [BW,E]
+    auto t = temp.to(torch::kFloat32);
+    sim_i2t = max_over_queries(img, text_feat_all) / t;                     // [B,BW]
+    sim_t2i = max_over_queries(image_feats_all, txt).t() / t;               // [B,BW]
+    torch::Tensor local_ids, ids_all;
+    if (image_ids.defined()) {
+      local_ids = image_ids.to(images.device(), torch::kLong).reshape({-1});
+      ids_all = dist::all_gather_no_grad(local_ids);
+    }
+    positives = itc_positives(local_ids, ids_all, b, world_b, offset, images.device());
+  }
+  auto loss_itc = itc_loss(sim_i2t, sim_t2i, positives, 0.1);
 
   // ---- ITM: image-text matching with one hard negative each way ----
   auto ids_all = dist::all_gather_no_grad(ids);
   auto mask_all = dist::all_gather_no_grad(mask);
   auto image_embeds_all = dist::all_gather_with_grad(image_embeds);
-  auto neg = sample_hard_negatives(sim_i2t.detach(), sim_t2i.detach(), offset);
+  auto neg = hard_negatives(sim_i2t.detach(), sim_t2i.detach(), positives, config_.itm_negatives == "sample");
   auto neg_images = image_embeds_all.index_select(0, neg.image_for_text);
   auto neg_ids = ids_all.index_select(0, neg.text_for_image);
   auto neg_mask = mask_all.index_select(0, neg.text_for_image);
   // pairs: (text, image) positives; (text, negative image); (negative text, image)
   auto itm = itm_logits(torch::cat({image_embeds, neg_images, image_embeds}),
                         torch::cat({ids, ids, neg_ids}), torch::cat({mask, mask, neg_mask}));
-  auto itm_labels = torch::cat({torch::ones({b}, targets.options()),
-                                torch::zeros({2 * b}, targets.options())});
-  auto loss_itm = F::cross_entropy(itm, itm_labels);
+  auto long_opts = ids.options().dtype(torch::kLong);
+  auto itm_labels = torch::cat({torch::ones({b}, long_opts), torch::zeros({2 * b}, long_opts)});
+  auto loss_itm = F::cross_entropy(itm.to(torch::kFloat32), itm_labels);
 
   // ---- LM: image-grounded captioning, reusing the queries' cached keys/values ----
   auto [decoder_ids, labels] = lm_inputs(ids, q.bos_token_id, q.pad_token_id);
@@ -189,26 +214,37 @@ torch::Tensor max_over_queries(const torch::Tensor& image_feats, const torch::Te
   return s.view({b, nq, -1}).amax(1);
 }
 
-torch::Tensor itc_loss(const torch::Tensor& sim_i2t, const torch::Tensor& sim_t2i,
-                       const torch::Tensor& targets, double label_smoothing) {
-  auto opts = F::CrossEntropyFuncOptions().label_smoothing(label_smoothing);
-  return (F::cross_entropy(sim_i2t, targets, opts) + F::cross_entropy(sim_t2i, targets, opts)) /
-         2;
+torch::Tensor itc_positives(const torch::Tensor& image_ids, const torch::Tensor& image_ids_all,
+                            int64_t batch, int64_t world_batch, int64_t offset, torch::Device device) {
+  if (image_ids.defined()) return image_ids.view({-1, 1}) == image_ids_all.view({1, -1});
+  auto rows = torch::arange(batch, torch::TensorOptions().dtype(torch::kLong).device(device));
+  auto pos = torch::zeros({batch, world_batch}, torch::TensorOptions().dtype(torch::kBool).device(device));
+  return pos.index_put_({rows, rows + offset}, true);
 }
 
-HardNegatives sample_hard_negatives(const torch::Tensor& sim_i2t, const torch::Tensor& sim_t2i,
-                                    int64_t offset) {
+torch::Tensor itc_loss(const torch::Tensor& sim_i2t, const torch::Tensor& sim_t2i,
+                       const torch::Tensor& positives, double label_smoothing) {
+  auto pos = positives.to(torch::kFloat32);
+  auto targets = pos / pos.sum(1, true);
+  targets = (1.0 - label_smoothing) * targets + label_smoothing / static_cast<double>(targets.size(1));
+  auto ce = [&](const torch::Tensor& sim) {
+    return -(torch::log_softmax(sim.to(torch::kFloat32), 1) * targets).sum(1).mean();
+  };
+  return (ce(sim_i2t) + ce(sim_t2i)) / 2;
+}
+
+HardNegatives hard_negatives(const torch::Tensor& sim_i2t, const torch::Tensor& sim_t2i,
+                             const torch::Tensor& positives, bool sample) {
   torch::NoGradGuard no_grad;
-  const int64_t b = sim_i2t.size(0);
-  auto rows = torch::arange(b, torch::TensorOptions().dtype(torch::kLong).device(sim_i2t.device()));
   auto weights = [&](const torch::Tensor& sim) {
-    auto w = sim.to(torch::kFloat32).clone();
-    w.index_put_({rows, rows + offset}, -10000.0);
-    return torch::softmax(w, 1);
+    return torch::softmax(sim.to(torch::kFloat32).masked_fill(positives, -10000.0), 1);
+  };
+  auto pick = [&](const torch::Tensor& w) {
+    return sample ? torch::multinomial(w, 1).squeeze(1) : w.argmax(1);
   };
   // LAVIS draws the image for each text first, then the text for each image.
-  auto image_for_text = torch::multinomial(weights(sim_t2i), 1).squeeze(1);
-  auto text_for_image = torch::multinomial(weights(sim_i2t), 1).squeeze(1);
+  auto image_for_text = pick(weights(sim_t2i));
+  auto text_for_image = pick(weights(sim_i2t));
   return {image_for_text, text_for_image};
 }
 

@@ -9,6 +9,7 @@
 // L text tokens, E projection size, V vocabulary.
 #pragma once
 
+#include <optional>
 #include <vector>
 
 #include "blip2/config/config.h"
@@ -40,11 +41,16 @@ struct QueryOutput {
 
 class Blip2QformerImpl : public torch::nn::Module {
  public:
-  explicit Blip2QformerImpl(const Blip2Config& config, const InitOptions& init = {});
+  // `frozen`: where and in which dtype the frozen ViT is created (default: as `init`).
+  explicit Blip2QformerImpl(const Blip2Config& config, const InitOptions& init = {},
+                            const std::optional<InitOptions>& frozen = std::nullopt);
 
   // The stage-1 training forward. images [B,3,S,S]; ids, mask [B,L] ([CLS] ... [SEP] pad).
+  // image_ids [B] (optional): samples with equal ids show the same image, so they are ITC
+  // positives of each other (soft targets) and never each other's ITM negatives, as in LAVIS.
+  // Similarities, softmaxes and losses are computed in fp32 whatever autocast is on.
   Stage1Output forward(const torch::Tensor& images, const torch::Tensor& ids,
-                       const torch::Tensor& mask);
+                       const torch::Tensor& mask, const torch::Tensor& image_ids = {});
 
   // ln_vision(ViT(images)) [B,N,Dv]; the ViT runs without autograd when frozen.
   torch::Tensor encode_image(const torch::Tensor& images);
@@ -97,18 +103,28 @@ TORCH_MODULE(Blip2Qformer);
 // s[b, t] = max over queries q of <image_feats[b,q], text_feats[t]>: [B,Q,E] x [T,E] -> [B,T].
 torch::Tensor max_over_queries(const torch::Tensor& image_feats, const torch::Tensor& text_feats);
 
-// (CE(sim_i2t, targets) + CE(sim_t2i, targets)) / 2 with label smoothing.
+// Which of the gathered samples are positives of each local one: [B, B*world] bool. With
+// image ids (local [B], gathered [B*world]) every pair of the same image; without, the
+// diagonal of this rank's block (columns offset + b).
+torch::Tensor itc_positives(const torch::Tensor& image_ids, const torch::Tensor& image_ids_all,
+                            int64_t batch, int64_t world_batch, int64_t offset, torch::Device device);
+
+// LAVIS' ITC loss: targets spread evenly over each row's positives, then label smoothing
+// (0.9 * that + 0.1 / N); the mean over rows of -sum(log_softmax(sim) * targets), averaged over
+// both directions. sim_* [B, B*world] (image->text, text->image), positives as itc_positives.
+// With one positive per row this is cross_entropy(label_smoothing) against it.
 torch::Tensor itc_loss(const torch::Tensor& sim_i2t, const torch::Tensor& sim_t2i,
-                       const torch::Tensor& targets, double label_smoothing = 0.1);
+                       const torch::Tensor& positives, double label_smoothing = 0.1);
 
 struct HardNegatives {
   torch::Tensor image_for_text;  // [B] index into the gathered images
   torch::Tensor text_for_image;  // [B] index into the gathered texts
 };
-// One negative per row, drawn from softmax(sim) with the positives (columns offset + b)
-// set to -10000. sim_* are [B, B*world] temperature-scaled similarities.
-HardNegatives sample_hard_negatives(const torch::Tensor& sim_i2t, const torch::Tensor& sim_t2i,
-                                    int64_t offset);
+// One negative per row from softmax(sim) with the positives set to -10000: drawn (`sample`,
+// LAVIS: the image for each text first, then the text for each image) or the most likely one
+// (`sample` false). sim_* are [B, B*world] temperature-scaled similarities.
+HardNegatives hard_negatives(const torch::Tensor& sim_i2t, const torch::Tensor& sim_t2i,
+                             const torch::Tensor& positives, bool sample = true);
 
 // Decoder inputs and labels for the LM loss: [CLS] -> bos, pads -> -100 in the labels.
 std::pair<torch::Tensor, torch::Tensor> lm_inputs(const torch::Tensor& ids, int64_t bos,

@@ -1,6 +1,6 @@
 #include "blip2/tasks/retrieval.h"
 
-#include "blip2/tasks/trainer.h"
+#include "blip2/tasks/metrics.h"
 
 namespace blip2 {
 

@@ -10,6 +10,8 @@
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/io/safetensors.h"
+#include "blip2/tasks/factory.h"
+#include "blip2/util/device.h"
 #include "blip2/util/common.h"
 
 namespace blip2 {
@@ -68,23 +70,6 @@ std::shared_ptr<LlmTokenizer> stage2_tokenizer(const DatasetConfig& d, const Bli
   return tok;
 }
 
-torch::Dtype frozen_dtype(const Blip2Config& c, torch::Device device) {
-  if (c.frozen_dtype == "bfloat16") return torch::kBFloat16;
-  if (c.frozen_dtype == "float32") return torch::kFloat32;
-  return device.is_cuda() ? torch::kBFloat16 : torch::kFloat32;
-}
-
-Blip2Llm build_stage2_model(const Blip2Config& c, WeightLedger& ledger, torch::Device device) {
-  const InitOptions frozen{torch::TensorOptions().dtype(frozen_dtype(c, device)).device(device), 0.02};
-  Blip2Llm model(c, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02}, frozen);
-  if (!c.vision_config.checkpoint_name_or_path.empty())
-    load_model_weights(*model, c.vision_config.checkpoint_name_or_path, ledger, "vision_model.");
-  if (!c.text_config->checkpoint_name_or_path.empty())
-    load_model_weights(*model, c.text_config->checkpoint_name_or_path, ledger, "language_model.");
-  if (!c.checkpoint_name_or_path.empty()) load_model_weights(*model, c.checkpoint_name_or_path, ledger);
-  return model;
-}
-
 CaptionTargets caption_targets(const LlmTokenizer& tok, const std::vector<std::string>& captions,
                                int64_t prompt_tokens, int64_t max_length, int64_t eos_id, int64_t repeats) {
   std::vector<std::vector<int64_t>> rows;
@@ -134,7 +119,7 @@ bool caption_names_class(const std::string& caption, const std::string& label_na
   return !colour.empty() && !shape.empty() && colour + " " + shape == label_name;
 }
 
-Stage2Trainer::Stage2Trainer(RunConfig cfg)
+Stage2Task::Stage2Task(RunConfig cfg)
     : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)),
       ledger_(cfg_.model.model_config.allow_partial_load) {
   dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel, cfg_.parallel_config.model_parallel);
@@ -153,72 +138,63 @@ Stage2Trainer::Stage2Trainer(RunConfig cfg)
   model_->to(device_);
 }
 
-void Stage2Trainer::load_weights(const std::string& path) {
+void Stage2Task::load_weights(const std::string& path) {
   require_checkpoint_architecture(model_->config(), path);
   load_model_weights(*model_, path, ledger_);
   ledger_.check(*model_, coverage_policy(cfg_, false));
 }
 
-BatchLoader Stage2Trainer::make_loader(const DatasetConfig& d, bool train) const {
+BatchLoader Stage2Task::make_loader(const DatasetConfig& d, bool train) const {
   return make_batch_loader(cfg_, d, train, nullptr);
 }
 
-int64_t Stage2Trainer::prompt_tokens(const DatasetConfig& d) const {
+int64_t Stage2Task::prompt_tokens(const DatasetConfig& d) const {
   const auto& mc = cfg_.model.model_config;
   if (mc.prompt && mc.prompt_length > 0) return mc.prompt_length;  // the seed's, set by hand
   const std::string p = clean_caption(d.text_transforms.prompt, d.text_transforms.max_words);
   return p.empty() ? 0 : static_cast<int64_t>(tokenizer_->encode(p).size());
 }
 
-void Stage2Trainer::pretrain_llm(BatchLoader& loader) {
+void Stage2Task::pretrain_llm(const BatchLoader& loader) {
   const auto& rc = cfg_.runner_config;
   auto& lm = *model_->language_model;
   check(lm.parameters().front().scalar_type() == torch::kFloat32,
         "runner_config.llm_pretrain_epochs: the LLM is held in " +
             std::string(c10::toString(lm.parameters().front().scalar_type())) +
             "; pretraining it needs model_config.frozen_dtype: float32");
-  std::vector<bool> frozen;
-  for (auto& p : lm.parameters()) {
-    frozen.push_back(!p.requires_grad());
-    p.set_requires_grad(true);
-  }
-  lm.train();
   const int64_t longest = 2 * cfg_.train_dataset.text_transforms.max_length;  // each caption twice
   check(longest <= lm.config.max_position_embeddings,
         "runner_config.llm_pretrain_epochs: two captions of train_dataset.text_transforms.max_length " +
             std::to_string(longest / 2) + " exceed the LLM's max_position_embeddings " +
             std::to_string(lm.config.max_position_embeddings));
-  auto opt = make_adamw(lm, cfg_.optimizer, rc.llm_pretrain_lr);
-  const int64_t per_epoch = loader.batches_per_epoch(), total = rc.llm_pretrain_epochs * per_epoch;
-  LrScheduleConfig sched = cfg_.lr_schedule;
-  sched.learning_rate = rc.llm_pretrain_lr;
-  sched.warmup_steps = std::min<int64_t>(sched.warmup_steps, total / 10);
-  log_info("pretraining the LLM (" + std::to_string(count_parameters(lm)) + " parameters) on the training captions: " +
-           std::to_string(rc.llm_pretrain_epochs) + " epochs x " + std::to_string(per_epoch) + " steps");
-  Progress progress("llm", total, rc.log_interval);
-  int64_t step = 0;
-  for (int64_t epoch = 0; epoch < rc.llm_pretrain_epochs; ++epoch) {
-    BatchLoader::Stream stream(loader, epoch, 0);
-    while (!stream.done()) {
-      Batch batch = stream.next();
-      // Each caption twice: besides the language, the LLM learns to take what a text says from
-      // its context, which stage 2 then fills with the projected queries.
-      auto t = caption_targets(*tokenizer_, batch.captions, 0, cfg_.train_dataset.text_transforms.max_length,
-                               cfg_.model.model_config.text_config->eos_token_id, /*repeats=*/2);
-      auto ids = t.ids.to(device_), keep = t.keep.to(device_);
-      set_lr(*opt, warmup_cosine_lr(sched, step, total));
-      auto logits = lm.forward(lm.embed(ids), keep, positions_from_keep(keep, keep.size(1)), nullptr);
-      auto loss = causal_lm_loss(logits, t.labels.to(device_));
-      opt->zero_grad();
-      loss.backward();
-      dist::all_reduce_gradients(opt->param_groups()[0].params());
-      dist::all_reduce_gradients(opt->param_groups()[1].params());
-      opt->step();
-      ++step;
-      progress.update(step, "lm loss " + format_float(loss.item<double>()));
-    }
+  std::vector<bool> frozen;
+  for (auto& p : lm.parameters()) {
+    frozen.push_back(!p.requires_grad());
+    p.set_requires_grad(true);
   }
-  progress.finish();
+  Objective obj;
+  obj.name = "llm";
+  obj.model = &lm;
+  obj.step = [&](const Batch& batch) {
+    // Each caption twice: besides the language, the LLM learns to take what a text says from
+    // its context, which stage 2 then fills with the projected queries.
+    auto t = caption_targets(*tokenizer_, batch.captions, 0, cfg_.train_dataset.text_transforms.max_length,
+                             cfg_.model.model_config.text_config->eos_token_id, /*repeats=*/2);
+    auto ids = t.ids.to(device_), keep = t.keep.to(device_);
+    auto logits = lm.forward(lm.embed(ids), keep, positions_from_keep(keep, keep.size(1)), nullptr);
+    return StepLosses{causal_lm_loss(logits, t.labels.to(device_)), {}};
+  };
+  EngineOptions eo = EngineOptions::from(cfg_, device_);
+  eo.epochs = rc.llm_pretrain_epochs;
+  eo.max_steps = -1;
+  eo.save_steps = 0;
+  eo.output_dir = "";  // no checkpoints or metrics: the result is written below
+  eo.schedule.learning_rate = rc.llm_pretrain_lr;
+  eo.schedule.total_steps = -1;
+  eo.schedule.warmup_steps = std::min<int64_t>(eo.schedule.warmup_steps,
+                                               rc.llm_pretrain_epochs * (loader.batches_per_epoch() / eo.accumulation) / 10);
+  log_info("pretraining the LLM on the training captions (" + std::to_string(rc.llm_pretrain_epochs) + " epochs)");
+  blip2::train(obj, loader, eo);
   size_t i = 0;
   for (auto& p : lm.parameters()) p.set_requires_grad(!frozen[i++]);
   model_->train(false);
@@ -232,8 +208,7 @@ void Stage2Trainer::pretrain_llm(BatchLoader& loader) {
   }
 }
 
-TrainState Stage2Trainer::resume(torch::optim::Optimizer& opt) {
-  const std::string dir = resume_checkpoint_dir(cfg_);
+void Stage2Task::resume_weights(const std::string& dir) {
   require_checkpoint_architecture(model_->config(), dir);
   load_model_weights(*model_, dir, ledger_);
   // A checkpoint written without its frozen weights: the LLM pretrained here is in output_dir/llm.
@@ -245,97 +220,34 @@ TrainState Stage2Trainer::resume(torch::optim::Optimizer& opt) {
   CoveragePolicy policy = coverage_policy(cfg_, true);
   policy.llm_trained_here = false;  // a resumed run does not pretrain the LLM again
   ledger_.check(*model_, policy);
-  return load_train_state(dir, opt, device_);
 }
 
-std::vector<StepLog> Stage2Trainer::train() {
-  const auto& rc = cfg_.runner_config;
+std::vector<StepLog> Stage2Task::train() {
   auto loader = make_loader(cfg_.train_dataset, /*train=*/true);
   fs::create_directories(cfg_.output_dir);
-  if (rc.llm_pretrain_epochs > 0 && !cfg_.resume_training) pretrain_llm(loader);
-  const int64_t per_epoch = loader.batches_per_epoch();
-  const int64_t total = cfg_.lr_schedule.total_steps > 0 ? cfg_.lr_schedule.total_steps : rc.epochs * per_epoch;
-  const int64_t last = rc.max_steps >= 0 ? std::min(rc.max_steps, rc.epochs * per_epoch) : rc.epochs * per_epoch;
-  int64_t trainable = 0;
-  auto opt = make_adamw(*model_, cfg_.optimizer, cfg_.lr_schedule.learning_rate, &trainable);
-  std::vector<torch::Tensor> params = opt->param_groups()[0].params();
-  for (const auto& p : opt->param_groups()[1].params()) params.push_back(p);
-  TrainState st;
-  if (cfg_.resume_training) st = resume(*opt);
+  const std::string resume = cfg_.resume_training ? resume_checkpoint_dir(cfg_) : "";
+  if (cfg_.runner_config.llm_pretrain_epochs > 0 && resume.empty()) pretrain_llm(loader);
   const int64_t prompt = prompt_tokens(cfg_.train_dataset);
   const auto eos = cfg_.model.model_config.text_config->eos_token_id;
   const int64_t max_len = cfg_.model.model_config.max_txt_len;
-  log_info("stage-2 training: " + std::to_string(trainable) + " of " + std::to_string(count_parameters(*model_)) +
-           " parameters trainable (LLM " + (cfg_.model.model_config.freeze_text ? "frozen" : "trained") + "), " +
-           std::to_string(rc.epochs) + " epochs x " + std::to_string(per_epoch) + " steps, device " + device_.str());
-  std::ofstream metrics = open_metrics(cfg_.output_dir, st.step);
-  model_->train();
-  std::vector<StepLog> logs;
-  Progress progress("stage2", last, rc.log_interval);
-  int64_t saved = -1;
-  for (int64_t epoch = st.epoch; epoch < rc.epochs && st.step < last; ++epoch) {
-    BatchLoader::Stream stream(loader, epoch, epoch == st.epoch ? st.batch : 0);
-    for (int64_t b = epoch == st.epoch ? st.batch : 0; b < per_epoch && st.step < last; ++b) {
-      const auto t0 = std::chrono::steady_clock::now();
-      Batch batch = stream.next();
-      auto t = caption_targets(*tokenizer_, batch.captions, prompt, max_len, eos);
-      const double lr = warmup_cosine_lr(cfg_.lr_schedule, st.step, total);
-      set_lr(*opt, lr);
-      torch::Tensor loss;
-      {
-        AutocastGuard autocast(rc.bf16_autocast, device_);
-        loss = model_->loss(batch.images.to(device_), t.ids.to(device_), t.keep.to(device_), t.labels.to(device_));
-      }
-      opt->zero_grad();
-      loss.backward();
-      dist::all_reduce_gradients(opt->param_groups()[0].params());
-      dist::all_reduce_gradients(opt->param_groups()[1].params());
-      if (rc.max_grad_norm > 0) torch::nn::utils::clip_grad_norm_(params, rc.max_grad_norm);
-      opt->step();
-      st.step += 1;
-      st.batch = b + 1;
-      st.epoch = epoch;
-      if (st.batch == per_epoch) st = {st.step, epoch + 1, 0};
-      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      StepLog log;
-      log.step = st.step;
-      log.epoch = epoch;
-      log.loss = log.loss_lm = loss.item<double>();
-      log.lr = lr;
-      log.samples_per_s = static_cast<double>(batch.images.size(0) * dist::world_size()) / std::max(secs, 1e-9);
-      check(std::isfinite(log.loss), "stage-2 loss became " + std::to_string(log.loss) + " at step " +
-                                         std::to_string(st.step) + " (lower the learning rate?)");
-      logs.push_back(log);
-      metrics << nlohmann::json{{"step", st.step}, {"epoch", epoch}, {"loss", log.loss}, {"lr", lr},
-                                {"samples_per_s", log.samples_per_s}}.dump() << "\n";
-      metrics.flush();
-      progress.update(st.step, "loss " + format_float(log.loss) + " lr " + format_float(lr * 1e4, 3) + "e-4 " +
-                                   format_float(log.samples_per_s, 1) + " samples/s");
-      if (rc.save_steps > 0 && st.step % rc.save_steps == 0) save_checkpoint(st, *opt), saved = st.step;
-    }
-    if (rc.save_steps == 0 && saved != st.step) save_checkpoint(st, *opt), saved = st.step;
-  }
-  progress.finish();
-  if (saved != st.step && !logs.empty()) save_checkpoint(st, *opt);
-  if (!logs.empty()) {
-    const size_t k = std::max<size_t>(1, std::min<size_t>(20, logs.size() / 5));
-    double first = 0, last_loss = 0;
-    for (size_t i = 0; i < k; ++i) first += logs[i].loss, last_loss += logs[logs.size() - 1 - i].loss;
-    log_info("stage-2 caption loss " + format_float(first / k) + " -> " + format_float(last_loss / k) +
-             " (mean of the first and last " + std::to_string(k) + " steps)");
-  }
-  return logs;
-}
-
-void Stage2Trainer::save_checkpoint(const TrainState& st, torch::optim::Optimizer& opt) {
-  if (!dist::is_main_process()) return;
-  write_checkpoint(cfg_.output_dir, st.step, [&](const fs::path& tmp) {
-    save_safetensors((tmp / "model.safetensors").string(),
-                     state_dict(*model_, !cfg_.runner_config.save_frozen_weights),
+  log_info(std::string("stage 2: the LLM is ") + (cfg_.model.model_config.freeze_text ? "frozen" : "trained"));
+  Objective obj;
+  obj.name = "stage2";
+  obj.model = model_.get();
+  obj.step = [&](const Batch& batch) {
+    auto t = caption_targets(*tokenizer_, batch.captions, prompt, max_len, eos);
+    auto loss = model_->loss(batch.images, t.ids.to(device_), t.keep.to(device_), t.labels.to(device_));
+    return StepLosses{loss, {}};
+  };
+  obj.save = [this](const fs::path& dir) {
+    save_safetensors((dir / "model.safetensors").string(), state_dict(*model_, !cfg_.runner_config.save_frozen_weights),
                      {{"format", "blip2cpp"}, {"arch", cfg_.model.arch.type}});
-    save_train_state(tmp / "trainer_state.pt", opt, st, device_);
-    atomic_write(tmp / "config.yaml", to_yaml(cfg_));
-  });
+    atomic_write(dir / "config.yaml", to_yaml(cfg_));
+  };
+  obj.load = [this](const std::string& dir) { resume_weights(dir); };
+  EngineOptions eo = EngineOptions::from(cfg_, device_);
+  eo.resume_from = resume;
+  return blip2::train(obj, loader, eo);
 }
 
 std::vector<std::string> generate_texts(Blip2LlmImpl& model, const LlmTokenizer& tok, const torch::Tensor& images,
@@ -354,13 +266,13 @@ std::vector<std::string> generate_texts(Blip2LlmImpl& model, const LlmTokenizer&
   return out;
 }
 
-std::vector<std::string> Stage2Trainer::generate(const torch::Tensor& images, const std::vector<std::string>& prompts,
+std::vector<std::string> Stage2Task::generate(const torch::Tensor& images, const std::vector<std::string>& prompts,
                                                  const GenerationOptions& o, GenerationStats* stats) {
   AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
   return generate_texts(*model_, *tokenizer_, images, prompts, o, stats);
 }
 
-nlohmann::json Stage2Trainer::evaluate() {
+nlohmann::json Stage2Task::evaluate() {
   auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
   model_->eval();
   torch::NoGradGuard no_grad;
@@ -407,7 +319,7 @@ nlohmann::json Stage2Trainer::evaluate() {
   return r;
 }
 
-nlohmann::json Stage2Trainer::predict(const std::vector<std::string>& inputs, const std::string& prompt) {
+nlohmann::json Stage2Task::predict(const std::vector<std::string>& inputs, const std::string& prompt) {
   const auto& tmpl = cfg_.eval_dataset.data_loader.hypothesis_template;
   // The seed's pipeline: prompt = hypothesis_template.format(prompt); no prompt = none.
   const std::string text = prompt.empty() ? "" : (tmpl.find("{}") != std::string::npos ? fill_template(tmpl, prompt) : prompt);
@@ -427,7 +339,7 @@ nlohmann::json Stage2Trainer::predict(const std::vector<std::string>& inputs, co
       Batch batch = stream.next();
       std::vector<std::string> names;
       for (int64_t i = 0; i < batch.images.size(0); ++i)
-        names.push_back(loader.dataset().describe(batch.image_ids[i].item<int64_t>()));
+        names.push_back(loader.dataset().describe(batch.indices[static_cast<size_t>(i)]));
       run_batch(names, batch.images);
     }
     return out;

@@ -20,7 +20,8 @@
 #include "blip2/data/dataset.h"
 #include "blip2/models/blip2_llm.h"
 #include "blip2/text/llm_tokenizer.h"
-#include "blip2/tasks/trainer.h"
+#include "blip2/io/checkpoint.h"
+#include "blip2/tasks/engine.h"
 
 namespace blip2 {
 
@@ -33,14 +34,6 @@ bool is_stage2(const RunConfig& cfg);
 // the model directory's, else (SyntheticShapes data) the built-in WordPiece vocabulary. Checked against the LLM's vocabulary.
 std::shared_ptr<LlmTokenizer> stage2_tokenizer(const DatasetConfig& d, const Blip2Config& c,
                                                const std::string& section);
-
-// The stage-2 model with the weights the config names, loaded through `ledger` (whose check()
-// the caller runs): the ViT (vision_config), the LLM (text_config.checkpoint_name_or_path, a
-// Hugging Face directory), then the whole model (checkpoint_name_or_path: stage-1 or stage-2
-// weights). `device`: where the frozen parts are created (in frozen_dtype), loaded once.
-Blip2Llm build_stage2_model(const Blip2Config& c, WeightLedger& ledger, torch::Device device = torch::kCPU);
-// The dtype model_config.frozen_dtype means on `device` (auto: bfloat16 on CUDA, else float32).
-torch::Dtype frozen_dtype(const Blip2Config& c, torch::Device device);
 
 struct CaptionTargets {
   torch::Tensor ids, keep, labels;  // [B, L]
@@ -62,9 +55,11 @@ std::vector<std::string> generate_texts(Blip2LlmImpl& model, const LlmTokenizer&
                                         const std::vector<std::string>& prompts, const GenerationOptions& o,
                                         GenerationStats* stats = nullptr);
 
-class Stage2Trainer {
+class Stage2Task {
  public:
-  explicit Stage2Trainer(RunConfig cfg);
+  explicit Stage2Task(RunConfig cfg);
+  // Trains on train_dataset (the engine: resume, accumulation, checkpoints, metrics), after
+  // pretraining a random LLM on the captions when llm_pretrain_epochs asks.
   std::vector<StepLog> train();
   // eval_dataset: mean caption loss; with labelled synthetic data also the share of images
   // whose greedy caption names colour and shape right, and some examples.
@@ -82,9 +77,8 @@ class Stage2Trainer {
   const RunConfig& config() const { return cfg_; }
 
  private:
-  void pretrain_llm(BatchLoader& loader);
-  void save_checkpoint(const TrainState& st, torch::optim::Optimizer& opt);
-  TrainState resume(torch::optim::Optimizer& opt);
+  void pretrain_llm(const BatchLoader& loader);
+  void resume_weights(const std::string& dir);
   BatchLoader make_loader(const DatasetConfig& d, bool train) const;
   int64_t prompt_tokens(const DatasetConfig& d) const;
 

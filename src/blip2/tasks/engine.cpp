@@ -1,0 +1,322 @@
+#include "blip2/tasks/engine.h"
+
+#include <chrono>
+#include <cmath>
+#include <iostream>
+#include <sstream>
+
+#include "blip2/dist/dist.h"
+#include "blip2/io/checkpoint.h"
+#include "blip2/models/layers.h"
+#include "blip2/util/common.h"
+#include "blip2/util/device.h"
+
+namespace blip2 {
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string step_dir_name(int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));
+  return buf;
+}
+
+// torch.nn.utils.clip_grad_norm_ without its host read of the norm: the scale stays on the device.
+void clip_gradients(const std::vector<torch::Tensor>& params, double max_norm) {
+  std::vector<torch::Tensor> norms;
+  for (const auto& p : params)
+    if (p.grad().defined()) norms.push_back(p.grad().detach().norm(2).to(torch::kFloat32));
+  if (norms.empty()) return;
+  auto total = torch::stack(norms).norm(2);
+  auto scale = torch::clamp_max(max_norm / (total + 1e-6), 1.0);
+  for (const auto& p : params)
+    if (p.grad().defined()) p.grad().detach().mul_(scale.to(p.grad().scalar_type()));
+}
+
+// The losses of the optimizer steps since the last host read, still on the device.
+struct PendingStep {
+  StepLog log;
+  std::vector<torch::Tensor> values;  // loss, then each part (0-dim, averaged over micro-batches)
+};
+
+}  // namespace
+
+double StepLog::part(const std::string& name) const {
+  for (const auto& [k, v] : parts)
+    if (k == name) return v;
+  throw Error("step log has no '" + name + "'");
+}
+
+EngineOptions EngineOptions::from(const RunConfig& cfg, torch::Device device) {
+  const auto& rc = cfg.runner_config;
+  EngineOptions o;
+  o.epochs = rc.epochs;
+  o.max_steps = rc.max_steps;
+  o.accumulation = rc.gradient_accumulation_steps;
+  o.log_interval = rc.log_interval;
+  o.save_steps = rc.save_steps;
+  o.max_grad_norm = rc.max_grad_norm;
+  o.autocast = rc.bf16_autocast;
+  o.schedule = cfg.lr_schedule;
+  o.optimizer = cfg.optimizer;
+  o.output_dir = cfg.output_dir;
+  o.device = device;
+  return o;
+}
+
+std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const EngineOptions& o) {
+  const int64_t a = o.accumulation;
+  const int64_t micro_per_epoch = loader.batches_per_epoch();
+  check(a >= 1, "runner_config.gradient_accumulation_steps: " + std::to_string(a) + " must be >= 1");
+  check(micro_per_epoch >= a, "runner_config.gradient_accumulation_steps: " + std::to_string(a) +
+                                  " batches per optimizer step, but an epoch has only " +
+                                  std::to_string(micro_per_epoch));
+  const int64_t per_epoch = micro_per_epoch / a;  // optimizer steps; a remainder of batches is dropped
+  const int64_t all = o.epochs * per_epoch;
+  const int64_t total = o.schedule.total_steps > 0 ? o.schedule.total_steps : all;
+  const int64_t last = o.max_steps >= 0 ? std::min(o.max_steps, all) : all;
+
+  int64_t trainable = 0;
+  auto opt = make_adamw(*obj.model, o.optimizer, o.schedule.learning_rate, &trainable);
+  const auto params = optimized_parameters(*opt);
+  TrainState st;
+  if (!o.resume_from.empty()) {
+    if (obj.load) obj.load(o.resume_from);
+    st = load_train_state(o.resume_from, *opt, o.device);
+  }
+  const bool write = !o.output_dir.empty() && dist::is_main_process();
+  std::ofstream metrics;
+  if (write) metrics = open_metrics(o.output_dir, st.step);
+  log_info(obj.name + ": " + std::to_string(trainable) + " of " + std::to_string(count_parameters(*obj.model)) +
+           " parameters trainable, " + std::to_string(o.epochs) + " epochs x " + std::to_string(per_epoch) +
+           " steps" + (a > 1 ? " of " + std::to_string(a) + " accumulated batches" : std::string()) +
+           ", device " + o.device.str() + (o.autocast ? ", bf16 autocast" : ""));
+
+  auto save = [&]() {
+    if (!obj.save || !write) return;
+    write_checkpoint(o.output_dir, st.step, [&](const fs::path& tmp) {
+      obj.save(tmp);
+      save_train_state(tmp / "trainer_state.pt", *opt, st, o.device);
+    });
+  };
+
+  obj.model->train();
+  std::vector<StepLog> logs;
+  std::vector<PendingStep> pending;
+  int64_t pending_samples = 0;
+  auto since = std::chrono::steady_clock::now();
+  Progress progress(obj.name, last, o.log_interval);
+  // Reads the pending losses back in one copy (the only wait for the device), then logs them.
+  auto flush = [&]() {
+    if (pending.empty()) return;
+    std::vector<torch::Tensor> values;
+    for (const auto& p : pending)
+      for (const auto& v : p.values) values.push_back(v.reshape({1}).to(torch::kFloat64));
+    const auto host = torch::cat(values).cpu();
+    const auto now = std::chrono::steady_clock::now();
+    const double secs = std::chrono::duration<double>(now - since).count();
+    since = now;
+    const double sps = static_cast<double>(pending_samples * dist::world_size()) / std::max(secs, 1e-9);
+    const double* h = host.data_ptr<double>();
+    for (auto& p : pending) {
+      StepLog& log = p.log;
+      log.loss = *h++;
+      for (auto& part : log.parts) part.second = *h++;
+      log.samples_per_s = sps;
+      check(std::isfinite(log.loss), obj.name + ": the loss became " + std::to_string(log.loss) + " at step " +
+                                         std::to_string(log.step) + " (lower the learning rate?)");
+      if (write) {
+        nlohmann::json j{{"step", log.step}, {"epoch", log.epoch}, {"loss", log.loss}};
+        for (const auto& [k, v] : log.parts) j[k] = v;
+        j["lr"] = log.lr;
+        j["samples_per_s"] = sps;
+        metrics << j.dump() << "\n";
+      }
+      logs.push_back(log);
+    }
+    if (write) metrics.flush();
+    const StepLog& l = logs.back();
+    std::string status = "loss " + format_float(l.loss);
+    for (const auto& [k, v] : l.parts) status += " " + (k.rfind("loss_", 0) == 0 ? k.substr(5) : k) + " " + format_float(v);
+    status += " lr " + format_float(l.lr * 1e4, 3) + "e-4 " + format_float(sps, 1) + " samples/s";
+    progress.update(l.step, status);
+    pending.clear();
+    pending_samples = 0;
+  };
+
+  int64_t saved_at = -1;
+  for (int64_t epoch = st.epoch; epoch < o.epochs && st.step < last; ++epoch) {
+    const int64_t start = epoch == st.epoch ? st.batch : 0;
+    BatchLoader::Stream stream(loader, epoch, start);
+    for (int64_t b = start; b + a <= per_epoch * a && st.step < last; b += a) {
+      const double lr = learning_rate(o.schedule, {st.step, epoch, b / a, a, total, o.epochs});
+      set_lr(*opt, lr);
+      opt->zero_grad();
+      PendingStep p;
+      p.log.step = st.step + 1;
+      p.log.epoch = epoch;
+      p.log.lr = lr;
+      for (int64_t m = 0; m < a; ++m) {
+        const Batch batch = stream.next().to(o.device);
+        StepLosses out;
+        {
+          AutocastGuard autocast(o.autocast, o.device);
+          out = obj.step(batch);
+        }
+        (a > 1 ? out.loss / static_cast<double>(a) : out.loss).backward();
+        auto add = [&](size_t i, const torch::Tensor& v) {
+          auto x = v.detach().to(torch::kFloat32) / static_cast<double>(a);
+          if (i < p.values.size()) p.values[i] = p.values[i] + x;
+          else p.values.push_back(x);
+        };
+        add(0, out.loss);
+        for (size_t i = 0; i < out.parts.size(); ++i) {
+          if (m == 0) p.log.parts.emplace_back(out.parts[i].first, 0.0);
+          add(i + 1, out.parts[i].second);
+        }
+        pending_samples += batch.images.size(0);
+      }
+      dist::all_reduce_gradients(params);
+      if (o.max_grad_norm > 0) clip_gradients(params, o.max_grad_norm);
+      opt->step();
+      if (obj.after_update) obj.after_update();
+      st.step += 1;
+      st.batch = b + a;
+      st.epoch = epoch;
+      if (st.batch + a > per_epoch * a) st = {st.step, epoch + 1, 0};
+      pending.push_back(std::move(p));
+      if (st.step % o.log_interval == 0 || st.step == last) flush();
+      if (o.save_steps > 0 && st.step % o.save_steps == 0) {
+        flush();
+        save();
+        saved_at = st.step;
+        since = std::chrono::steady_clock::now();  // throughput counts training, not saving
+      }
+    }
+    if (o.save_steps == 0 && saved_at != st.step) {
+      flush();
+      save();
+      saved_at = st.step;
+      since = std::chrono::steady_clock::now();
+    }
+  }
+  flush();
+  progress.finish();
+  if (saved_at != st.step && !logs.empty()) save();
+  if (loader.skipped() > 0) log_warn("skipped " + std::to_string(loader.skipped()) + " unreadable training samples");
+
+  if (!logs.empty() && write) {
+    const size_t k = std::max<size_t>(1, std::min<size_t>(20, logs.size() / 5));
+    auto mean = [&](size_t begin, size_t end, const std::function<double(const StepLog&)>& f) {
+      double s = 0;
+      for (size_t i = begin; i < end; ++i) s += f(logs[i]);
+      return s / static_cast<double>(end - begin);
+    };
+    nlohmann::json summary;
+    std::string table = "loss        start     end\n";
+    std::vector<std::pair<std::string, std::function<double(const StepLog&)>>> columns{
+        {"loss", [](const StepLog& l) { return l.loss; }}};
+    for (const auto& [name, v] : logs.front().parts)
+      columns.emplace_back(name, [name = name](const StepLog& l) { return l.part(name); });
+    for (const auto& [name, f] : columns) {
+      const double first = mean(0, k, f), end = mean(logs.size() - k, logs.size(), f);
+      summary[name] = {{"start", first}, {"end", end}};
+      table += name + std::string(name.size() < 12 ? 12 - name.size() : 1, ' ') + format_float(first) + "  " +
+               format_float(end) + "\n";
+    }
+    // Throughput after the first interval (which pays for warm-up).
+    size_t from = std::min(logs.size() - 1, static_cast<size_t>(o.log_interval));
+    const double sps = mean(from, logs.size(), [](const StepLog& l) { return l.samples_per_s; });
+    summary["samples_per_s"] = sps;
+    summary["steps"] = st.step;
+    std::cout << "\n" << obj.name << ":\n" << table << "(mean of the first and last " << k << " steps; ln 2 = 0.6931)\n"
+              << "throughput: " << format_float(sps, 1) << " samples/s\n";
+    atomic_write(fs::path(o.output_dir) / "train_summary.json", summary.dump(2) + "\n");
+  }
+  return logs;
+}
+
+fs::path write_checkpoint(const std::string& output_dir, int64_t step,
+                          const std::function<void(const fs::path& tmp)>& fill) {
+  const fs::path root = fs::path(output_dir) / "checkpoint";
+  const fs::path dir = root / step_dir_name(step);
+  const fs::path tmp = root / (step_dir_name(step) + ".tmp");
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  fill(tmp);
+  fs::remove_all(dir);
+  fs::rename(tmp, dir);
+  atomic_write(root / "latest", dir.filename().string() + "\n");
+  log_info("checkpoint saved: " + dir.string());
+  return dir;
+}
+
+void save_train_state(const fs::path& file, torch::optim::Optimizer& opt, const TrainState& st,
+                      torch::Device device) {
+  torch::serialize::OutputArchive archive;
+  opt.save(archive);
+  archive.write("step", torch::tensor(st.step));
+  archive.write("epoch", torch::tensor(st.epoch));
+  archive.write("batch", torch::tensor(st.batch));
+  archive.write("rng_cpu", rng_state(torch::kCPU));
+  if (device.is_cuda()) archive.write("rng_cuda", rng_state(device));
+  archive.save_to(file.string());
+}
+
+TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Optimizer& opt, torch::Device device) {
+  torch::serialize::InputArchive archive;
+  const std::string state_file = (fs::path(checkpoint_dir) / "trainer_state.pt").string();
+  auto read = [&](const char* key) {
+    torch::Tensor t;  // a fresh tensor per key: read() rebinds its storage
+    archive.read(key, t);
+    return t;
+  };
+  TrainState st;
+  try {
+    archive.load_from(state_file);
+    opt.load(archive);
+    st.step = read("step").item<int64_t>();
+    st.epoch = read("epoch").item<int64_t>();
+    st.batch = read("batch").item<int64_t>();
+    set_rng_state(torch::kCPU, read("rng_cpu"));
+    torch::Tensor cuda_state;
+    if (device.is_cuda() && archive.try_read("rng_cuda", cuda_state)) set_rng_state(device, cuda_state);
+  } catch (const c10::Error& e) {
+    throw Error(state_file + ": unreadable trainer state (" + first_line(e.what_without_backtrace()).substr(0, 200) +
+                ")");
+  }
+  log_info("resuming from " + checkpoint_dir + " at step " + std::to_string(st.step));
+  return st;
+}
+
+std::string resume_checkpoint_dir(const RunConfig& cfg) {
+  check(!cfg.load_checkpoint.empty(), "resume_training needs load_checkpoint (a checkpoint directory)");
+  const std::string dir = locate_weights(cfg.load_checkpoint);
+  check(fs::is_directory(dir) && fs::exists(fs::path(dir) / "trainer_state.pt"),
+        dir + ": cannot resume, no trainer_state.pt (resume needs a training checkpoint)");
+  if (auto a = checkpoint_architecture(dir)) {
+    const bool theirs = a->config.text_config.has_value(), mine = cfg.model.model_config.text_config.has_value();
+    check(theirs == mine, "load_checkpoint: " + a->source + " is a stage-" + (theirs ? "2" : "1") +
+                              " checkpoint, but this run trains stage " + (mine ? "2" : "1") +
+                              " (resume_training continues a run of the same stage)");
+  }
+  return dir;
+}
+
+std::ofstream open_metrics(const std::string& output_dir, int64_t keep_through) {
+  fs::create_directories(output_dir);
+  const fs::path path = fs::path(output_dir) / "metrics.jsonl";
+  std::string kept;  // a resumed run keeps the lines of the steps its checkpoint covers
+  if (keep_through > 0 && fs::exists(path)) {
+    std::istringstream in(read_file(path));
+    for (std::string line; std::getline(in, line);) {
+      auto j = nlohmann::json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.value("step", int64_t{0}) <= keep_through) kept += line + "\n";
+    }
+  }
+  atomic_write(path, kept);
+  return std::ofstream(path, std::ios::app);
+}
+
+}  // namespace blip2

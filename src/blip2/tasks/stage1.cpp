@@ -1,0 +1,221 @@
+#include "blip2/tasks/stage1.h"
+
+#include <map>
+
+#include "blip2/data/caption_datasets.h"
+#include "blip2/dist/dist.h"
+#include "blip2/io/safetensors.h"
+#include "blip2/tasks/factory.h"
+#include "blip2/util/common.h"
+#include "blip2/util/device.h"
+#include "blip2/vision/image.h"
+
+namespace blip2 {
+namespace fs = std::filesystem;
+
+nlohmann::json Stage1Eval::to_json() const {
+  return {{"loss", loss}, {"loss_itc", loss_itc}, {"loss_itm", loss_itm}, {"loss_lm", loss_lm},
+          {"itc_retrieval", itc_retrieval.to_json()}};
+}
+
+Stage1Task::Stage1Task(RunConfig cfg)
+    : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)),
+      ledger_(cfg_.model.model_config.allow_partial_load) {
+  dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel,
+                      cfg_.parallel_config.model_parallel);
+  torch::manual_seed(cfg_.seed);
+  adopt_checkpoint_architectures(cfg_);
+  const auto& mc = cfg_.model.model_config;
+  // Training reads its tokenizer from train_dataset, evaluation from eval_dataset.
+  const DatasetConfig& data = cfg_.run_mode == "train" ? cfg_.train_dataset : cfg_.eval_dataset;
+  const std::string section = cfg_.run_mode == "train" ? "train_dataset" : "eval_dataset";
+  if (data.tokenizer.vocab_file.empty() && data.data_loader.type != "SyntheticShapes")
+    throw Error(section + ".tokenizer.vocab_file is empty: give the path of BERT's vocab.txt "
+                "(bert-base-uncased for the published BLIP-2 weights); \"\" means the synthetic "
+                "vocabulary, which only suits the SyntheticShapes data");
+  tokenizer_ = model_tokenizer(data.tokenizer, mc.qformer_config, section);
+  model_ = build_model(mc, ledger_, device_);
+  const bool resuming = cfg_.run_mode == "train" && cfg_.resume_training;
+  if (!cfg_.load_checkpoint.empty() && !resuming) load_model_weights(*model_, cfg_.load_checkpoint, ledger_);
+  if (!resuming) ledger_.check(*model_, coverage_policy(cfg_, cfg_.run_mode == "train"));
+  model_->to(device_);
+}
+
+Stage1Task::Stage1Task(RunConfig cfg, Blip2Qformer model,
+                                 std::shared_ptr<WordPieceTokenizer> tokenizer,
+                                 std::optional<std::vector<std::string>> random_weights)
+    : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)), model_(std::move(model)),
+      tokenizer_(std::move(tokenizer)),
+      ledger_(random_weights ? WeightLedger(*model_, *random_weights, cfg_.model.model_config.allow_partial_load)
+                             : WeightLedger(cfg_.model.model_config.allow_partial_load)) {
+  dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel,
+                      cfg_.parallel_config.model_parallel);
+  torch::manual_seed(cfg_.seed);
+  const bool partial = cfg_.model.model_config.allow_partial_load;  // the run's load policy
+  cfg_.model.model_config = model_->config();
+  cfg_.model.model_config.allow_partial_load = partial;
+  set_max_image_pixels(cfg_.max_image_pixels);
+  if (!cfg_.load_checkpoint.empty() && !(cfg_.run_mode == "train" && cfg_.resume_training)) {
+    require_checkpoint_architecture(model_->config(), cfg_.load_checkpoint);
+    load_model_weights(*model_, cfg_.load_checkpoint, ledger_);
+    ledger_.check(*model_, coverage_policy(cfg_, cfg_.run_mode == "train"));
+  }
+  model_->to(device_);
+}
+
+void Stage1Task::load_weights(const std::string& path) {
+  require_checkpoint_architecture(model_->config(), path);
+  load_model_weights(*model_, path, ledger_);
+  ledger_.check(*model_, coverage_policy(cfg_, false));
+}
+
+std::vector<std::string> Stage1Task::missing_weights() const {
+  return ledger_.loaded_any() ? ledger_.random() : std::vector<std::string>{};
+}
+
+void Stage1Task::require_weights(const std::vector<std::string>& prefixes, const std::string& task) const {
+  blip2::require_weights(missing_weights(), prefixes, task);
+}
+
+BatchLoader Stage1Task::make_loader(const DatasetConfig& d, bool train) const {
+  return make_batch_loader(cfg_, d, train, tokenizer_);
+}
+
+std::vector<StepLog> Stage1Task::train() {
+  auto loader = make_loader(cfg_.train_dataset, /*train=*/true);
+  Objective obj;
+  obj.name = "train";
+  obj.model = model_.get();
+  obj.step = [this](const Batch& b) {
+    auto out = model_->forward(b.images, b.ids, b.mask, b.image_ids);
+    return StepLosses{out.loss, {{"loss_itc", out.loss_itc}, {"loss_itm", out.loss_itm}, {"loss_lm", out.loss_lm}}};
+  };
+  obj.after_update = [this] {  // BLIP's guard on the learnable temperature
+    torch::NoGradGuard no_grad;
+    model_->temp.clamp_(0.001, 0.5);
+  };
+  obj.save = [this](const fs::path& dir) {
+    save_safetensors((dir / "model.safetensors").string(), state_dict(*model_, !cfg_.runner_config.save_frozen_weights),
+                     {{"format", "blip2cpp"}, {"arch", cfg_.model.arch.type}});
+    atomic_write(dir / "config.yaml", to_yaml(cfg_));
+  };
+  obj.load = [this](const std::string& dir) {
+    require_checkpoint_architecture(model_->config(), dir);
+    load_model_weights(*model_, dir, ledger_);
+    ledger_.check(*model_, coverage_policy(cfg_, true));
+  };
+  EngineOptions eo = EngineOptions::from(cfg_, device_);
+  if (cfg_.resume_training) eo.resume_from = resume_checkpoint_dir(cfg_);
+  return blip2::train(obj, loader, eo);
+}
+
+namespace {
+
+// Which texts match which images when each image and each text carries an image id.
+void match_by_id(const std::vector<int64_t>& image_ids, const std::vector<int64_t>& text_ids,
+                 std::vector<std::vector<int64_t>>& img2txt, std::vector<std::vector<int64_t>>& txt2img) {
+  std::map<int64_t, std::vector<int64_t>> texts_of, images_of;
+  for (size_t t = 0; t < text_ids.size(); ++t) texts_of[text_ids[t]].push_back(static_cast<int64_t>(t));
+  for (size_t i = 0; i < image_ids.size(); ++i) images_of[image_ids[i]].push_back(static_cast<int64_t>(i));
+  img2txt.clear();
+  txt2img.clear();
+  for (int64_t id : image_ids) img2txt.push_back(texts_of[id]);
+  for (int64_t id : text_ids) txt2img.push_back(images_of[id]);
+}
+
+std::vector<int64_t> to_vector(const torch::Tensor& t) {
+  auto c = t.to(torch::kCPU, torch::kLong).contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+}  // namespace
+
+Stage1Task::RetrievalSet Stage1Task::retrieval_set(const BatchLoader& loader, int64_t bs) const {
+  RetrievalSet set;
+  if (const auto* cd = dynamic_cast<const CaptionDataset*>(&loader.dataset())) {
+    // Each distinct image once (entries grouped by image id), each caption once.
+    for (int64_t i = 0; i < cd->num_images(); i += bs) {
+      std::vector<torch::Tensor> imgs;
+      for (int64_t k = i; k < std::min(i + bs, cd->num_images()); ++k) imgs.push_back(cd->image(k));
+      set.image_batches.push_back(torch::stack(imgs));
+    }
+    set.texts = cd->texts();
+    set.img2txt = cd->img2txt();
+    for (int64_t img : cd->txt2img()) set.txt2img.push_back({img});
+    return set;
+  }
+  // One image and one caption per sample; a text matches every image of its image id
+  // (synthetic: the same attribute combination).
+  BatchLoader::Stream stream(loader, 0, 0);
+  std::vector<int64_t> ids;
+  while (!stream.done()) {
+    Batch b = stream.next();
+    set.image_batches.push_back(b.images);
+    set.texts.insert(set.texts.end(), b.captions.begin(), b.captions.end());
+    for (int64_t id : to_vector(b.image_ids)) ids.push_back(id);
+  }
+  match_by_id(ids, ids, set.img2txt, set.txt2img);
+  return set;
+}
+
+Stage1Eval Stage1Task::evaluate() {
+  auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
+  model_->eval();
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(cfg_.seed);  // the hard negatives are sampled: make eval repeatable
+  AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
+  Stage1Eval ev;
+  int64_t seen = 0;
+  std::vector<torch::Tensor> image_feats, text_feats;
+  std::vector<int64_t> ids;
+  torch::Tensor sums = torch::zeros({4}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
+  Progress progress("eval", loader.batches_per_epoch(), cfg_.runner_config.log_interval);
+  BatchLoader::Stream stream(loader, 0, 0);
+  for (int64_t b = 0; b < loader.batches_per_epoch(); ++b) {
+    Batch batch = stream.next().to(device_);
+    auto out = model_->forward(batch.images, batch.ids, batch.mask, batch.image_ids);
+    const double n = static_cast<double>(batch.ids.size(0));
+    sums += torch::stack({out.loss, out.loss_itc, out.loss_itm, out.loss_lm}).to(torch::kFloat64) * n;
+    seen += batch.ids.size(0);
+    image_feats.push_back(out.image_feats.to(torch::kFloat32).cpu());
+    text_feats.push_back(out.text_feat.to(torch::kFloat32).cpu());
+    for (int64_t id : to_vector(batch.image_ids)) ids.push_back(id);
+    progress.update(b + 1, "");
+  }
+  progress.finish();
+  auto mean = (sums / static_cast<double>(std::max<int64_t>(1, seen))).cpu();
+  ev.loss = mean[0].item<double>();
+  ev.loss_itc = mean[1].item<double>();
+  ev.loss_itm = mean[2].item<double>();
+  ev.loss_lm = mean[3].item<double>();
+  if (loader.skipped() > 0) log_warn("skipped " + std::to_string(loader.skipped()) + " unreadable evaluation samples");
+
+  std::vector<std::vector<int64_t>> img2txt, txt2img;
+  if (dynamic_cast<const CaptionDataset*>(&loader.dataset())) {
+    // Retrieval over each distinct image and each caption once, not the training pairs.
+    const auto set = retrieval_set(loader, 32);
+    const auto& tt = cfg_.eval_dataset.text_transforms;
+    image_feats.clear();
+    text_feats.clear();
+    for (const auto& images : set.image_batches) {
+      auto embeds = model_->encode_image(images.to(device_));
+      image_feats.push_back(model_->image_features(model_->query_pass(embeds, false).hidden).to(torch::kFloat32).cpu());
+    }
+    for (size_t i = 0; i < set.texts.size(); i += 32) {
+      std::vector<std::string> texts;
+      for (size_t k = i; k < std::min(i + 32, set.texts.size()); ++k)
+        texts.push_back(clean_caption(set.texts[k], tt.max_words, tt.prompt));
+      auto enc = tokenizer_->encode_batch(texts, tt.max_length, tt.padding);
+      text_feats.push_back(
+          model_->text_features(model_->text_pass(enc.ids.to(device_), enc.mask.to(device_))).to(torch::kFloat32).cpu());
+    }
+    img2txt = set.img2txt;
+    txt2img = set.txt2img;
+  } else {
+    match_by_id(ids, ids, img2txt, txt2img);
+  }
+  ev.itc_retrieval = recall_at_k(max_over_queries(torch::cat(image_feats), torch::cat(text_feats)), img2txt, txt2img);
+  return ev;
+}
+
+}  // namespace blip2

@@ -1,0 +1,545 @@
+"""Writes tests/fixtures/lavis_oracle/: what LAVIS' own stage-1 BLIP-2 code (`Blip2Qformer`,
+GitHub salesforce/LAVIS at commit 506965b) computes on a tiny configuration, so the C++ port can
+be tested against LAVIS itself rather than against a re-typing of its formulas.
+
+Files written:
+  vocab.txt          the 100-line WordPiece vocabulary the tokenizer was built from (LAVIS adds
+                     [DEC] as bos, so the tokenizer and the Q-Former vocabulary have 101 tokens)
+  captions.txt       the four captions (text_input), one a line
+  model.pth          torch.save({"model": state_dict}) of the initial (perturbed) weights, with
+                     LAVIS' names, as LAVIS checkpoints are stored
+  no_decay.txt       trainable parameter names LAVIS' optimizer grouping puts at weight decay 0
+  oracle.safetensors images; per case ("dup": samples carry image_id [0, 0, 1, 2]; "nodup": no
+                     image_id) the input_ids / attention_mask LAVIS' tokenizer produced, the four
+                     losses, the hard-negative indices (argmax sampler), the ITM negative-sampling
+                     weights, the gradient of every trainable parameter after loss.backward()
+                     ("<case>.grad.<name>") and every trainable parameter after one AdamW step
+                     with LAVIS' grouping and LAVIS' LinearWarmupCosineLRScheduler
+                     ("<case>.after.<name>"); and lr, weight_decay, beta1, beta2, eps; and
+                     the scheduler's lr over epochs 0-9 x iterations 0-3 of RUN_CFG
+                     ("schedule.epoch", "schedule.iteration", "schedule.lr").
+
+Nothing is re-implemented: the model, its losses, the optimizer grouping
+(Blip2Base.get_optimizer_params through RunnerBase.optimizer) and the learning-rate scheduler are
+LAVIS' code. Only what would download or import unrelated packages is bypassed:
+  * `lavis`, `lavis.models`, `lavis.runners`, `timm`, `timm.models` are registered as bare
+    packages pointing at the real folders (their __init__ files import every model / dataset, or
+    torchvision); torchvision, webdataset and lavis.datasets are stubbed only while importing;
+  * in lavis.models.blip2_models.blip2, BertTokenizer.from_pretrained (-> the local vocab.txt),
+    BertConfig.from_pretrained (-> a tiny BertConfig), BertLMHeadModel.from_pretrained (-> LAVIS'
+    Qformer.BertLMHeadModel(config)) and create_eva_vit_g (-> LAVIS' eva_vit.VisionTransformer at
+    a tiny size with EVA-g's fixed arguments, fp32, no weights loaded) are replaced;
+  * forward calls dist.get_rank(): a one-process gloo group (init_method file://) is created, so
+    concat_all_gather runs as in LAVIS training (it detaches the gathered side);
+  * torch.multinomial, as seen from blip2_qformer, returns the argmax of the weight row (asserted
+    > 0, no NaN), so the hard negatives are deterministic; F.softmax there is wrapped to record
+    the negative-sampling weights.
+All weights are LAVIS' own init (torch.manual_seed(0)) plus 0.1 * randn on every parameter but
+temp, so that no tensor sits at a trivial init value; dropout is 0; one thread.
+
+How to run (no network needed beyond the package registries):
+
+    python3 -m venv /tmp/lavis_venv
+    /tmp/lavis_venv/bin/pip install torch==2.13.0
+    /tmp/lavis_venv/bin/pip install --no-deps salesforce-lavis==1.0.2
+    /tmp/lavis_venv/bin/pip install transformers==4.26.1 huggingface-hub==0.14.1 numpy==1.26.4 \\
+        fairscale==0.4.4 iopath==0.1.10 omegaconf pandas pyyaml safetensors
+    /tmp/lavis_venv/bin/pip install --no-deps timm==0.4.12
+    # LAVIS' GitHub code at 506965b (the fetch tool, or a git clone of salesforce/LAVIS):
+    mkdir -p /tmp/lavis_src
+    git --git-dir=<LAVIS .git> archive 506965b lavis/models lavis/common lavis/runners \\
+        | tar -x -C /tmp/lavis_src
+    /tmp/lavis_venv/bin/python tools/make_lavis_oracle.py [--lavis-src /tmp/lavis_src] [--out DIR]
+
+The script also runs a check that is not written to the fixtures: the "nodup" case with LAVIS'
+concat_all_gather replaced by the identity (gradient through the gathered side of ITC), and
+prints how the losses and the query_tokens gradient norm change.
+"""
+import argparse
+import collections
+import copy
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import tempfile
+import types
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+DEFAULT_OUT = os.path.join(ROOT, "tests", "fixtures", "lavis_oracle")
+
+CAPTIONS = [
+    "a red circle on the left",
+    "a small blue square",
+    "two green triangles at the top",
+    "a dog",
+]
+DUP_IMAGE_IDS = [0, 0, 1, 2]
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+FILLER = (
+    "cat bird fish tree house car road sky sun moon star water river lake hill field grass "
+    "flower leaf stone rock sand snow rain cloud wind light dark night day man woman child boy "
+    "girl person people hand head face eye door window wall floor table chair bed cup plate "
+    "bowl bottle box bag ball book paper pen phone screen yellow black white orange purple pink "
+    "brown gray large tiny big round flat tall short long old new three four five one right "
+    "bottom middle center under over near far next"
+).split()
+
+# Tiny shapes (the C++ test builds the same).
+VIT = dict(img_size=28, patch_size=7, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.25)
+QFORMER = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=80,
+               max_position_embeddings=40, hidden_dropout_prob=0.0,
+               attention_probs_dropout_prob=0.0, layer_norm_eps=1e-12, initializer_range=0.02,
+               hidden_act="gelu")
+BLIP2 = dict(vit_model="eva_clip_g", img_size=28, drop_path_rate=0, use_grad_checkpoint=False,
+             vit_precision="fp32", freeze_vit=True, num_query_token=6, cross_attention_freq=2,
+             embed_dim=16, max_txt_len=12)
+# LAVIS' BLIP-2 pretraining run settings (run_cfg of its pretrain configs / RunnerBase defaults).
+RUN_CFG = dict(init_lr=1e-4, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=2, max_epoch=10,
+               weight_decay=0.05, beta2=0.999)
+
+
+def write_vocab(path):
+    words = []
+    for caption in CAPTIONS:
+        for w in caption.split():
+            if w not in words:
+                words.append(w)
+    for w in FILLER:
+        if len(SPECIAL) + len(words) >= 100:
+            break
+        if w not in words:
+            words.append(w)
+    lines = SPECIAL + words
+    assert len(lines) == 100, len(lines)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return len(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Importing LAVIS' code without its package __init__ files
+
+
+def _bare_package(name, path):
+    module = types.ModuleType(name)
+    module.__path__ = [path]
+    module.__file__ = os.path.join(path, "__init__.py")
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    module.__spec__.submodule_search_locations = [path]
+    sys.modules[name] = module
+    parent, _, child = name.rpartition(".")
+    if parent:
+        setattr(sys.modules[parent], child, module)
+    return module
+
+
+def _stub_modules(names_to_attrs):
+    """Installs stub modules; returns the names installed (to remove afterwards)."""
+    installed = []
+    for name, attrs in names_to_attrs.items():
+        if name in sys.modules:
+            continue
+        module = types.ModuleType(name)
+        for attr in attrs:
+            def unavailable(*args, _attr=attr, **kwargs):
+                raise RuntimeError("stubbed while importing LAVIS: " + _attr)
+            setattr(module, attr, unavailable)
+        sys.modules[name] = module
+        installed.append(name)
+    return installed
+
+
+def import_lavis(lavis_src):
+    lavis_dir = os.path.join(os.path.abspath(lavis_src), "lavis")
+    if not os.path.isfile(os.path.join(lavis_dir, "models", "blip2_models", "blip2_qformer.py")):
+        sys.exit("no LAVIS source under %s (see the docstring: git archive 506965b ...)" % lavis_src)
+    sys.path.insert(0, os.path.abspath(lavis_src))
+
+    # transformers first, so that its timm / torchvision probes see the real (or no) packages.
+    importlib.import_module("transformers")
+    importlib.import_module("transformers.modeling_utils")
+    importlib.import_module("transformers.models.bert.tokenization_bert")
+
+    # timm's own __init__ imports every model (and torchvision); its layers/hub are what LAVIS uses.
+    timm_spec = importlib.util.find_spec("timm")
+    timm_dir = timm_spec.submodule_search_locations[0]
+    timm = _bare_package("timm", timm_dir)
+    _bare_package("timm.models", os.path.join(timm_dir, "models"))
+    timm.__version__ = importlib.import_module("timm.version").__version__
+
+    _bare_package("lavis", lavis_dir)
+    lavis_models = _bare_package("lavis.models", os.path.join(lavis_dir, "models"))
+    stubs = _stub_modules({
+        "torchvision": [], "torchvision.datasets": [],
+        "torchvision.datasets.utils": ["check_integrity", "download_file_from_google_drive",
+                                       "extract_archive"],
+    })
+    try:
+        importlib.import_module("lavis.common.utils")
+    finally:
+        for name in stubs:
+            del sys.modules[name]
+    base_model = importlib.import_module("lavis.models.base_model")
+    lavis_models.BaseModel = base_model.BaseModel  # what registry.register_model imports
+
+    mods = types.SimpleNamespace()
+    mods.base_model = base_model
+    mods.blip2 = importlib.import_module("lavis.models.blip2_models.blip2")
+    mods.qformer = importlib.import_module("lavis.models.blip2_models.Qformer")
+    mods.blip2_qformer = importlib.import_module("lavis.models.blip2_models.blip2_qformer")
+    mods.eva_vit = importlib.import_module("lavis.models.eva_vit")
+    mods.optims = importlib.import_module("lavis.common.optims")
+
+    # RunnerBase (for its optimizer property) imports webdataset and the dataset code.
+    _bare_package("lavis.runners", os.path.join(lavis_dir, "runners"))
+    stubs = _stub_modules({
+        "webdataset": [],
+        "lavis.datasets": [], "lavis.datasets.datasets": [],
+        "lavis.datasets.data_utils": ["concat_datasets", "reorg_datasets_by_split"],
+        "lavis.datasets.datasets.dataloader_utils": ["IterLoader", "MultiIterLoader",
+                                                     "PrefetchLoader"],
+    })
+    try:
+        mods.runner_base = importlib.import_module("lavis.runners.runner_base")
+    finally:
+        for name in stubs:
+            del sys.modules[name]
+    return mods
+
+
+def install_offline_constructors(mods, vocab_path, vocab_size):
+    from transformers import BertConfig, BertTokenizer
+
+    def tokenizer_from_pretrained(name, **kwargs):
+        assert name == "bert-base-uncased", name
+        return BertTokenizer(vocab_file=vocab_path, do_lower_case=True, **kwargs)
+
+    def config_from_pretrained(name, **kwargs):
+        assert name == "bert-base-uncased" and not kwargs, (name, kwargs)
+        return BertConfig(vocab_size=vocab_size, **QFORMER)
+
+    def lm_from_pretrained(name, config):
+        assert name == "bert-base-uncased", name
+        model = mods.qformer.BertLMHeadModel(config)  # LAVIS' class, LAVIS' _init_weights
+        return model.eval()  # as PreTrainedModel.from_pretrained leaves it
+
+    def tiny_create_eva_vit_g(img_size=224, drop_path_rate=0.4, use_checkpoint=False,
+                              precision="fp16"):
+        # create_eva_vit_g's fixed arguments, at a tiny size; no weights are loaded and, in fp32,
+        # create_eva_vit_g does nothing else to the model.
+        assert precision == "fp32", precision
+        assert img_size == VIT["img_size"], img_size
+        return mods.eva_vit.VisionTransformer(
+            img_size=img_size,
+            patch_size=VIT["patch_size"],
+            use_mean_pooling=False,
+            embed_dim=VIT["embed_dim"],
+            depth=VIT["depth"],
+            num_heads=VIT["num_heads"],
+            mlp_ratio=VIT["mlp_ratio"],
+            qkv_bias=True,
+            drop_path_rate=drop_path_rate,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            use_checkpoint=use_checkpoint,
+        )
+
+    mods.blip2.BertTokenizer = types.SimpleNamespace(from_pretrained=tokenizer_from_pretrained)
+    mods.blip2.BertConfig = types.SimpleNamespace(from_pretrained=config_from_pretrained)
+    mods.blip2.BertLMHeadModel = types.SimpleNamespace(from_pretrained=lm_from_pretrained)
+    mods.blip2.create_eva_vit_g = tiny_create_eva_vit_g
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording what forward does
+
+
+class _ModuleView:
+    """A stand-in for a module object (torch, F) as one LAVIS module sees it: every attribute is
+    the real one except those given."""
+
+    def __init__(self, real, **overrides):
+        self._real = real
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+class Recorder:
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.negatives = []
+        self.softmax = []
+        self.tokens = []
+
+    def multinomial(self, weights, num_samples, *args, **kwargs):
+        assert num_samples == 1 and not args and not kwargs, (num_samples, args, kwargs)
+        assert weights.dim() == 1
+        assert not torch.isnan(weights).any(), weights
+        idx = int(torch.argmax(weights).item())
+        assert weights[idx].item() > 0, weights
+        self.negatives.append(idx)
+        return torch.tensor([idx], dtype=torch.long, device=weights.device)
+
+    def softmax_fn(self, real_softmax):
+        def softmax(x, *args, **kwargs):
+            out = real_softmax(x, *args, **kwargs)
+            self.softmax.append(out.detach().clone())
+            return out
+        return softmax
+
+
+class TokenizerView:
+    """Wraps LAVIS' tokenizer to record what it returns inside forward."""
+
+    def __init__(self, tokenizer, recorder):
+        self._tokenizer = tokenizer
+        self._recorder = recorder
+
+    def __call__(self, *args, **kwargs):
+        out = self._tokenizer(*args, **kwargs)
+        self._recorder.tokens.append((out.input_ids.clone(), out.attention_mask.clone()))
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __len__(self):
+        return len(self._tokenizer)
+
+
+def init_process_group(tmpdir):
+    if dist.is_initialized():
+        return
+    dist.init_process_group("gloo", init_method="file://" + os.path.join(tmpdir, "pg"),
+                            rank=0, world_size=1)
+
+
+def make_optimizer(mods, model):
+    """LAVIS' RunnerBase.optimizer property, run on a minimal runner holding the model and the
+    run config (it calls model.get_optimizer_params(weight_decay, lr_layer_decay))."""
+    from omegaconf import OmegaConf
+    runner = types.SimpleNamespace(
+        _optimizer=None, _model=model,
+        config=types.SimpleNamespace(run_cfg=OmegaConf.create(dict(
+            init_lr=RUN_CFG["init_lr"], weight_decay=RUN_CFG["weight_decay"],
+            beta2=RUN_CFG["beta2"]))))
+    return mods.runner_base.RunnerBase.optimizer.fget(runner)
+
+
+def run_case(mods, model, initial_state, samples, recorder):
+    """One LAVIS training iteration from the initial weights: forward, backward, scheduler step
+    (cur_epoch=0, cur_step=1), optimizer step. Returns everything recorded."""
+    model.load_state_dict(initial_state, strict=True)
+    model.zero_grad(set_to_none=True)
+    model.train()  # the ViT stays in eval (LAVIS disables its train())
+    assert not model.visual_encoder.training
+    recorder.reset()
+
+    optimizer = make_optimizer(mods, model)
+    scheduler = mods.optims.LinearWarmupCosineLRScheduler(
+        optimizer, max_epoch=RUN_CFG["max_epoch"], min_lr=RUN_CFG["min_lr"],
+        init_lr=RUN_CFG["init_lr"], warmup_steps=RUN_CFG["warmup_steps"],
+        warmup_start_lr=RUN_CFG["warmup_lr"])
+    scheduler.step(cur_epoch=0, cur_step=1)  # as BaseTask._train_inner_loop, before forward
+
+    output = model(samples)
+    output.loss.backward()
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = collections.OrderedDict()
+    no_grad = []
+    for n, p in trainable:
+        if p.grad is None:
+            no_grad.append(n)
+        else:
+            grads[n] = p.grad.detach().clone()
+
+    optimizer.step()
+    after = collections.OrderedDict((n, p.detach().clone()) for n, p in trainable)
+
+    groups = []
+    for g in optimizer.param_groups:
+        groups.append(dict(names=[names[id(p)] for p in g["params"]], lr=g["lr"],
+                           weight_decay=g["weight_decay"], betas=g["betas"], eps=g["eps"],
+                           lr_scale=g.get("lr_scale")))
+    assert len(recorder.tokens) == 1, len(recorder.tokens)
+    assert len(recorder.negatives) == 2 * len(CAPTIONS), recorder.negatives
+    assert len(recorder.softmax) == 2, len(recorder.softmax)
+    bs = len(CAPTIONS)
+    return dict(
+        loss=output.loss.detach().clone(), loss_itc=output.loss_itc.detach().clone(),
+        loss_itm=output.loss_itm.detach().clone(), loss_lm=output.loss_lm.detach().clone(),
+        input_ids=recorder.tokens[0][0], attention_mask=recorder.tokens[0][1],
+        # blip2_qformer.forward: the first bs multinomial calls pick a negative image per text
+        # (from weights_t2i), the next bs a negative text per image (from weights_i2t).
+        image_for_text=torch.tensor(recorder.negatives[:bs], dtype=torch.long),
+        text_for_image=torch.tensor(recorder.negatives[bs:], dtype=torch.long),
+        weights_t2i=recorder.softmax[0], weights_i2t=recorder.softmax[1],
+        grads=grads, no_grad=no_grad, after=after, groups=groups,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lavis-src", default="/tmp/lavis_src",
+                        help="folder holding lavis/ from `git archive 506965b lavis/models "
+                             "lavis/common lavis/runners`")
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    os.makedirs(args.out, exist_ok=True)
+    vocab_path = os.path.join(args.out, "vocab.txt")
+    vocab_size = write_vocab(vocab_path)
+    with open(os.path.join(args.out, "captions.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(CAPTIONS) + "\n")
+
+    mods = import_lavis(args.lavis_src)
+    install_offline_constructors(mods, vocab_path, vocab_size)
+
+    recorder = Recorder()
+    qf = mods.blip2_qformer
+    qf.torch = _ModuleView(torch, multinomial=recorder.multinomial)
+    qf.F = _ModuleView(F, softmax=recorder.softmax_fn(F.softmax))
+
+    with tempfile.TemporaryDirectory() as tmpdir:
+        init_process_group(tmpdir)
+
+        torch.manual_seed(0)
+        model = qf.Blip2Qformer(**BLIP2)
+        assert len(model.tokenizer) == vocab_size + 1  # [DEC]
+        with torch.no_grad():  # move every tensor off its init value (temp stays 0.07)
+            for name, p in model.named_parameters():
+                if name != "temp":
+                    p.add_(0.1 * torch.randn_like(p))
+        model.tokenizer = TokenizerView(model.tokenizer, recorder)
+        initial_state = copy.deepcopy(model.state_dict())
+
+        gen = torch.Generator().manual_seed(1234)
+        images = torch.randn(4, 3, 28, 28, generator=gen)
+        image_ids = torch.tensor(DUP_IMAGE_IDS, dtype=torch.long)
+
+        cases = collections.OrderedDict()
+        cases["dup"] = run_case(mods, model, initial_state,
+                                {"image": images, "text_input": list(CAPTIONS),
+                                 "image_id": image_ids}, recorder)
+        cases["nodup"] = run_case(mods, model, initial_state,
+                                  {"image": images, "text_input": list(CAPTIONS)}, recorder)
+
+        # Check only (not written): gradient through the gathered side of ITC.
+        real_gather = qf.concat_all_gather
+        qf.concat_all_gather = lambda t: t
+        try:
+            identity = run_case(mods, model, initial_state,
+                                {"image": images, "text_input": list(CAPTIONS)}, recorder)
+        finally:
+            qf.concat_all_gather = real_gather
+        dist.destroy_process_group()
+
+    # LAVIS' LinearWarmupCosineLRScheduler over a grid of (epoch, iteration), as
+    # BaseTask._train_inner_loop calls it before every iteration.
+    schedule = []
+    probe = torch.nn.Linear(1, 1)
+    probe_opt = torch.optim.AdamW(probe.parameters(), lr=RUN_CFG["init_lr"])
+    probe_sched = mods.optims.LinearWarmupCosineLRScheduler(
+        probe_opt, max_epoch=RUN_CFG["max_epoch"], min_lr=RUN_CFG["min_lr"],
+        init_lr=RUN_CFG["init_lr"], warmup_steps=RUN_CFG["warmup_steps"],
+        warmup_start_lr=RUN_CFG["warmup_lr"])
+    for epoch in range(RUN_CFG["max_epoch"]):
+        for it in range(4):
+            probe_sched.step(cur_epoch=epoch, cur_step=it)
+            schedule.append((epoch, it, probe_opt.param_groups[0]["lr"]))
+
+    # ----- write
+    from safetensors.torch import save_file
+
+    tensors = collections.OrderedDict()
+    tensors["images"] = images
+    tensors["dup.image_ids"] = image_ids
+    groups = cases["dup"]["groups"]
+    lr = groups[0]["lr"]
+    assert all(g["lr"] == lr for g in groups)
+    wd = [g["weight_decay"] for g in groups if g["weight_decay"] != 0]
+    assert len(set(wd)) == 1
+    tensors["lr"] = torch.tensor([lr], dtype=torch.float64)
+    tensors["weight_decay"] = torch.tensor([wd[0]], dtype=torch.float64)
+    tensors["beta1"] = torch.tensor([groups[0]["betas"][0]], dtype=torch.float64)
+    tensors["beta2"] = torch.tensor([groups[0]["betas"][1]], dtype=torch.float64)
+    tensors["eps"] = torch.tensor([groups[0]["eps"]], dtype=torch.float64)
+    tensors["schedule.epoch"] = torch.tensor([e for e, _, _ in schedule], dtype=torch.int64)
+    tensors["schedule.iteration"] = torch.tensor([i for _, i, _ in schedule], dtype=torch.int64)
+    tensors["schedule.lr"] = torch.tensor([lr for _, _, lr in schedule], dtype=torch.float64)
+    for case, r in cases.items():
+        assert r["groups"] == groups
+        for k in ("input_ids", "attention_mask", "image_for_text", "text_for_image"):
+            tensors["%s.%s" % (case, k)] = r[k].to(torch.int64)
+        for k in ("loss", "loss_itc", "loss_itm", "loss_lm"):
+            tensors["%s.%s" % (case, k)] = r[k].reshape(1).to(torch.float32)
+        tensors[case + ".weights_t2i"] = r["weights_t2i"]
+        tensors[case + ".weights_i2t"] = r["weights_i2t"]
+        for n, g in r["grads"].items():
+            tensors["%s.grad.%s" % (case, n)] = g
+        for n, p in r["after"].items():
+            tensors["%s.after.%s" % (case, n)] = p
+    tensors = collections.OrderedDict((k, v.detach().contiguous().clone()) for k, v in tensors.items())
+    save_file(tensors, os.path.join(args.out, "oracle.safetensors"),
+              metadata={"source": "salesforce/LAVIS 506965b Blip2Qformer via "
+                                  "tools/make_lavis_oracle.py"})
+    os.chmod(os.path.join(args.out, "oracle.safetensors"), 0o644)
+
+    no_decay = [n for g in groups if g["weight_decay"] == 0 for n in g["names"]]
+    with open(os.path.join(args.out, "no_decay.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(no_decay) + "\n")
+
+    torch.save({"model": initial_state}, os.path.join(args.out, "model.pth"))
+
+    # ----- report
+    print("state_dict:")
+    for k, v in initial_state.items():
+        print("  %-70s %-16s %s" % (k, tuple(v.shape), str(v.dtype).replace("torch.", "")))
+    print("optimizer groups:")
+    for g in groups:
+        print("  weight_decay=%s lr=%.6g lr_scale=%s betas=%s eps=%s: %d params"
+              % (g["weight_decay"], g["lr"], g["lr_scale"], g["betas"], g["eps"], len(g["names"])))
+    print("  decay group:", [n for g in groups if g["weight_decay"] != 0 for n in g["names"]])
+    for case, r in list(cases.items()) + [("nodup_identity_gather", identity)]:
+        print("%s: loss %.7f itc %.7f itm %.7f lm %.7f" % (
+            case, r["loss"].item(), r["loss_itc"].item(), r["loss_itm"].item(),
+            r["loss_lm"].item()))
+        print("  image_for_text", r["image_for_text"].tolist(),
+              "text_for_image", r["text_for_image"].tolist())
+        print("  weights_t2i", r["weights_t2i"].tolist())
+        print("  weights_i2t", r["weights_i2t"].tolist())
+        print("  params without grad:", r["no_grad"])
+        print("  |grad query_tokens| = %.6f" % r["grads"]["query_tokens"].norm().item())
+    changed = [n for n in cases["nodup"]["grads"]
+               if not torch.allclose(cases["nodup"]["grads"][n], identity["grads"][n],
+                                     rtol=1e-5, atol=1e-7)]
+    print("identity gather changes the gradient of %d of %d trainable parameters"
+          % (len(changed), len(cases["nodup"]["grads"])))
+    print("input_ids", cases["dup"]["input_ids"].tolist())
+    print("lr %.10g" % lr)
+    total = 0
+    for fn in sorted(os.listdir(args.out)):
+        size = os.path.getsize(os.path.join(args.out, fn))
+        total += size
+        print("  %-20s %9d bytes" % (fn, size))
+    print("  total %d bytes" % total)
+
+
+if __name__ == "__main__":
+    main()
