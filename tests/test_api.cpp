@@ -150,7 +150,7 @@ TEST(ZeroShot, ClassifierMatchesTheHuggingFaceFixtureScores) {
   in.image_embeds = embeds;
   in.image_feats = model->image_features(model->query_pass(embeds, false).hidden);
   in.text_ids = ids;
-  in.text_mask = mask;
+  in.text_keep = mask;
   in.text_feats = model->text_features(model->text_pass(ids, mask));
   auto scores = rerank_top_k(model, in, RerankOptions{});
   auto itc_diag = io.at("itc_logits_per_image").diagonal();

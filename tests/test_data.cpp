@@ -147,7 +147,7 @@ TEST(Text, TokenizerMatchesHuggingFaceOnTheCorpus) {
       std::vector<int64_t> ids16(enc.ids.data_ptr<int64_t>(), enc.ids.data_ptr<int64_t>() + 16);
       bool ok = ids == want["ids"].get<std::vector<int64_t>>() &&
                 ids16 == want["ids16"].get<std::vector<int64_t>>() &&
-                enc.mask.sum().item<int64_t>() == want["mask16"].get<int64_t>();
+                enc.keep.sum().item<int64_t>() == want["mask16"].get<int64_t>();
       if (!ok && ++mismatches <= 3)
         ADD_FAILURE() << name << " line " << i << ": " << nlohmann::json(text).dump()
                       << "\n  want " << want["ids"].dump() << "\n  got  " << nlohmann::json(ids).dump();

@@ -113,11 +113,11 @@ TEST(Precision, CpuBf16AutocastKeepsLossesNearFp32) {
   auto x = torch::stack(images);
   auto image_ids = torch::tensor(ids);
   torch::NoGradGuard no_grad;
-  auto fp32 = model->forward(x, enc.ids, enc.mask, image_ids);
+  auto fp32 = model->forward(x, enc.ids, enc.keep, image_ids);
   Stage1Output bf16;
   {
     AutocastGuard autocast(true, torch::kCPU);
-    bf16 = model->forward(x, enc.ids, enc.mask, image_ids);
+    bf16 = model->forward(x, enc.ids, enc.keep, image_ids);
   }
   for (const auto& [name, a, b] : {std::tuple{"loss_itc", fp32.loss_itc, bf16.loss_itc},
                                    std::tuple{"loss_itm", fp32.loss_itm, bf16.loss_itm},

@@ -168,7 +168,7 @@ TEST_F(LavisOracle, TokenizerGivesLavisIds) {
   EXPECT_EQ(tok.bos_id(), 100);
   auto enc = tok.encode_batch(read_lines(kOracle / "captions.txt"), 12, "max_length");
   EXPECT_TRUE(torch::equal(enc.ids, at("dup.input_ids")));
-  EXPECT_TRUE(torch::equal(enc.mask, at("dup.attention_mask")));
+  EXPECT_TRUE(torch::equal(enc.keep, at("dup.attention_mask")));
 }
 
 TEST_F(LavisOracle, LossesAndGradientsWithDuplicateImageIds) {

@@ -25,16 +25,16 @@ TEST(Retrieval, RerankingCoveringEverythingEqualsBruteForce) {
   in.image_embeds = model->encode_image(torch::randn({4, 3, 32, 32}));
   in.image_feats = model->image_features(model->query_pass(in.image_embeds, false).hidden);
   in.text_ids = torch::randint(5, 50, {5, 7});
-  in.text_mask = torch::ones({5, 7}, torch::kLong);
-  in.text_mask[1].narrow(0, 4, 3).zero_();
-  in.text_ids.masked_fill_(in.text_mask == 0, 0);
-  in.text_feats = model->text_features(model->text_pass(in.text_ids, in.text_mask));
+  in.text_keep = torch::ones({5, 7}, torch::kLong);
+  in.text_keep[1].narrow(0, 4, 3).zero_();
+  in.text_ids.masked_fill_(in.text_keep == 0, 0);
+  in.text_feats = model->text_features(model->text_pass(in.text_ids, in.text_keep));
   auto sim = max_over_queries(in.image_feats, in.text_feats);
   auto brute = torch::empty({4, 5});
   for (int i = 0; i < 4; ++i)
     for (int t = 0; t < 5; ++t)
       brute[i][t] = model->itm_logits(in.image_embeds.narrow(0, i, 1), in.text_ids.narrow(0, t, 1),
-                                      in.text_mask.narrow(0, t, 1))[0][1] + sim[i][t];
+                                      in.text_keep.narrow(0, t, 1))[0][1] + sim[i][t];
   for (bool reuse : {true, false}) {
     RerankOptions o;
     o.k_test = 128;

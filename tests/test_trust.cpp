@@ -330,6 +330,31 @@ TEST(Trust, Stage2ResumeContinuesExactly) {
   fs::remove_all(dir);
 }
 
+TEST(Trust, ResumeRefusesAnotherStageOrArchitecture) {
+  // A stage-2 checkpoint does not resume a stage-1 run, and a checkpoint of another Q-Former
+  // does not resume this one: one line naming the key and both files.
+  auto dir = temp_dir("trust_resume_other");
+  RunConfig s2 = short_stage2(dir / "s2");
+  s2.runner_config.max_steps = 2;
+  Stage2Task(s2).train();
+  RunConfig s1 = parse_run_config(embedded_tiny_config(), "tiny.yaml");
+  s1.output_dir = (dir / "s1").string();
+  s1.resume_training = true;
+  s1.load_checkpoint = (dir / "s2").string();
+  auto msg = error_of([&] { Stage1Task(s1).train(); });
+  EXPECT_TRUE(contains(msg, "stage-2 checkpoint, but this run trains stage 1") ||
+              contains(msg, "text_config")) << msg;
+  RunConfig other = short_stage2(dir / "s2");
+  other.resume_training = true;
+  other.load_checkpoint = (dir / "s2").string();
+  other.model.model_config.qformer_config.num_hidden_layers = 2;
+  other.given["model.model_config.qformer_config.num_hidden_layers"] = "test";
+  msg = error_of([&] { Stage2Task(other).train(); });
+  EXPECT_TRUE(contains(msg, "qformer_config.num_hidden_layers")) << msg;
+  EXPECT_TRUE(contains(msg, "config.yaml")) << msg;
+  fs::remove_all(dir);
+}
+
 TEST(Trust, OptionsThatWouldDoNothingAreRefused) {
   // Gradient accumulation of no batches, and k_test below the R@10 that retrieval reports.
   // (bf16 autocast is honoured on the CPU too: Precision.* runs it.)

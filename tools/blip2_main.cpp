@@ -44,7 +44,7 @@ int tokenize_texts(const std::string& vocab, const std::vector<std::string>& tex
   auto tok = blip2::WordPieceTokenizer::from_file(vocab, lower);
   auto enc = tok.encode_batch(texts, max_length, padding == "none" ? "longest" : padding);
   for (int64_t i = 0; i < enc.ids.size(0); ++i) {
-    const int64_t n = padding == "none" ? enc.mask[i].sum().item<int64_t>() : enc.ids.size(1);
+    const int64_t n = padding == "none" ? enc.keep[i].sum().item<int64_t>() : enc.ids.size(1);
     std::vector<int64_t> ids(enc.ids[i].data_ptr<int64_t>(), enc.ids[i].data_ptr<int64_t>() + n);
     std::cout << nlohmann::json(ids).dump() << "\n";
   }

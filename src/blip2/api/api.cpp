@@ -149,7 +149,7 @@ std::pair<torch::Tensor, torch::Tensor> Blip2Model::tokenize(const std::vector<s
     std::vector<std::string> cleaned;
     for (const auto& t : texts) cleaned.push_back(clean_caption(t, 50, ""));
     auto enc = tokenizer_->encode_batch(cleaned, max_length, "max_length");
-    return std::pair{enc.ids.to(device()), enc.mask.to(device())};
+    return std::pair{enc.ids.to(device()), enc.keep.to(device())};
   });
 }
 

@@ -77,7 +77,7 @@ class Blip2Model {
   // on the model's device.
   torch::Tensor preprocess(const std::vector<Image>& images) const;
   torch::Tensor preprocess(const std::vector<std::string>& image_paths) const;
-  // Texts cleaned like captions and tokenised: {ids, mask} on the model's device, padded to
+  // Texts cleaned like captions and tokenised: {ids, keep} on the model's device, padded to
   // max_length (0 = the model's max_txt_len; more than the Q-Former's positions is an error).
   std::pair<torch::Tensor, torch::Tensor> tokenize(const std::vector<std::string>& texts,
                                                    int64_t max_length = 0) const;

@@ -46,12 +46,12 @@ class ImageTextDataset {
 struct Batch {
   torch::Tensor images;    // [B, 3, S, S]
   torch::Tensor ids;       // [B, L]
-  torch::Tensor mask;      // [B, L]
+  torch::Tensor keep;      // [B, L] keep-mask: 1 = token, 0 = padding
   torch::Tensor image_ids; // [B] ImageTextSample::image_id
   torch::Tensor labels;    // [B]
   std::vector<int64_t> indices;  // the dataset index of each sample (for describe())
   std::vector<std::string> captions;  // cleaned
-  // ids/mask stay undefined without a tokenizer; copies from pinned memory do not block.
+  // ids/keep stay undefined without a tokenizer; copies from pinned memory do not block.
   Batch to(const torch::Device& device) const;
 };
 
@@ -69,7 +69,7 @@ struct LoaderOptions {
 
 class BatchLoader {
  public:
-  // A null tokenizer leaves ids/mask undefined (the captions are still cleaned).
+  // A null tokenizer leaves ids/keep undefined (the captions are still cleaned).
   BatchLoader(std::shared_ptr<const ImageTextDataset> dataset,
               std::shared_ptr<const WordPieceTokenizer> tokenizer, TextTransformConfig text,
               LoaderOptions options);

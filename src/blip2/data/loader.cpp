@@ -12,7 +12,7 @@ Batch Batch::to(const torch::Device& device) const {
   auto move = [&](const torch::Tensor& t) { return t.to(device, /*non_blocking=*/t.is_pinned()); };
   b.images = move(images);
   if (ids.defined()) b.ids = move(ids);
-  if (mask.defined()) b.mask = move(mask);
+  if (keep.defined()) b.keep = move(keep);
   b.image_ids = move(image_ids);
   b.labels = move(labels);
   return b;
@@ -110,7 +110,7 @@ Batch BatchLoader::collate(const std::vector<int64_t>& indices, int64_t epoch) c
   if (tokenizer_) {  // stage 2 tokenises with the LLM's tokenizer itself
     auto enc = tokenizer_->encode_batch(b.captions, text_.max_length, text_.padding);
     b.ids = enc.ids;
-    b.mask = enc.mask;
+    b.keep = enc.keep;
   }
   b.image_ids = torch::tensor(ids, torch::kLong);
   b.indices = std::move(used);
@@ -118,7 +118,7 @@ Batch BatchLoader::collate(const std::vector<int64_t>& indices, int64_t epoch) c
   if (opt_.pin_memory) {
     b.images = b.images.pin_memory();
     if (b.ids.defined()) b.ids = b.ids.pin_memory();
-    if (b.mask.defined()) b.mask = b.mask.pin_memory();
+    if (b.keep.defined()) b.keep = b.keep.pin_memory();
     b.image_ids = b.image_ids.pin_memory();
     b.labels = b.labels.pin_memory();
   }

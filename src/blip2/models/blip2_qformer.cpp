@@ -65,14 +65,14 @@ torch::Tensor Blip2QformerImpl::encode_image(const torch::Tensor& images) {
 
 QueryOutput Blip2QformerImpl::query_pass(const torch::Tensor& image_embeds, bool use_cache) {
   auto queries = query_tokens.expand({image_embeds.size(0), -1, -1});
-  auto out = qformer->forward(queries, /*mask: queries see each other*/ torch::Tensor(),
+  auto out = qformer->forward(queries, /*additive_mask: none, queries see each other*/ torch::Tensor(),
                               queries.size(1), image_embeds,
                      nullptr, use_cache);
   return {out.last_hidden_state, std::move(out.past)};
 }
 
-torch::Tensor Blip2QformerImpl::text_pass(const torch::Tensor& ids, const torch::Tensor& mask) {
-  return qformer->forward(embeddings(ids), padding_mask(mask), 0).last_hidden_state;
+torch::Tensor Blip2QformerImpl::text_pass(const torch::Tensor& ids, const torch::Tensor& keep) {
+  return qformer->forward(embeddings(ids), padding_mask(keep), 0).last_hidden_state;
 }
 
 torch::Tensor Blip2QformerImpl::image_features(const torch::Tensor& query_hidden) {
@@ -84,27 +84,27 @@ torch::Tensor Blip2QformerImpl::text_features(const torch::Tensor& text_hidden) 
 }
 
 torch::Tensor Blip2QformerImpl::multimodal_pass(const torch::Tensor& image_embeds,
-                                                const torch::Tensor& ids, const torch::Tensor& mask) {
+                                                const torch::Tensor& ids, const torch::Tensor& keep) {
   const int64_t n = ids.size(0), nq = query_tokens.size(1);
   auto queries = query_tokens.expand({n, -1, -1});
   auto embeds = torch::cat({queries, embeddings(ids)}, 1);
-  auto keep = torch::cat({torch::ones({n, nq}, mask.options()), mask}, 1);
-  return qformer->forward(embeds, padding_mask(keep), nq, image_embeds).last_hidden_state;
+  auto joint = torch::cat({torch::ones({n, nq}, keep.options()), keep}, 1);
+  return qformer->forward(embeds, padding_mask(joint), nq, image_embeds).last_hidden_state;
 }
 
 torch::Tensor Blip2QformerImpl::itm_logits(const torch::Tensor& image_embeds,
-                                           const torch::Tensor& ids, const torch::Tensor& mask) {
+                                           const torch::Tensor& ids, const torch::Tensor& keep) {
   const int64_t nq = query_tokens.size(1);
-  return itm_head(multimodal_pass(image_embeds, ids, mask).narrow(1, 0, nq)).mean(1);
+  return itm_head(multimodal_pass(image_embeds, ids, keep).narrow(1, 0, nq)).mean(1);
 }
 
 Features Blip2QformerImpl::extract_features(const torch::Tensor& images, const torch::Tensor& ids,
-                                            const torch::Tensor& mask, const std::string& mode) {
+                                            const torch::Tensor& keep, const std::string& mode) {
   TORCH_CHECK(mode == "image" || mode == "text" || mode == "multimodal",
               "extract_features: mode '", mode, "' is not image|text|multimodal");
   const bool need_image = mode != "text", need_text = mode != "image";
   TORCH_CHECK(!need_image || images.defined(), "extract_features: mode ", mode, " needs images");
-  TORCH_CHECK(!need_text || (ids.defined() && mask.defined()), "extract_features: mode ", mode,
+  TORCH_CHECK(!need_text || (ids.defined() && keep.defined()), "extract_features: mode ", mode,
               " needs texts");
   TORCH_CHECK(mode != "multimodal" || images.size(0) == ids.size(0), "extract_features: ",
               images.size(0), " images but ", ids.size(0), " texts (multimodal pairs them)");
@@ -117,39 +117,39 @@ Features Blip2QformerImpl::extract_features(const torch::Tensor& images, const t
     if (mode == "image") f.image_embeds_proj = image_features(f.image_embeds);
   }
   if (mode == "text") {
-    f.text_embeds = text_pass(ids, mask);
+    f.text_embeds = text_pass(ids, keep);
     f.text_embeds_proj = F::normalize(text_projection(f.text_embeds), F::NormalizeFuncOptions().dim(-1));
   }
   if (mode == "multimodal")
-    f.multimodal_embeds = multimodal_pass(image_embeds, ids, mask).narrow(1, 0, query_tokens.size(1));
+    f.multimodal_embeds = multimodal_pass(image_embeds, ids, keep).narrow(1, 0, query_tokens.size(1));
   return f;
 }
 
 torch::Tensor Blip2QformerImpl::itm_logits(const std::vector<KVCache>& cross,
-                                           const torch::Tensor& ids, const torch::Tensor& mask) {
+                                           const torch::Tensor& ids, const torch::Tensor& keep) {
   const int64_t n = ids.size(0), nq = query_tokens.size(1);
   auto queries = query_tokens.expand({n, -1, -1});
   auto embeds = torch::cat({queries, embeddings(ids)}, 1);
-  auto keep = torch::cat({torch::ones({n, nq}, mask.options()), mask}, 1);
-  auto hidden = qformer->forward(embeds, padding_mask(keep), nq, torch::Tensor(), nullptr, false, &cross)
+  auto joint = torch::cat({torch::ones({n, nq}, keep.options()), keep}, 1);
+  auto hidden = qformer->forward(embeds, padding_mask(joint), nq, torch::Tensor(), nullptr, false, &cross)
                     .last_hidden_state;
   return itm_head(hidden.narrow(1, 0, nq)).mean(1);
 }
 
 torch::Tensor Blip2QformerImpl::lm_logits(const torch::Tensor& decoder_ids,
-                                          const torch::Tensor& mask,
+                                          const torch::Tensor& keep,
                                           const std::vector<KVCache>& query_past) {
   const int64_t nq = query_past.front().key.size(2);
-  auto keep = torch::cat({torch::ones({decoder_ids.size(0), nq}, mask.options()), mask}, 1);
+  auto joint = torch::cat({torch::ones({decoder_ids.size(0), nq}, keep.options()), keep}, 1);
   auto hidden =
-      qformer->forward(embeddings(decoder_ids), causal_prefix_mask(keep, nq), 0, torch::Tensor(),
+      qformer->forward(embeddings(decoder_ids), causal_prefix_mask(joint, nq), 0, torch::Tensor(),
                        &query_past)
           .last_hidden_state;
   return cls(hidden, embeddings->word_embeddings->weight);
 }
 
 Stage1Output Blip2QformerImpl::forward(const torch::Tensor& images, const torch::Tensor& ids,
-                                       const torch::Tensor& mask, const torch::Tensor& image_ids) {
+                                       const torch::Tensor& keep, const torch::Tensor& image_ids) {
   const int64_t b = images.size(0);
   TORCH_CHECK(ids.size(0) == b, "got ", b, " images but ", ids.size(0), " texts");
   TORCH_CHECK(!image_ids.defined() || image_ids.numel() == b, "got ", b, " images but ", image_ids.numel(),
@@ -159,7 +159,7 @@ Stage1Output Blip2QformerImpl::forward(const torch::Tensor& images, const torch:
   auto image_embeds = encode_image(images);                  // [B,N,Dv]
   auto query = query_pass(image_embeds, /*use_cache=*/true);  // [B,Q,H]
   auto image_feats = image_features(query.hidden);            // [B,Q,E]
-  auto text_feat = text_features(text_pass(ids, mask));       // [B,E]
+  auto text_feat = text_features(text_pass(ids, keep));       // [B,E]
 
   // ---- ITC: image-text contrastive, in fp32 (in bf16, similarities near 1/temp = 14 would be
   // rounded to steps of 1/16 before the softmax) ----
@@ -188,22 +188,22 @@ Stage1Output Blip2QformerImpl::forward(const torch::Tensor& images, const torch:
 
   // ---- ITM: image-text matching with one hard negative each way ----
   auto ids_all = dist::all_gather_no_grad(ids);
-  auto mask_all = dist::all_gather_no_grad(mask);
+  auto keep_all = dist::all_gather_no_grad(keep);
   auto image_embeds_all = dist::all_gather_with_grad(image_embeds);
   auto neg = hard_negatives(sim_i2t.detach(), sim_t2i.detach(), positives, config_.itm_negatives == "sample");
   auto neg_images = image_embeds_all.index_select(0, neg.image_for_text);
   auto neg_ids = ids_all.index_select(0, neg.text_for_image);
-  auto neg_mask = mask_all.index_select(0, neg.text_for_image);
+  auto neg_keep = keep_all.index_select(0, neg.text_for_image);
   // pairs: (text, image) positives; (text, negative image); (negative text, image)
   auto itm = itm_logits(torch::cat({image_embeds, neg_images, image_embeds}),
-                        torch::cat({ids, ids, neg_ids}), torch::cat({mask, mask, neg_mask}));
+                        torch::cat({ids, ids, neg_ids}), torch::cat({keep, keep, neg_keep}));
   auto long_opts = ids.options().dtype(torch::kLong);
   auto itm_labels = torch::cat({torch::ones({b}, long_opts), torch::zeros({2 * b}, long_opts)});
   auto loss_itm = F::cross_entropy(itm.to(torch::kFloat32), itm_labels);
 
   // ---- LM: image-grounded captioning, reusing the queries' cached keys/values ----
   auto [decoder_ids, labels] = lm_inputs(ids, q.bos_token_id, q.pad_token_id);
-  auto loss_lm = lm_loss(lm_logits(decoder_ids, mask, query.past), labels, 0.1);
+  auto loss_lm = lm_loss(lm_logits(decoder_ids, keep, query.past), labels, 0.1);
 
   return {loss_itc + loss_itm + loss_lm, loss_itc, loss_itm, loss_lm, image_feats, text_feat};
 }

@@ -45,39 +45,41 @@ class Blip2QformerImpl : public torch::nn::Module {
   explicit Blip2QformerImpl(const Blip2Config& config, const InitOptions& init = {},
                             const std::optional<InitOptions>& frozen = std::nullopt);
 
-  // The stage-1 training forward. images [B,3,S,S]; ids, mask [B,L] ([CLS] ... [SEP] pad).
+  // The stage-1 training forward. images [B,3,S,S]; ids [B,L] ([CLS] ... [SEP] pad) and their
+  // keep-mask [B,L] (1 = token, 0 = padding; every keep in blip2cpp is such a mask, every
+  // additive_mask the -10000 form the attention adds).
   // image_ids [B] (optional): samples with equal ids show the same image, so they are ITC
   // positives of each other (soft targets) and never each other's ITM negatives, as in LAVIS.
   // Similarities, softmaxes and losses are computed in fp32 whatever autocast is on.
   Stage1Output forward(const torch::Tensor& images, const torch::Tensor& ids,
-                       const torch::Tensor& mask, const torch::Tensor& image_ids = {});
+                       const torch::Tensor& keep, const torch::Tensor& image_ids = {});
 
   // ln_vision(ViT(images)) [B,N,Dv]; the ViT runs without autograd when frozen.
   torch::Tensor encode_image(const torch::Tensor& images);
   // Queries cross-attending the image, keys/values cached for the LM pass when asked.
   QueryOutput query_pass(const torch::Tensor& image_embeds, bool use_cache);
-  // Text alone, bidirectional with padding mask: [B,L,H].
-  torch::Tensor text_pass(const torch::Tensor& ids, const torch::Tensor& mask);
+  // Text alone, bidirectional, padding masked: [B,L,H].
+  torch::Tensor text_pass(const torch::Tensor& ids, const torch::Tensor& keep);
   // normalize(vision_projection(queries)) [B,Q,E] and normalize(text_projection(CLS)) [B,E].
   torch::Tensor image_features(const torch::Tensor& query_hidden);
   torch::Tensor text_features(const torch::Tensor& text_hidden);
-  // The joint pass: [queries; text] with a bidirectional padding mask, queries cross-attend the
+  // The joint pass: [queries; text], bidirectional with padding masked, queries cross-attend the
   // image: [B,Q+L,H].
   torch::Tensor multimodal_pass(const torch::Tensor& image_embeds, const torch::Tensor& ids,
-                                const torch::Tensor& mask);
-  // mode "image" (needs images), "text" (needs ids, mask) or "multimodal" (needs all three; also
+                                const torch::Tensor& keep);
+  // mode "image" (needs images), "text" (needs ids, keep) or "multimodal" (needs all three; also
   // fills image_embeds with the image-only query outputs). Runs without autograd.
   Features extract_features(const torch::Tensor& images, const torch::Tensor& ids,
-                            const torch::Tensor& mask, const std::string& mode);
+                            const torch::Tensor& keep, const std::string& mode);
   // ITM: the joint pass, itm_head over the query outputs, averaged over queries: [B,2].
   torch::Tensor itm_logits(const torch::Tensor& image_embeds, const torch::Tensor& ids,
-                           const torch::Tensor& mask);
+                           const torch::Tensor& keep);
   // The same from precomputed cross-attention keys/values (QFormerModel::cross_kv), whose
   // batch matches ids (expand one image's over its texts without copying).
   torch::Tensor itm_logits(const std::vector<KVCache>& cross, const torch::Tensor& ids,
-                           const torch::Tensor& mask);
+                           const torch::Tensor& keep);
   // LM: text attends all cached queries plus earlier text (causal). ids start with [DEC]: [B,L,V].
-  torch::Tensor lm_logits(const torch::Tensor& decoder_ids, const torch::Tensor& mask,
+  torch::Tensor lm_logits(const torch::Tensor& decoder_ids, const torch::Tensor& keep,
                           const std::vector<KVCache>& query_past);
 
   // Keeps the frozen ViT in eval mode whatever train() is asked of the rest.

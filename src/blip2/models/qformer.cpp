@@ -13,7 +13,7 @@ BertSelfAttentionImpl::BertSelfAttentionImpl(const QFormerConfig& c, int64_t kv_
 
 torch::Tensor BertSelfAttentionImpl::forward(const torch::Tensor& hidden,
                                              const torch::Tensor& context,
-                                             const torch::Tensor& mask, const KVCache* past,
+                                             const torch::Tensor& additive_mask, const KVCache* past,
                                              KVCache* present) {
   auto q = split_heads(query(hidden), heads);
   torch::Tensor k, v;
@@ -31,7 +31,7 @@ torch::Tensor BertSelfAttentionImpl::forward(const torch::Tensor& hidden,
   }
   if (present) *present = {k, v};
   std::optional<torch::Tensor> m;
-  if (mask.defined()) m = mask.to(q.scalar_type());
+  if (additive_mask.defined()) m = additive_mask.to(q.scalar_type());
   auto ctx = at::scaled_dot_product_attention(q, k, v, m, is_training() ? dropout : 0.0);
   return merge_heads(ctx);
 }
@@ -56,9 +56,9 @@ BertAttentionImpl::BertAttentionImpl(const QFormerConfig& c, int64_t kv_width,
 }
 
 torch::Tensor BertAttentionImpl::forward(const torch::Tensor& hidden,
-                                         const torch::Tensor& context, const torch::Tensor& mask,
+                                         const torch::Tensor& context, const torch::Tensor& additive_mask,
                                          const KVCache* past, KVCache* present) {
-  return output(attention(hidden, context, mask, past, present), hidden);
+  return output(attention(hidden, context, additive_mask, past, present), hidden);
 }
 
 QFormerLayerImpl::QFormerLayerImpl(const QFormerConfig& c, int64_t encoder_width, bool cross,
@@ -84,11 +84,11 @@ torch::Tensor QFormerLayerImpl::ffn(const torch::Tensor& x, bool query) {
   return output(act(intermediate(x)), x);
 }
 
-torch::Tensor QFormerLayerImpl::forward(const torch::Tensor& hidden, const torch::Tensor& mask,
+torch::Tensor QFormerLayerImpl::forward(const torch::Tensor& hidden, const torch::Tensor& additive_mask,
                                         int64_t query_length, const torch::Tensor& image_embeds,
                                         const KVCache* past, KVCache* present,
                                         const KVCache* cross) {
-  auto h = attention(hidden, hidden, mask, past, present);
+  auto h = attention(hidden, hidden, additive_mask, past, present);
   if (query_length == 0) return ffn(h, /*query=*/false);
   auto q = h.narrow(1, 0, query_length);
   if (has_cross) {
@@ -112,7 +112,7 @@ QFormerModelImpl::QFormerModelImpl(const QFormerConfig& c, int64_t encoder_width
     layers->push_back(QFormerLayer(c, encoder_width, i % c.cross_attention_freq == 0, init, text_path));
 }
 
-QFormerOutput QFormerModelImpl::forward(const torch::Tensor& embeds, const torch::Tensor& mask,
+QFormerOutput QFormerModelImpl::forward(const torch::Tensor& embeds, const torch::Tensor& additive_mask,
                                         int64_t query_length, const torch::Tensor& image_embeds,
                                         const std::vector<KVCache>* past, bool use_cache,
                                         const std::vector<KVCache>* cross) {
@@ -122,7 +122,7 @@ QFormerOutput QFormerModelImpl::forward(const torch::Tensor& embeds, const torch
                                              .training(is_training()));
   if (use_cache) out.past.resize(layers->size());
   for (size_t i = 0; i < layers->size(); ++i) {
-    h = layers[i]->as<QFormerLayer>()->forward(h, mask, query_length, image_embeds,
+    h = layers[i]->as<QFormerLayer>()->forward(h, additive_mask, query_length, image_embeds,
                                                past ? &(*past)[i] : nullptr,
                                                use_cache ? &out.past[i] : nullptr,
                                                cross ? &(*cross)[i] : nullptr);

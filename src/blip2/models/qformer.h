@@ -23,12 +23,12 @@ namespace blip2 {
 class BertSelfAttentionImpl : public torch::nn::Module {
  public:
   BertSelfAttentionImpl(const QFormerConfig& c, int64_t kv_width, const InitOptions& init);
-  // hidden [B,Lq,H]; context [B,Lk,W] for cross-attention (else hidden); mask additive,
+  // hidden [B,Lq,H]; context [B,Lk,W] for cross-attention (else hidden); additive_mask
   // broadcastable to [B,heads,Lq,Lk]. `past` is prepended to this call's keys/values and
   // `present` receives the full keys/values. With an undefined context, `past` alone is used
   // as the keys/values (precomputed cross-attention keys/values of an image).
   torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& context,
-                        const torch::Tensor& mask, const KVCache* past, KVCache* present);
+                        const torch::Tensor& additive_mask, const KVCache* past, KVCache* present);
   Linear query{nullptr}, key{nullptr}, value{nullptr};
   int64_t heads;
   double dropout;
@@ -50,7 +50,7 @@ class BertAttentionImpl : public torch::nn::Module {
  public:
   BertAttentionImpl(const QFormerConfig& c, int64_t kv_width, const InitOptions& init);
   torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& context,
-                        const torch::Tensor& mask, const KVCache* past, KVCache* present);
+                        const torch::Tensor& additive_mask, const KVCache* past, KVCache* present);
   BertSelfAttention attention{nullptr};
   BertOutput output{nullptr};
 };
@@ -64,7 +64,7 @@ class QFormerLayerImpl : public torch::nn::Module {
                    const InitOptions& init, bool text_path = true);
   // hidden [B, L, H] whose first `query_length` rows are queries.
   // `cross` (optional) replaces image_embeds with this layer's precomputed image keys/values.
-  torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& mask,
+  torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& additive_mask,
                         int64_t query_length, const torch::Tensor& image_embeds,
                         const KVCache* past, KVCache* present, const KVCache* cross = nullptr);
   BertAttention attention{nullptr}, crossattention{nullptr};
@@ -88,7 +88,7 @@ class QFormerModelImpl : public torch::nn::Module {
   QFormerModelImpl(const QFormerConfig& c, int64_t encoder_width, const InitOptions& init,
                    bool text_path = true);
   // embeds: [queries; text word+position embeddings], before the embedding LayerNorm.
-  QFormerOutput forward(const torch::Tensor& embeds, const torch::Tensor& mask,
+  QFormerOutput forward(const torch::Tensor& embeds, const torch::Tensor& additive_mask,
                         int64_t query_length, const torch::Tensor& image_embeds = {},
                         const std::vector<KVCache>* past = nullptr, bool use_cache = false,
                         const std::vector<KVCache>* cross = nullptr);

@@ -230,7 +230,10 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
     const double sps = mean(from, logs.size(), [](const StepLog& l) { return l.samples_per_s; });
     summary["samples_per_s"] = sps;
     summary["steps"] = st.step;
-    std::cout << "\n" << obj.name << ":\n" << table << "(mean of the first and last " << k << " steps; ln 2 = 0.6931)\n"
+    bool itm = false;
+    for (const auto& [name, v] : logs.front().parts) itm = itm || name == "loss_itm";
+    std::cout << "\n" << obj.name << ":\n" << table << "(mean of the first and last " << k << " steps"
+              << (itm ? "; ITM at chance: 0.6365" : "") << ")\n"
               << "throughput: " << format_float(sps, 1) << " samples/s\n";
     atomic_write(fs::path(o.output_dir) / "train_summary.json", summary.dump(2) + "\n");
   }

@@ -44,12 +44,12 @@ LoadReport load_model_weights(torch::nn::Module& model, const std::string& path,
 
 void adopt_checkpoint_architectures(RunConfig& cfg) {
   auto& mc = cfg.model.model_config;
-  auto adopt = [&](const std::string& path, ArchitectureParts mask) {
+  auto adopt = [&](const std::string& path, ArchitectureParts wanted) {
     if (path.empty()) return;
     auto a = checkpoint_architecture(path);
     if (!a) return;
-    const ArchitectureParts parts{a->parts.vision && mask.vision, a->parts.qformer && mask.qformer,
-                                  a->parts.text && mask.text, a->parts.settings && mask.settings};
+    const ArchitectureParts parts{a->parts.vision && wanted.vision, a->parts.qformer && wanted.qformer,
+                                  a->parts.text && wanted.text, a->parts.settings && wanted.settings};
     adopt_architecture(cfg, a->config, a->source, parts);
   };
   adopt(mc.vision_config.checkpoint_name_or_path, {true, false, false, false});

@@ -51,7 +51,7 @@ void require_weights(const std::vector<std::string>& missing, const std::vector<
                      const std::string& task);
 
 // The batch loader of a dataset section of `cfg` (training: shuffled, drop_remainder; else in
-// order, every sample); `tokenizer` null leaves ids/mask undefined (stage 2 tokenises itself).
+// order, every sample); `tokenizer` null leaves ids/keep undefined (stage 2 tokenises itself).
 // On CUDA the batches come in pinned memory, ready for non-blocking copies.
 BatchLoader make_batch_loader(const RunConfig& cfg, const DatasetConfig& d, bool train,
                               std::shared_ptr<const WordPieceTokenizer> tokenizer);

@@ -18,10 +18,10 @@ RetrievalScores rerank_top_k(Blip2Qformer& model, const RetrievalInputs& in, con
   const int64_t k_txt = std::min(o.k_test, nt);
   for (int64_t i = 0; i < ni; ++i) {
     auto [vals, idx] = sim[i].topk(k_txt);
-    auto ids = in.text_ids.index_select(0, idx), mask = in.text_mask.index_select(0, idx);
+    auto ids = in.text_ids.index_select(0, idx), keep = in.text_keep.index_select(0, idx);
     auto logits = o.reuse_kv
-                      ? model->itm_logits(repeat_row(cross, i, k_txt), ids, mask)
-                      : model->itm_logits(in.image_embeds.narrow(0, i, 1).expand({k_txt, -1, -1}), ids, mask);
+                      ? model->itm_logits(repeat_row(cross, i, k_txt), ids, keep)
+                      : model->itm_logits(in.image_embeds.narrow(0, i, 1).expand({k_txt, -1, -1}), ids, keep);
     auto score = logits.select(1, 1) + (o.add_itc ? vals : torch::zeros_like(vals));
     s.i2t[i].index_put_({idx}, score.to(sim.scalar_type()));
     if (progress) progress(i + 1, ni + nt);
@@ -31,9 +31,9 @@ RetrievalScores rerank_top_k(Blip2Qformer& model, const RetrievalInputs& in, con
   for (int64_t t = 0; t < nt; ++t) {
     auto [vals, idx] = sim_t[t].topk(k_img);
     auto ids = in.text_ids.narrow(0, t, 1).expand({k_img, -1});
-    auto mask = in.text_mask.narrow(0, t, 1).expand({k_img, -1});
-    auto logits = o.reuse_kv ? model->itm_logits(select_rows(cross, idx), ids, mask)
-                             : model->itm_logits(in.image_embeds.index_select(0, idx), ids, mask);
+    auto keep = in.text_keep.narrow(0, t, 1).expand({k_img, -1});
+    auto logits = o.reuse_kv ? model->itm_logits(select_rows(cross, idx), ids, keep)
+                             : model->itm_logits(in.image_embeds.index_select(0, idx), ids, keep);
     auto score = logits.select(1, 1) + (o.add_itc ? vals : torch::zeros_like(vals));
     s.t2i[t].index_put_({idx}, score.to(sim.scalar_type()));
     if (progress) progress(ni + t + 1, ni + nt);

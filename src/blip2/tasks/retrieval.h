@@ -18,7 +18,7 @@ namespace blip2 {
 struct RetrievalInputs {
   torch::Tensor image_embeds;  // [Ni, N, Dv]  ln_vision(ViT(image))
   torch::Tensor image_feats;   // [Ni, Q, E]   normalised projected queries
-  torch::Tensor text_ids, text_mask;  // [Nt, L]
+  torch::Tensor text_ids, text_keep;  // [Nt, L]
   torch::Tensor text_feats;    // [Nt, E]
 };
 

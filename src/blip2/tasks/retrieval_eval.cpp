@@ -35,11 +35,11 @@ nlohmann::json Stage1Task::evaluate_retrieval() {
   for (const auto& t : texts) cleaned.push_back(clean_caption(t, tt.max_words, tt.prompt));
   auto enc = tokenizer_->encode_batch(cleaned, tt.max_length, tt.padding);
   in.text_ids = enc.ids.to(device_);
-  in.text_mask = enc.mask.to(device_);
+  in.text_keep = enc.keep.to(device_);
   std::vector<torch::Tensor> tf;
   for (int64_t i = 0; i < in.text_ids.size(0); i += bs) {
     const int64_t n = std::min(bs, in.text_ids.size(0) - i);
-    tf.push_back(model_->text_features(model_->text_pass(in.text_ids.narrow(0, i, n), in.text_mask.narrow(0, i, n))));
+    tf.push_back(model_->text_features(model_->text_pass(in.text_ids.narrow(0, i, n), in.text_keep.narrow(0, i, n))));
   }
   in.text_feats = torch::cat(tf);
 

@@ -87,7 +87,7 @@ std::vector<StepLog> Stage1Task::train() {
   obj.name = "train";
   obj.model = model_.get();
   obj.step = [this](const Batch& b) {
-    auto out = model_->forward(b.images, b.ids, b.mask, b.image_ids);
+    auto out = model_->forward(b.images, b.ids, b.keep, b.image_ids);
     return StepLosses{out.loss, {{"loss_itc", out.loss_itc}, {"loss_itm", out.loss_itm}, {"loss_lm", out.loss_lm}}};
   };
   obj.after_update = [this] {  // BLIP's guard on the learnable temperature
@@ -173,7 +173,7 @@ Stage1Eval Stage1Task::evaluate() {
   BatchLoader::Stream stream(loader, 0, 0);
   for (int64_t b = 0; b < loader.batches_per_epoch(); ++b) {
     Batch batch = stream.next().to(device_);
-    auto out = model_->forward(batch.images, batch.ids, batch.mask, batch.image_ids);
+    auto out = model_->forward(batch.images, batch.ids, batch.keep, batch.image_ids);
     const double n = static_cast<double>(batch.ids.size(0));
     sums += torch::stack({out.loss, out.loss_itc, out.loss_itm, out.loss_lm}).to(torch::kFloat64) * n;
     seen += batch.ids.size(0);
@@ -207,7 +207,7 @@ Stage1Eval Stage1Task::evaluate() {
         texts.push_back(clean_caption(set.texts[k], tt.max_words, tt.prompt));
       auto enc = tokenizer_->encode_batch(texts, tt.max_length, tt.padding);
       text_feats.push_back(
-          model_->text_features(model_->text_pass(enc.ids.to(device_), enc.mask.to(device_))).to(torch::kFloat32).cpu());
+          model_->text_features(model_->text_pass(enc.ids.to(device_), enc.keep.to(device_))).to(torch::kFloat32).cpu());
     }
     img2txt = set.img2txt;
     txt2img = set.txt2img;

@@ -29,11 +29,11 @@ ZeroShotClassifier::ZeroShotClassifier(Blip2Qformer model,
     for (const auto& l : options_.candidate_labels)
       texts.push_back(clean_caption(fill_template(templates[k], l), options_.max_words, options_.prompt));
     auto enc = tokenizer->encode_batch(texts, options_.max_length, "max_length");
-    auto ids = enc.ids.to(device), mask = enc.mask.to(device);
-    feats.push_back(model_->text_features(model_->text_pass(ids, mask)));
+    auto ids = enc.ids.to(device), keep = enc.keep.to(device);
+    feats.push_back(model_->text_features(model_->text_pass(ids, keep)));
     if (k == 0) {
       ids_ = ids;
-      mask_ = mask;
+      keep_ = keep;
     }
   }
   text_feats_ = torch::cat(feats);  // [templates * labels, E], template-major
@@ -59,7 +59,7 @@ torch::Tensor ZeroShotClassifier::probabilities(const torch::Tensor& image_feats
   for (int64_t b = 0; b < probs.size(0); ++b) {
     auto cross = repeat_row(model_->qformer->cross_kv(image_embeds.narrow(0, b, 1)), 0, k);
     auto labels = top_i[b];
-    auto itm = model_->itm_logits(cross, ids_.index_select(0, labels), mask_.index_select(0, labels));
+    auto itm = model_->itm_logits(cross, ids_.index_select(0, labels), keep_.index_select(0, labels));
     auto score = itm.select(1, 1) + cos[b].index_select(0, labels);
     probs[b].index_put_({labels}, torch::softmax(score, 0) * top_p[b].sum());
   }

@@ -52,7 +52,7 @@ class ZeroShotClassifier {
  private:
   Blip2Qformer model_;
   ZeroShotOptions options_;
-  torch::Tensor ids_, mask_;   // [labels, L] of the first template
+  torch::Tensor ids_, keep_;   // [labels, L] of the first template
   torch::Tensor text_feats_;   // [templates * labels, E]
 };
 

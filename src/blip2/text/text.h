@@ -32,7 +32,7 @@ std::string fill_template(const std::string& tmpl, const std::string& label);
 
 struct Encoded {
   torch::Tensor ids;   // [B, L] int64
-  torch::Tensor mask;  // [B, L] int64, 1 = token, 0 = padding
+  torch::Tensor keep;  // [B, L] int64 keep-mask: 1 = token, 0 = padding
 };
 
 class WordPieceTokenizer {

@@ -37,12 +37,12 @@ LlamaAttentionImpl::LlamaAttentionImpl(const TextConfig& c, const InitOptions& i
 }
 
 torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
-                                          const torch::Tensor& sin, const torch::Tensor& mask,
+                                          const torch::Tensor& sin, const torch::Tensor& additive_mask,
                                           KVCache* cache) {
   auto q = apply_rotary(split_heads(q_proj(x), heads), cos, sin);
   auto k = apply_rotary(split_heads(k_proj(x), kv_heads), cos, sin);
   auto v = split_heads(v_proj(x), kv_heads);
-  return o_proj(merge_heads(cached_attention(q, k, v, mask, cache, heads / kv_heads)));
+  return o_proj(merge_heads(cached_attention(q, k, v, additive_mask, cache, heads / kv_heads)));
 }
 
 LlamaMLPImpl::LlamaMLPImpl(const TextConfig& c, const InitOptions& init) : act(activation(c.activation())) {
@@ -82,9 +82,9 @@ LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const TextConfig& c, const InitOpti
 }
 
 torch::Tensor LlamaDecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
-                                             const torch::Tensor& sin, const torch::Tensor& mask,
+                                             const torch::Tensor& sin, const torch::Tensor& additive_mask,
                                              KVCache* cache) {
-  auto h = x + self_attn(input_layernorm(x), cos, sin, mask, cache);
+  auto h = x + self_attn(input_layernorm(x), cos, sin, additive_mask, cache);
   return h + mlp(post_attention_layernorm(h));
 }
 
@@ -108,10 +108,10 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& embeds, const t
   const int64_t n = embeds.size(1);
   if (cache && cache->layers.empty()) cache->layers.resize(layers->size());
   auto [cos, sin] = rotary_cos_sin(inv_freq, positions, embeds.scalar_type());
-  auto mask = causal_mask(keep, n, embeds.scalar_type());
+  auto additive_mask = causal_mask(keep, n, embeds.scalar_type());
   auto h = embeds;
   for (size_t i = 0; i < layers->size(); ++i)
-    h = layers[i]->as<LlamaDecoderLayer>()->forward(h, cos, sin, mask, cache ? &cache->layers[i] : nullptr);
+    h = layers[i]->as<LlamaDecoderLayer>()->forward(h, cos, sin, additive_mask, cache ? &cache->layers[i] : nullptr);
   if (last_only) h = h.narrow(1, n - 1, 1);
   h = norm(h);
   return output_logits(h, lm_head, embed_tokens);

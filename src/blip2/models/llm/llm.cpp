@@ -46,7 +46,7 @@ torch::Tensor output_logits(const torch::Tensor& hidden, const Linear& lm_head, 
 }
 
 torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v,
-                               const torch::Tensor& mask, KVCache* cache, int64_t n_rep) {
+                               const torch::Tensor& additive_mask, KVCache* cache, int64_t n_rep) {
   if (cache) {
     if (cache->key.defined()) {
       k = torch::cat({cache->key, k}, 2);
@@ -59,7 +59,7 @@ torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::T
     k = k.repeat_interleave(n_rep, 1);
     v = v.repeat_interleave(n_rep, 1);
   }
-  return at::scaled_dot_product_attention(q, k, v, mask.to(q.scalar_type()));
+  return at::scaled_dot_product_attention(q, k, v, additive_mask.to(q.scalar_type()));
 }
 
 }  // namespace blip2

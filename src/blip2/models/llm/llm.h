@@ -53,9 +53,9 @@ torch::Tensor positions_from_keep(const torch::Tensor& keep, int64_t new_len);
 torch::Tensor output_logits(const torch::Tensor& hidden, const Linear& lm_head, const Embedding& embed_tokens);
 
 // Attention over cached + new keys/values: q [B,h,L,D], k/v [B,h/n_rep,L,D] appended to `cache`
-// (when given), mask additive. Each key/value head serves n_rep query heads (grouped-query
+// (when given), additive_mask added to the scores. Each key/value head serves n_rep query heads (grouped-query
 // attention, as transformers' repeat_kv). Returns [B,h,L,D].
 torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v,
-                               const torch::Tensor& mask, KVCache* cache, int64_t n_rep = 1);
+                               const torch::Tensor& additive_mask, KVCache* cache, int64_t n_rep = 1);
 
 }  // namespace blip2

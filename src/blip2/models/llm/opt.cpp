@@ -11,9 +11,9 @@ OptAttentionImpl::OptAttentionImpl(const TextConfig& c, const InitOptions& init)
   out_proj = register_module("out_proj", Linear(h, h, bias, init));
 }
 
-torch::Tensor OptAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& mask, KVCache* cache) {
+torch::Tensor OptAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& additive_mask, KVCache* cache) {
   auto ctx = cached_attention(split_heads(q_proj(x), heads), split_heads(k_proj(x), heads),
-                              split_heads(v_proj(x), heads), mask, cache);
+                              split_heads(v_proj(x), heads), additive_mask, cache);
   return out_proj(merge_heads(ctx));
 }
 
@@ -28,12 +28,12 @@ OptDecoderLayerImpl::OptDecoderLayerImpl(const TextConfig& c, const InitOptions&
   final_layer_norm = register_module("final_layer_norm", LayerNorm(h, c.layer_norm_eps, init, affine));
 }
 
-torch::Tensor OptDecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& mask, KVCache* cache) {
+torch::Tensor OptDecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& additive_mask, KVCache* cache) {
   if (norm_before) {
-    auto h = x + self_attn(self_attn_layer_norm(x), mask, cache);
+    auto h = x + self_attn(self_attn_layer_norm(x), additive_mask, cache);
     return h + fc2(act(fc1(final_layer_norm(h))));
   }
-  auto h = self_attn_layer_norm(x + self_attn(x, mask, cache));  // post-LN (OPT-350m)
+  auto h = self_attn_layer_norm(x + self_attn(x, additive_mask, cache));  // post-LN (OPT-350m)
   return final_layer_norm(h + fc2(act(fc1(h))));
 }
 
@@ -60,9 +60,9 @@ torch::Tensor OptForCausalLMImpl::forward(const torch::Tensor& embeds, const tor
   const int64_t n = embeds.size(1);
   if (cache && cache->layers.empty()) cache->layers.resize(layers->size());
   auto h = embeds + embed_positions(positions + kPositionOffset);
-  auto mask = causal_mask(keep, n, embeds.scalar_type());
+  auto additive_mask = causal_mask(keep, n, embeds.scalar_type());
   for (size_t i = 0; i < layers->size(); ++i)
-    h = layers[i]->as<OptDecoderLayer>()->forward(h, mask, cache ? &cache->layers[i] : nullptr);
+    h = layers[i]->as<OptDecoderLayer>()->forward(h, additive_mask, cache ? &cache->layers[i] : nullptr);
   if (last_only) h = h.narrow(1, n - 1, 1);
   if (!final_layer_norm.is_empty()) h = final_layer_norm(h);
   return output_logits(h, lm_head, embed_tokens);

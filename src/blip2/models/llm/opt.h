@@ -17,7 +17,7 @@ namespace blip2 {
 class OptAttentionImpl : public torch::nn::Module {
  public:
   OptAttentionImpl(const TextConfig& c, const InitOptions& init);
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask, KVCache* cache);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& additive_mask, KVCache* cache);
   Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
   int64_t heads;
 };
@@ -26,7 +26,7 @@ TORCH_MODULE(OptAttention);
 class OptDecoderLayerImpl : public torch::nn::Module {
  public:
   OptDecoderLayerImpl(const TextConfig& c, const InitOptions& init);
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& mask, KVCache* cache);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& additive_mask, KVCache* cache);
   OptAttention self_attn{nullptr};
   LayerNorm self_attn_layer_norm{nullptr}, final_layer_norm{nullptr};
   Linear fc1{nullptr}, fc2{nullptr};
