@@ -97,6 +97,51 @@ TEST(Datasets, CocoPlusVgTrainPairs) {
   EXPECT_EQ(ds.get(4, 0).caption, "white clouds");
 }
 
+TEST(Datasets, ImageIdsAreDenseAndGroupTheCaptionsOfOneImage) {
+  // LAVIS' caption datasets: each sample carries the dense index of its annotation's image_id.
+  // COCO-train style (an entry per caption): the two entries of coco_1 are one image; VG's
+  // integer ids are VG's own, not COCO's; an entry without image_id is told apart by its path.
+  MiniData d;
+  write(d.root / "vg" / "annotations" / "no_ids.json", json::array({
+      {{"image", "VG_100K/1.jpg"}, {"caption", "a fence"}},
+      {{"image", "VG_100K/1.jpg"}, {"caption", "trees"}},
+      {{"image", "VG_100K/2.jpg"}, {"caption", "clouds"}},
+  }).dump());
+  CaptionDataset ds(d.loader({"coco2014/coco/annotations/coco_karpathy_train.json", "vg/annotations/vg_caption.json",
+                              "vg/annotations/no_ids.json"},
+                             {"coco2014/coco/images", "vg/images", "vg/images"}, "train"),
+                    make_image_transform({}, true, 32));
+  ASSERT_EQ(ds.size(), 8);
+  std::vector<int64_t> ids;
+  for (int64_t i = 0; i < ds.size(); ++i) ids.push_back(ds.get(i, 0).image_id);
+  // coco_1 coco_1 coco_2 | vg 1, vg 2 | 1.jpg 1.jpg 2.jpg (by path: the same files as VG's 1 and 2,
+  // which VG's ids do not name across files)
+  EXPECT_EQ(ids, (std::vector<int64_t>{0, 0, 1, 2, 3, 4, 4, 5}));
+  EXPECT_EQ(ds.num_images(), 6);
+  // Retrieval ground truth: both captions of coco_1 are right for its image.
+  EXPECT_EQ(ds.img2txt()[0], (std::vector<int64_t>{0, 1}));
+  EXPECT_EQ(ds.txt2img(), ids);
+  // One image_id for two different files is an error naming both entries and files.
+  write(d.root / "vg" / "annotations" / "clash.json", json::array({
+      {{"image", "VG_100K/1.jpg"}, {"caption", "a"}, {"image_id", 7}},
+      {{"image", "VG_100K/2.jpg"}, {"caption", "b"}, {"image_id", 7}},
+  }).dump());
+  const auto msg = error_of([&] {
+    CaptionDataset(d.loader({"vg/annotations/clash.json"}, {"vg/images"}, "train"), make_image_transform({}, true, 32));
+  });
+  EXPECT_NE(msg.find("clash.json: entry 1: image_id 7 is also"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("clash.json: entry 0's, whose image is another file"), std::string::npos) << msg;
+  // Not an integer or a string: named.
+  write(d.root / "vg" / "annotations" / "bad_id.json", json::array({
+      {{"image", "VG_100K/1.jpg"}, {"caption", "a"}, {"image_id", 1.5}},
+  }).dump());
+  EXPECT_NE(error_of([&] {
+              CaptionDataset(d.loader({"vg/annotations/bad_id.json"}, {"vg/images"}, "train"),
+                             make_image_transform({}, true, 32));
+            }).find("bad_id.json: entry 0: 'image_id' must be a string or an integer"),
+            std::string::npos);
+}
+
 TEST(Datasets, EvalSplitsExposeTheRetrievalGroundTruth) {
   MiniData d;
   CaptionDataset coco(d.loader({"coco2014/coco/annotations/coco_karpathy_test.json"},

@@ -387,6 +387,13 @@ static void validate_model(const Blip2Config& m, const std::string& s, const std
     bad(s, at + "itc_gather", "'" + m.itc_gather + "' is not no_grad|with_grad");
   if (m.itm_negatives != "sample" && m.itm_negatives != "argmax")
     bad(s, at + "itm_negatives", "'" + m.itm_negatives + "' is not sample|argmax");
+  if (m.text_config && m.itc_gather != "no_grad")
+    bad(s, at + "itc_gather", m.itc_gather + " on a stage-2 model, which computes no ITC (stage 1 does)");
+  if (m.text_config && m.itm_negatives != "sample")
+    bad(s, at + "itm_negatives", m.itm_negatives + " on a stage-2 model, which computes no ITM (stage 1 does)");
+  if (!m.text_config && !m.freeze_vision && m.frozen_dtype != "auto" && m.frozen_dtype != "float32")
+    bad(s, at + "frozen_dtype", m.frozen_dtype + " with freeze_vision false: nothing is frozen (the ViT trains, in "
+        "float32 master weights)");
   if (m.text_config) validate_text(*m.text_config, q.query_length + m.max_txt_len, s, at + "text_config.");
 }
 

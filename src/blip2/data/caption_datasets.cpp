@@ -61,7 +61,8 @@ std::vector<CaptionEntry> read_caption_annotations(const std::string& json_path,
     if (a.contains("image_id")) {
       const auto& id = a["image_id"];
       check(id.is_string() || id.is_number_integer(), where + ": 'image_id' must be a string or an integer");
-      e.image_key = "id " + id.dump();
+      e.image_id = id.dump();
+      e.image_key = "id " + e.image_id + " of " + json_path;  // ids are the file's own (COCO's and VG's may meet)
     } else {
       e.image_key = "path " + e.image;
     }
@@ -93,7 +94,8 @@ CaptionDataset::CaptionDataset(const DataLoaderConfig& cfg, ImageTransform trans
     for (auto& e : entries) entries_.push_back(std::move(e));
   }
   check(!entries_.empty(), "data_loader.annotation_files hold no annotation");
-  // LAVIS' caption datasets: the dense index of each distinct image_id.
+  // LAVIS' caption datasets: the dense index of each distinct image_id (an annotation file's
+  // ids are its own; entries without one are told apart by their image path).
   std::map<std::string, int64_t> dense;
   for (size_t i = 0; i < entries_.size(); ++i) {
     const auto& e = entries_[i];
@@ -103,7 +105,7 @@ CaptionDataset::CaptionDataset(const DataLoaderConfig& cfg, ImageTransform trans
       img2txt_.emplace_back();
     } else {
       const auto& first = entries_[static_cast<size_t>(images_[static_cast<size_t>(it->second)])];
-      check(first.image == e.image, e.where + ": image_id " + e.image_key.substr(3) + " is also " + first.where +
+      check(first.image == e.image, e.where + ": image_id " + e.image_id + " is also " + first.where +
                                         "'s, whose image is another file (" + first.image + " vs " + e.image + ")");
     }
     for (const auto& c : e.captions) {

@@ -33,8 +33,9 @@ struct CaptionEntry {
   std::string image;                  // full path
   std::vector<std::string> captions;
   std::string where;                  // "file: entry N" for errors
-  // What identifies the image: the annotation's "image_id" (as JSON text, so 9 and "9" differ),
-  // else the path. Entries with equal keys show one image (COCO-train style: an entry per caption).
+  std::string image_id;                // the annotation's "image_id" as JSON text (9 and "9" differ); "" = none
+  // What identifies the image: the image_id within its annotation file, else the path. Entries
+  // with equal keys show one image (COCO-train style: an entry per caption).
   std::string image_key;
 };
 

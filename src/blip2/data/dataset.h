@@ -80,13 +80,15 @@ class BatchLoader {
   Batch batch(int64_t epoch, int64_t index) const;
   Batch collate(const std::vector<int64_t>& indices, int64_t epoch = 0) const;
   const ImageTextDataset& dataset() const { return *dataset_; }
+  const LoaderOptions& options() const { return opt_; }
   int64_t skipped() const { return skipped_->load(); }  // bad samples skipped so far
 
   // Iterates the batches of one epoch from `start`, building the next `prefetch` batches on
   // background threads while the caller works on the current one.
   class Stream {
    public:
-    Stream(const BatchLoader& loader, int64_t epoch, int64_t start);
+    // Batches start .. end - 1 of the epoch (end -1 = all of them).
+    Stream(const BatchLoader& loader, int64_t epoch, int64_t start, int64_t end = -1);
     ~Stream();
     bool done() const { return next_index_ > end_; }
     Batch next();

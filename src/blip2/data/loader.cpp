@@ -4,12 +4,13 @@
 
 #include "blip2/data/dataset.h"
 #include "blip2/util/common.h"
+#include "blip2/util/device.h"
 
 namespace blip2 {
 
 Batch Batch::to(const torch::Device& device) const {
   Batch b = *this;
-  auto move = [&](const torch::Tensor& t) { return t.to(device, /*non_blocking=*/t.is_pinned()); };
+  auto move = [&](const torch::Tensor& t) { return to_device_async(t, device); };
   b.images = move(images);
   if (ids.defined()) b.ids = move(ids);
   if (keep.defined()) b.keep = move(keep);
@@ -125,8 +126,9 @@ Batch BatchLoader::collate(const std::vector<int64_t>& indices, int64_t epoch) c
   return b;
 }
 
-BatchLoader::Stream::Stream(const BatchLoader& loader, int64_t epoch, int64_t start)
-    : loader_(loader), epoch_(epoch), next_index_(start), end_(loader.batches_per_epoch() - 1), queued_(start) {
+BatchLoader::Stream::Stream(const BatchLoader& loader, int64_t epoch, int64_t start, int64_t end)
+    : loader_(loader), epoch_(epoch), next_index_(start),
+      end_((end < 0 ? loader.batches_per_epoch() : std::min(end, loader.batches_per_epoch())) - 1), queued_(start) {
   fill();
 }
 

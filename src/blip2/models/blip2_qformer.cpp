@@ -177,12 +177,12 @@ Stage1Output Blip2QformerImpl::forward(const torch::Tensor& images, const torch:
     auto t = temp.to(torch::kFloat32);
     sim_i2t = max_over_queries(img, text_feat_all) / t;                     // [B,BW]
     sim_t2i = max_over_queries(image_feats_all, txt).t() / t;               // [B,BW]
-    torch::Tensor local_ids, ids_all;
+    torch::Tensor local_image_ids, image_ids_all;
     if (image_ids.defined()) {
-      local_ids = image_ids.to(images.device(), torch::kLong).reshape({-1});
-      ids_all = dist::all_gather_no_grad(local_ids);
+      local_image_ids = image_ids.to(images.device(), torch::kLong).reshape({-1});
+      image_ids_all = dist::all_gather_no_grad(local_image_ids);
     }
-    positives = itc_positives(local_ids, ids_all, b, world_b, offset, images.device());
+    positives = itc_positives(local_image_ids, image_ids_all, b, world_b, offset, images.device());
   }
   auto loss_itc = itc_loss(sim_i2t, sim_t2i, positives, 0.1);
 

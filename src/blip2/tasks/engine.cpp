@@ -73,6 +73,10 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
                                   " batches per optimizer step, but an epoch has only " +
                                   std::to_string(micro_per_epoch));
   const int64_t per_epoch = micro_per_epoch / a;  // optimizer steps; a remainder of batches is dropped
+  if (micro_per_epoch % a != 0)
+    log_warn(obj.name + ": the last " + std::to_string(micro_per_epoch % a) + " of each epoch's " +
+             std::to_string(micro_per_epoch) + " batches are left out (runner_config.gradient_accumulation_steps " +
+             std::to_string(a) + " makes steps of " + std::to_string(a) + " batches)");
   const int64_t all = o.epochs * per_epoch;
   const int64_t total = o.schedule.total_steps > 0 ? o.schedule.total_steps : all;
   const int64_t last = o.max_steps >= 0 ? std::min(o.max_steps, all) : all;
@@ -81,10 +85,21 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
   auto opt = make_adamw(*obj.model, o.optimizer, o.schedule.learning_rate, &trainable);
   const auto params = optimized_parameters(*opt);
   TrainState st;
+  const int64_t batch_size = loader.options().batch_size;
   if (!o.resume_from.empty()) {
     if (obj.load) obj.load(o.resume_from);
     st = load_train_state(o.resume_from, *opt, o.device);
+    // The data position counts batches of the checkpoint's size and accumulation: with other
+    // values it would point elsewhere in the epoch.
+    check(st.accumulation == 0 || st.accumulation == a,
+          "runner_config.gradient_accumulation_steps: " + std::to_string(a) + ", but " + o.resume_from +
+              " was written with " + std::to_string(st.accumulation) + " (resume with the same value)");
+    check(st.batch_size == 0 || st.batch_size == batch_size,
+          "runner_config.batch_size: " + std::to_string(batch_size) + ", but " + o.resume_from +
+              " was written with " + std::to_string(st.batch_size) + " (resume with the same value)");
   }
+  st.batch_size = batch_size;
+  st.accumulation = a;
   const bool write = !o.output_dir.empty() && dist::is_main_process();
   std::ofstream metrics;
   if (write) metrics = open_metrics(o.output_dir, st.step);
@@ -148,7 +163,7 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
   int64_t saved_at = -1;
   for (int64_t epoch = st.epoch; epoch < o.epochs && st.step < last; ++epoch) {
     const int64_t start = epoch == st.epoch ? st.batch : 0;
-    BatchLoader::Stream stream(loader, epoch, start);
+    BatchLoader::Stream stream(loader, epoch, start, per_epoch * a);  // not the dropped remainder
     for (int64_t b = start; b + a <= per_epoch * a && st.step < last; b += a) {
       const double lr = learning_rate(o.schedule, {st.step, epoch, b / a, a, total, o.epochs});
       set_lr(*opt, lr);
@@ -184,7 +199,10 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
       st.step += 1;
       st.batch = b + a;
       st.epoch = epoch;
-      if (st.batch + a > per_epoch * a) st = {st.step, epoch + 1, 0};
+      if (st.batch + a > per_epoch * a) {
+        st.epoch = epoch + 1;
+        st.batch = 0;
+      }
       pending.push_back(std::move(p));
       if (st.step % o.log_interval == 0 || st.step == last) flush();
       if (o.save_steps > 0 && st.step % o.save_steps == 0) {
@@ -262,6 +280,8 @@ void save_train_state(const fs::path& file, torch::optim::Optimizer& opt, const 
   archive.write("step", torch::tensor(st.step));
   archive.write("epoch", torch::tensor(st.epoch));
   archive.write("batch", torch::tensor(st.batch));
+  archive.write("batch_size", torch::tensor(st.batch_size));
+  archive.write("accumulation", torch::tensor(st.accumulation));
   archive.write("rng_cpu", rng_state(torch::kCPU));
   if (device.is_cuda()) archive.write("rng_cuda", rng_state(device));
   archive.save_to(file.string());
@@ -282,6 +302,10 @@ TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Opt
     st.step = read("step").item<int64_t>();
     st.epoch = read("epoch").item<int64_t>();
     st.batch = read("batch").item<int64_t>();
+    torch::Tensor t;
+    if (archive.try_read("batch_size", t)) st.batch_size = t.item<int64_t>();
+    torch::Tensor u;
+    if (archive.try_read("accumulation", u)) st.accumulation = u.item<int64_t>();
     set_rng_state(torch::kCPU, read("rng_cpu"));
     torch::Tensor cuda_state;
     if (device.is_cuda() && archive.try_read("rng_cuda", cuda_state)) set_rng_state(device, cuda_state);

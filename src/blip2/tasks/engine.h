@@ -43,6 +43,9 @@ struct TrainState {
   int64_t step = 0;   // optimizer steps done
   int64_t epoch = 0;  // current epoch
   int64_t batch = 0;  // next micro-batch within the epoch
+  // What the position counts in: micro-batches of batch_size, accumulation per optimizer step
+  // (a resume with other values is refused; 0 = not recorded, a checkpoint of an older build).
+  int64_t batch_size = 0, accumulation = 0;
 };
 
 // A stage's side of training.

@@ -166,6 +166,11 @@ Stage1Eval Stage1Task::evaluate() {
   AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
   Stage1Eval ev;
   int64_t seen = 0;
+  // Caption datasets: retrieval over each distinct image and each caption once (below), not
+  // over the loss batches' pairs, which are kept for the other datasets.
+  const bool captions = dynamic_cast<const CaptionDataset*>(&loader.dataset()) != nullptr;
+  const auto& ed = cfg_.eval_dataset;
+  const int64_t bs = std::max<int64_t>(1, ed.batch_size > 0 ? ed.batch_size : cfg_.runner_config.batch_size);
   std::vector<torch::Tensor> image_feats, text_feats;
   std::vector<int64_t> ids;
   torch::Tensor sums = torch::zeros({4}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
@@ -177,9 +182,11 @@ Stage1Eval Stage1Task::evaluate() {
     const double n = static_cast<double>(batch.ids.size(0));
     sums += torch::stack({out.loss, out.loss_itc, out.loss_itm, out.loss_lm}).to(torch::kFloat64) * n;
     seen += batch.ids.size(0);
-    image_feats.push_back(out.image_feats.to(torch::kFloat32).cpu());
-    text_feats.push_back(out.text_feat.to(torch::kFloat32).cpu());
-    for (int64_t id : to_vector(batch.image_ids)) ids.push_back(id);
+    if (!captions) {
+      image_feats.push_back(out.image_feats.to(torch::kFloat32).cpu());
+      text_feats.push_back(out.text_feat.to(torch::kFloat32).cpu());
+      for (int64_t id : to_vector(batch.image_ids)) ids.push_back(id);
+    }
     progress.update(b + 1, "");
   }
   progress.finish();
@@ -191,19 +198,16 @@ Stage1Eval Stage1Task::evaluate() {
   if (loader.skipped() > 0) log_warn("skipped " + std::to_string(loader.skipped()) + " unreadable evaluation samples");
 
   std::vector<std::vector<int64_t>> img2txt, txt2img;
-  if (dynamic_cast<const CaptionDataset*>(&loader.dataset())) {
-    // Retrieval over each distinct image and each caption once, not the training pairs.
-    const auto set = retrieval_set(loader, 32);
-    const auto& tt = cfg_.eval_dataset.text_transforms;
-    image_feats.clear();
-    text_feats.clear();
+  if (captions) {
+    const auto set = retrieval_set(loader, bs);
+    const auto& tt = ed.text_transforms;
     for (const auto& images : set.image_batches) {
       auto embeds = model_->encode_image(images.to(device_));
       image_feats.push_back(model_->image_features(model_->query_pass(embeds, false).hidden).to(torch::kFloat32).cpu());
     }
-    for (size_t i = 0; i < set.texts.size(); i += 32) {
+    for (size_t i = 0; i < set.texts.size(); i += static_cast<size_t>(bs)) {
       std::vector<std::string> texts;
-      for (size_t k = i; k < std::min(i + 32, set.texts.size()); ++k)
+      for (size_t k = i; k < std::min(i + static_cast<size_t>(bs), set.texts.size()); ++k)
         texts.push_back(clean_caption(set.texts[k], tt.max_words, tt.prompt));
       auto enc = tokenizer_->encode_batch(texts, tt.max_length, tt.padding);
       text_feats.push_back(

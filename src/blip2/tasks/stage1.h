@@ -67,7 +67,9 @@ class Stage1Task {
 
  private:
   BatchLoader make_loader(const DatasetConfig& d, bool train) const;
-  // Images of eval_dataset, each distinct image once, and the texts matching each (by image id).
+  // The images and texts of eval_dataset retrieval ranks, and which match (by image id): for a
+  // caption dataset each distinct image once and each caption once; otherwise each sample's
+  // image and caption (samples of one image id then match each other's texts).
   struct RetrievalSet {
     std::vector<torch::Tensor> image_batches;   // preprocessed, [b,3,S,S] each
     std::vector<std::string> texts;             // raw captions

@@ -180,9 +180,9 @@ void Stage2Task::pretrain_llm(const BatchLoader& loader) {
     // its context, which stage 2 then fills with the projected queries.
     auto t = caption_targets(*tokenizer_, batch.captions, 0, cfg_.train_dataset.text_transforms.max_length,
                              cfg_.model.model_config.text_config->eos_token_id, /*repeats=*/2);
-    auto ids = t.ids.to(device_), keep = t.keep.to(device_);
+    auto ids = to_device_async(t.ids, device_), keep = to_device_async(t.keep, device_);
     auto logits = lm.forward(lm.embed(ids), keep, positions_from_keep(keep, keep.size(1)), nullptr);
-    return StepLosses{causal_lm_loss(logits, t.labels.to(device_)), {}};
+    return StepLosses{causal_lm_loss(logits, to_device_async(t.labels, device_)), {}};
   };
   EngineOptions eo = EngineOptions::from(cfg_, device_);
   eo.epochs = rc.llm_pretrain_epochs;
@@ -236,7 +236,8 @@ std::vector<StepLog> Stage2Task::train() {
   obj.model = model_.get();
   obj.step = [&](const Batch& batch) {
     auto t = caption_targets(*tokenizer_, batch.captions, prompt, max_len, eos);
-    auto loss = model_->loss(batch.images, t.ids.to(device_), t.keep.to(device_), t.labels.to(device_));
+    auto loss = model_->loss(batch.images, to_device_async(t.ids, device_), to_device_async(t.keep, device_),
+                             to_device_async(t.labels, device_));
     return StepLosses{loss, {}};
   };
   obj.save = [this](const fs::path& dir) {

@@ -29,6 +29,11 @@ torch::Device pick_device(const std::string& target) {
   return device;
 }
 
+torch::Tensor to_device_async(const torch::Tensor& host, const torch::Device& device) {
+  if (!device.is_cuda() || host.device() == device) return host.to(device);
+  return (host.is_pinned() ? host : host.pin_memory()).to(device, /*non_blocking=*/true);
+}
+
 AutocastGuard::AutocastGuard(bool enabled, const torch::Device& device) : on_(enabled), type_(device.type()) {
   if (!on_) return;
   prev_enabled_ = at::autocast::is_autocast_enabled(type_);

@@ -12,6 +12,10 @@ torch::Device parse_device(const std::string& target);
 // The same, checked against this machine (an error naming the target when it has no such device).
 torch::Device pick_device(const std::string& target);
 
+// A host tensor on `device` without blocking the host: through page-locked memory on CUDA; on
+// the CPU the tensor itself.
+torch::Tensor to_device_async(const torch::Tensor& host, const torch::Device& device);
+
 // runner_config.bf16_autocast for a scope: bf16 autocast on the device's type (CUDA, or the CPU,
 // where LibTorch has it too); a no-op when disabled. Restores the previous state on exit.
 class AutocastGuard {
