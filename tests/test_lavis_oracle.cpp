@@ -85,10 +85,7 @@ TensorMap lavis_named(const TensorMap& fixture, const std::string& prefix) {
 // Attention key biases: softmax is invariant to adding one constant to a row's scores, so their
 // gradient is zero in exact arithmetic, and both LAVIS and blip2cpp hold rounding noise (~1e-9)
 // there, which Adam's first step then normalises to about +-lr. They are compared absolutely.
-bool key_bias(const std::string& name) {
-  const std::string tail = "attention.key.bias";
-  return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
-}
+bool key_bias(const std::string& name) { return name.ends_with("attention.key.bias"); }
 
 // max |got - want| relative to max |want| (absolute where `want` is all zeros).
 double relative_diff(const torch::Tensor& got, const torch::Tensor& want) {

@@ -40,9 +40,7 @@ std::unique_ptr<torch::optim::AdamW> make_adamw(const torch::nn::Module& model, 
     if (!p.value().requires_grad()) continue;
     // Blip2Base.get_optimizer_params: no decay for 1-D tensors and names ending in ".bias";
     // 0-D `temp` and 3-D `query_tokens` are decayed.
-    const std::string& name = p.key();
-    const bool bias = name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
-    const bool no_wd = p.value().dim() == 1 || bias;
+    const bool no_wd = p.value().dim() == 1 || p.key().ends_with(".bias");
     (no_wd ? no_decay : decay).push_back(p.value());
     n += p.value().numel();
   }

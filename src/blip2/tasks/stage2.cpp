@@ -11,8 +11,8 @@
 #include "blip2/io/hf.h"
 #include "blip2/io/safetensors.h"
 #include "blip2/tasks/factory.h"
-#include "blip2/util/device.h"
 #include "blip2/util/common.h"
+#include "blip2/util/device.h"
 
 namespace blip2 {
 namespace fs = std::filesystem;
