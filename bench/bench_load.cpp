@@ -14,6 +14,7 @@
 #include <iostream>
 
 #include "blip2/api/api.h"
+#include "blip2/io/checkpoint.h"
 #include "blip2/io/safetensors.h"
 #include "blip2/tasks/factory.h"
 #include "blip2/tasks/metrics.h"

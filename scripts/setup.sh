@@ -15,6 +15,7 @@ DEBIAN_PACKAGES=(
   libcli11-dev         # command line
   libjpeg62-turbo-dev libpng-dev  # image decoding (Pillow's decoder family)
   libutf8proc-dev      # Unicode properties for the BERT tokenizer
+  libgloo-dev          # gloo's headers for src/blip2/dist (torch ships gloo's code, not its headers)
   libgtest-dev libgmock-dev  # tests
 )
 TORCH_VERSION=2.13.0

@@ -363,7 +363,8 @@ TEST(Trust, ResumeRefusesAnotherStageOrArchitecture) {
   acc.runner_config.gradient_accumulation_steps = 1;
   acc.runner_config.batch_size = 4;
   msg = error_of([&] { Stage2Task(acc).train(); });
-  EXPECT_TRUE(contains(msg, "runner_config.batch_size: 4, but ")) << msg;
+  EXPECT_TRUE(contains(msg, "runner_config.batch_size: 4 x data_parallel 1, but ")) << msg;
+  EXPECT_TRUE(contains(msg, "was written with 8 x 1 (resume with the same global batch)")) << msg;
   fs::remove_all(dir);
 }
 

@@ -3,11 +3,13 @@
 //   blip2 list-models                                              (the support list)
 #include <CLI/CLI.hpp>
 
+#include <cstdlib>
 #include <iostream>
 
 #include "blip2/api/api.h"
 #include "blip2/api/runner.h"
 #include "blip2/config/config.h"
+#include "blip2/dist/dist.h"
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/io/pth.h"
@@ -22,6 +24,16 @@
 #include "blip2/util/device.h"
 
 namespace {
+
+// One line on stderr and exit 1. In a multi-process run the line names the rank, and the process
+// ends at once: its closed connections stop the other ranks' collectives instead of leaving them
+// to wait for their timeout.
+void fail(const std::string& message) {
+  const bool ranked = blip2::dist::initialized();
+  const std::string prefix = "rank " + std::to_string(blip2::dist::rank()) + ": ";
+  std::cerr << "error: " << (ranked && message.rfind("rank ", 0) != 0 ? prefix : "") << message << std::endl;
+  if (ranked) std::_Exit(1);
+}
 
 using blip2::first_line;
 
@@ -269,13 +281,15 @@ int main(int argc, char** argv) {
     if (run->count("--seed")) o.seed = seed;
     if (resume) o.resume_training = true;
     if (allow_partial) o.allow_partial_load = true;
-    return blip2::run(config, o);
+    const int rc = blip2::run(config, o);
+    blip2::dist::shutdown();  // waits for every rank to finish
+    return rc;
   } catch (const blip2::Error& e) {
-    std::cerr << "error: " << first_line(e.what()) << "\n";
+    fail(first_line(e.what()));
   } catch (const c10::Error& e) {
-    std::cerr << "error: " << first_line(e.what_without_backtrace()) << "\n";
+    fail(first_line(e.what_without_backtrace()));
   } catch (const std::exception& e) {
-    std::cerr << "error: " << first_line(e.what()) << "\n";
+    fail(first_line(e.what()));
   }
   return 1;
 }

@@ -3,6 +3,7 @@
 #include <iostream>
 
 #include "blip2/api/api.h"
+#include "blip2/dist/dist.h"
 #include "blip2/tasks/factory.h"
 #include "blip2/tasks/metrics.h"
 #include "blip2/tasks/stage1.h"
@@ -13,6 +14,15 @@
 
 namespace blip2 {
 namespace fs = std::filesystem;
+
+namespace {
+
+// The run's results: written by rank 0 only (every rank computes them).
+void write_output(const fs::path& path, const std::string& text) {
+  if (dist::is_main_process()) atomic_write(path, text);
+}
+
+}  // namespace
 
 RunConfig resolve_config(const std::string& path, const RunOverrides& o) {
   const std::string source = path.empty() ? "<embedded tiny config>" : path;
@@ -56,9 +66,11 @@ namespace {
 // The config the run uses, once its model is built (with the architecture its checkpoints gave
 // it): printed and written to OUTPUT_DIR/resolved_config.yaml.
 void announce(const RunConfig& cfg) {
+  // The task has joined the processes: only rank 0 prints results.
+  if (!dist::is_main_process()) std::cout.setstate(std::ios::failbit);
   const std::string resolved = to_yaml(cfg);
   std::cout << "---- resolved config ----\n" << resolved << "-------------------------\n";
-  atomic_write(fs::path(cfg.output_dir) / "resolved_config.yaml", resolved);
+  write_output(fs::path(cfg.output_dir) / "resolved_config.yaml", resolved);
 }
 
 std::vector<std::string> split_commas(const std::string& list) {
@@ -73,7 +85,7 @@ std::vector<std::string> split_commas(const std::string& list) {
 
 void write_result(const RunConfig& cfg, const std::string& name, const nlohmann::json& j) {
   std::cout << j.dump(2) << "\n";
-  atomic_write(fs::path(cfg.output_dir) / name, j.dump(2) + "\n");
+  write_output(fs::path(cfg.output_dir) / name, j.dump(2) + "\n");
 }
 
 void print_captioning(const nlohmann::json& r) {
@@ -106,15 +118,15 @@ int run_stage2(RunConfig& cfg, const std::vector<std::string>& inputs, const Run
     for (const auto& r : results) text += r["image"].get<std::string>() + "\t" + r["text"].get<std::string>() + "\n";
     std::cout << "output result is:\n" << text;
     const auto txt = fs::path(cfg.output_dir) / "image_to_text_generation_result.txt";
-    atomic_write(txt, text);
-    atomic_write(fs::path(cfg.output_dir) / "image_to_text_generation_result.json", results.dump(2) + "\n");
+    write_output(txt, text);
+    write_output(fs::path(cfg.output_dir) / "image_to_text_generation_result.json", results.dump(2) + "\n");
     std::cout << "output result is saved at: " << txt.string() << "\n";
     return 0;
   }
   if (mode == "train") trainer.train();
   auto r = trainer.evaluate();
   print_captioning(r);
-  atomic_write(fs::path(cfg.output_dir) / "eval_results.json", r.dump(2) + "\n");
+  write_output(fs::path(cfg.output_dir) / "eval_results.json", r.dump(2) + "\n");
   return 0;
 }
 
@@ -158,8 +170,8 @@ int run(const std::string& path, const RunOverrides& overrides) {
     for (const auto& r : results) text += r["result"].dump() + "\n";  // the seed's result file
     std::cout << "output result is: " << text;
     const auto txt = fs::path(cfg.output_dir) / "zero_shot_image_classification_result.txt";
-    atomic_write(txt, text);
-    atomic_write(fs::path(cfg.output_dir) / "zero_shot_image_classification_result.json", results.dump(2) + "\n");
+    write_output(txt, text);
+    write_output(fs::path(cfg.output_dir) / "zero_shot_image_classification_result.json", results.dump(2) + "\n");
     std::cout << "output result is saved at: " << txt.string() << "\n";
     return 0;
   }
@@ -178,7 +190,7 @@ int run(const std::string& path, const RunOverrides& overrides) {
   if (mode == "train") trainer.train();
   auto ev = trainer.evaluate();
   print_eval(ev);
-  atomic_write(fs::path(cfg.output_dir) / "eval_results.json", ev.dump(2) + "\n");
+  write_output(fs::path(cfg.output_dir) / "eval_results.json", ev.dump(2) + "\n");
   if (mode != "train") return 0;
   for (const auto& t : cfg.runner_config.eval_tasks) {  // further held-out evaluations
     RunConfig c = cfg;
@@ -191,12 +203,12 @@ int run(const std::string& path, const RunOverrides& overrides) {
                 << " images, " << r["num_labels"].get<int64_t>() << " labels: top-1 "
                 << format_float(r["top1_accuracy"], 1) << "%, top-5 " << format_float(r["top5_accuracy"], 1)
                 << "%\n";
-      atomic_write(fs::path(cfg.output_dir) / "zero_shot_eval_results.json", r.dump(2) + "\n");
+      write_output(fs::path(cfg.output_dir) / "zero_shot_eval_results.json", r.dump(2) + "\n");
     } else {
       std::cout << "held-out retrieval, ITM re-ranked: image->text R@1 " << format_float(r["txt_r1"], 1)
                 << "% R@5 " << format_float(r["txt_r5"], 1) << "%, text->image R@1 "
                 << format_float(r["img_r1"], 1) << "% R@5 " << format_float(r["img_r5"], 1) << "%\n";
-      atomic_write(fs::path(cfg.output_dir) / "retrieval_results.json", r.dump(2) + "\n");
+      write_output(fs::path(cfg.output_dir) / "retrieval_results.json", r.dump(2) + "\n");
     }
   }
   return 0;

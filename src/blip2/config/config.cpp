@@ -241,7 +241,7 @@ void require_given_model_settings(const RunConfig& run, const Blip2Config& model
       "qformer_config.encoder_width", "text_config.intermediate_size", "text_config.multiple_of",
       "text_config.hidden_act", "text_config.num_key_value_heads", "text_config.head_dim",
       "checkpoint_name_or_path", "vision_config.checkpoint_name_or_path", "text_config.checkpoint_name_or_path",
-      "allow_partial_load", "itc_gather", "itm_negatives"};  // how a run loads and trains, not the model
+      "allow_partial_load", "itc_gather", "itm_negatives", "lm_loss_normalization"};  // how a run loads and trains, not the model
   const auto mine = flatten(run.model.model_config), theirs = flatten(model);
   const std::string prefix = "model.model_config.";
   for (const auto& [path, value] : theirs) {
@@ -254,7 +254,21 @@ void require_given_model_settings(const RunConfig& run, const Blip2Config& model
   }
 }
 
-std::string to_yaml(const RunConfig& cfg) { return emit(cfg); }
+std::string to_yaml(const RunConfig& cfg) {
+  // The processor section binds only when given (validate): written with its defaults, the
+  // resolved config would no longer load as the same run.
+  bool processor = false;
+  for (const auto& [key, source] : cfg.given) processor = processor || key.rfind("processor.", 0) == 0;
+  if (processor) return emit(cfg);
+  RunConfig c = cfg;
+  c.processor = ProcessorConfig{};
+  YAML::Node root = YAML::Load(emit(c));
+  root.remove("processor");
+  YAML::Emitter em;
+  em.SetDoublePrecision(8);
+  em << root;
+  return std::string(em.c_str()) + "\n";
+}
 std::string to_yaml(const Blip2Config& cfg) { return emit(cfg); }
 
 static void require_positive(const std::string& s, const std::string& at, int64_t x, const std::string& key) {
@@ -387,6 +401,8 @@ static void validate_model(const Blip2Config& m, const std::string& s, const std
     bad(s, at + "itc_gather", "'" + m.itc_gather + "' is not no_grad|with_grad");
   if (m.itm_negatives != "sample" && m.itm_negatives != "argmax")
     bad(s, at + "itm_negatives", "'" + m.itm_negatives + "' is not sample|argmax");
+  if (m.lm_loss_normalization != "local_tokens" && m.lm_loss_normalization != "global_tokens")
+    bad(s, at + "lm_loss_normalization", "'" + m.lm_loss_normalization + "' is not local_tokens|global_tokens");
   if (m.text_config && m.itc_gather != "no_grad")
     bad(s, at + "itc_gather", m.itc_gather + " on a stage-2 model, which computes no ITC (stage 1 does)");
   if (m.text_config && m.itm_negatives != "sample")
@@ -479,6 +495,9 @@ void validate(const RunConfig& c, const std::string& s) {
   }
   if (c.parallel_config.data_parallel < 1 || c.parallel_config.model_parallel < 1)
     bad(s, "parallel_config", "data_parallel and model_parallel must be >= 1");
+  if (c.parallel_config.gradient_reduction != "bucketed" && c.parallel_config.gradient_reduction != "coalesced")
+    bad(s, "parallel_config.gradient_reduction", "'" + c.parallel_config.gradient_reduction +
+        "' is not bucketed|coalesced");
   const auto& mc = c.model.model_config;
   validate_model(mc, s, "model.model_config.");
   // The seed's processor section (what its pipelines preprocess with): when given, it must be

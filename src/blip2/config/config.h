@@ -207,6 +207,10 @@ struct Blip2Config {
   // other image/text ("argmax", deterministic, for tests).
   std::string itc_gather = "no_grad";
   std::string itm_negatives = "sample";
+  // The LM loss under data parallelism: each rank's mean over its tokens, which DDP then averages
+  // ("local_tokens", LAVIS: it depends on how tokens fall across ranks), or the mean over the
+  // global batch's tokens ("global_tokens": token counts all-reduced; equal at every world size).
+  std::string lm_loss_normalization = "local_tokens";
   VisionConfig vision_config;
   QFormerConfig qformer_config;
   std::optional<TextConfig> text_config;  // stage 2 only
@@ -218,6 +222,7 @@ struct Blip2Config {
     v("freeze_text", freeze_text); v("frozen_dtype", frozen_dtype); v("temperature", temperature);
     v("allow_partial_load", allow_partial_load);
     v("itc_gather", itc_gather); v("itm_negatives", itm_negatives);
+    v("lm_loss_normalization", lm_loss_normalization);
     v("vision_config", vision_config); v("qformer_config", qformer_config);
     v("text_config", text_config);
   }
@@ -403,9 +408,12 @@ struct ParallelConfig {
   int64_t data_parallel = 1;
   int64_t model_parallel = 1;
   int64_t pipeline_stage = 1;
+  // How data-parallel gradients are averaged: "bucketed" (c10d's Reducer, DDP's engine: buckets
+  // all-reduced while backward runs) or "coalesced" (one flat all-reduce after backward).
+  std::string gradient_reduction = "bucketed";
   template <class V> void visit(V& v) {
     v("data_parallel", data_parallel); v("model_parallel", model_parallel);
-    v("pipeline_stage", pipeline_stage);
+    v("pipeline_stage", pipeline_stage); v("gradient_reduction", gradient_reduction);
   }
 };
 

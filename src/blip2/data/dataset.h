@@ -87,16 +87,19 @@ class BatchLoader {
   // background threads while the caller works on the current one.
   class Stream {
    public:
-    // Batches start .. end - 1 of the epoch (end -1 = all of them).
-    Stream(const BatchLoader& loader, int64_t epoch, int64_t start, int64_t end = -1);
+    // Batches start, start + stride, ... below end of the epoch (end -1 = all of them); a stride
+    // of the dp size at start = dp rank gives a rank its share of an evaluation.
+    Stream(const BatchLoader& loader, int64_t epoch, int64_t start, int64_t end = -1, int64_t stride = 1);
     ~Stream();
     bool done() const { return next_index_ > end_; }
+    // The index of the batch next() returns.
+    int64_t index() const { return next_index_; }
     Batch next();
 
    private:
     void fill();
     const BatchLoader& loader_;
-    int64_t epoch_, next_index_, end_, queued_;
+    int64_t epoch_, next_index_, end_, queued_, stride_;
     std::deque<std::future<Batch>> pending_;
   };
 

@@ -126,16 +126,19 @@ Batch BatchLoader::collate(const std::vector<int64_t>& indices, int64_t epoch) c
   return b;
 }
 
-BatchLoader::Stream::Stream(const BatchLoader& loader, int64_t epoch, int64_t start, int64_t end)
+BatchLoader::Stream::Stream(const BatchLoader& loader, int64_t epoch, int64_t start, int64_t end, int64_t stride)
     : loader_(loader), epoch_(epoch), next_index_(start),
-      end_((end < 0 ? loader.batches_per_epoch() : std::min(end, loader.batches_per_epoch())) - 1), queued_(start) {
+      end_((end < 0 ? loader.batches_per_epoch() : std::min(end, loader.batches_per_epoch())) - 1), queued_(start),
+      stride_(std::max<int64_t>(1, stride)) {
   fill();
 }
 
 void BatchLoader::Stream::fill() {
   const auto depth = static_cast<size_t>(std::max<int64_t>(1, loader_.opt_.prefetch));
-  while (pending_.size() < depth && queued_ <= end_)
-    pending_.push_back(std::async(std::launch::async, [this, i = queued_++] { return loader_.batch(epoch_, i); }));
+  while (pending_.size() < depth && queued_ <= end_) {
+    pending_.push_back(std::async(std::launch::async, [this, i = queued_] { return loader_.batch(epoch_, i); }));
+    queued_ += stride_;
+  }
 }
 
 BatchLoader::Stream::~Stream() {
@@ -147,7 +150,7 @@ Batch BatchLoader::Stream::next() {
   check(!done(), "batch stream exhausted");
   Batch current = pending_.front().get();
   pending_.pop_front();
-  ++next_index_;
+  next_index_ += stride_;
   fill();
   return current;
 }

@@ -6,6 +6,7 @@
 
 #include "blip2/io/hf.h"
 #include "blip2/io/pth.h"
+#include "blip2/models/layers.h"
 #include "blip2/util/common.h"
 
 namespace blip2 {
@@ -74,6 +75,52 @@ TensorMap load_checkpoint_tensors(const std::string& name_or_path) {
     }
   }
   throw Error(path + ": unknown checkpoint format (expected .safetensors, .pth, .bin or a directory)");
+}
+
+LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors,
+                     const std::string& source) {
+  LoadReport report;
+  torch::NoGradGuard no_grad;
+  std::set<std::string> known;
+  // Tensor-parallel parameters take their slice of the whole tensor (of a memory-mapped file,
+  // only that slice is read).
+  const auto shards = tensor_shards(module);
+  auto visit = [&](const std::string& name, torch::Tensor& target) {
+    known.insert(name);
+    auto it = tensors.find(name);
+    if (it == tensors.end()) {
+      report.missing.push_back(name);
+      return;
+    }
+    torch::Tensor src = it->second;
+    auto shard = shards.find(name);
+    std::vector<int64_t> whole = target.sizes().vec();
+    if (shard != shards.end()) whole[shard->second.dim] *= shard->second.size;
+    if (src.sizes().vec() != whole)
+      throw Error(source + ": tensor '" + name + "' has shape " + shape_str(src.sizes().vec()) +
+                  " but the model expects " + shape_str(whole));
+    if (shard != shards.end()) src = take_shard(src, shard->second);
+    target.copy_(src);
+    release_file_pages(it->second);
+    report.loaded.push_back(name);
+  };
+  for (auto& p : module.named_parameters()) visit(p.key(), p.value());
+  for (auto& b : module.named_buffers()) visit(b.key(), b.value());
+  for (const auto& [name, t] : tensors)
+    if (!known.count(name)) report.unexpected.push_back(name);
+  return report;
+}
+
+TensorMap state_dict(const torch::nn::Module& module, bool trainable_only) {
+  TensorMap out;
+  const auto shards = tensor_shards(module);  // gathered whole: collective over the tp group
+  for (const auto& p : module.named_parameters()) {
+    if (trainable_only && !p.value().requires_grad()) continue;
+    auto s = shards.find(p.key());
+    out.emplace(p.key(), s == shards.end() ? p.value() : gather_shards(p.value(), s->second));
+  }
+  for (const auto& b : module.named_buffers()) out.emplace(b.key(), b.value());
+  return out;
 }
 
 LoadReport load_weights_into(torch::nn::Module& model, TensorMap tensors, const std::string& source) {

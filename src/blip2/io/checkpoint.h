@@ -17,6 +17,15 @@ namespace blip2 {
 
 TensorMap load_checkpoint_tensors(const std::string& path);
 
+// Copies matching tensors into `module`'s parameters and buffers; a shape mismatch is an error
+// naming `source` and the key. A tensor-parallel parameter takes its slice of the whole tensor.
+// The file pages of each tensor copied from a memory-mapped safetensors file are given back at
+// once, so loading holds one copy of the weights, not two (and a tp rank reads only its slices).
+LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors, const std::string& source);
+// The module's tensors by name (its trainable parameters and the buffers, with trainable_only);
+// tensor-parallel shards gathered whole under their canonical names, so every tp rank must call it.
+TensorMap state_dict(const torch::nn::Module& module, bool trainable_only = false);
+
 // A path as it is; a name (a preset or a weight name of the seed's configs, e.g.
 // blip2_stage1_vit_g, vit_g_p16) becomes the directory $BLIP2_HOME/<name> (default
 // ~/.cache/blip2cpp). A name with no local directory is an error that says which files to put

@@ -42,13 +42,13 @@ const DType* dtype_by_type(torch::ScalarType t) {
   return nullptr;
 }
 
+}  // namespace
+
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? "," : "") + std::to_string(s[i]);
   return out + "]";
 }
-
-}  // namespace
 
 namespace {
 
@@ -223,41 +223,6 @@ std::string LoadReport::summary() const {
   if (!missing.empty()) s += "; missing: " + list(missing);
   if (!unexpected.empty()) s += "; unexpected: " + list(unexpected);
   return s;
-}
-
-LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors,
-                     const std::string& source) {
-  LoadReport report;
-  torch::NoGradGuard no_grad;
-  std::set<std::string> known;
-  auto visit = [&](const std::string& name, torch::Tensor& target) {
-    known.insert(name);
-    auto it = tensors.find(name);
-    if (it == tensors.end()) {
-      report.missing.push_back(name);
-      return;
-    }
-    if (it->second.sizes() != target.sizes())
-      throw Error(source + ": tensor '" + name + "' has shape " +
-                  shape_str(it->second.sizes().vec()) + " but the model expects " +
-                  shape_str(target.sizes().vec()));
-    target.copy_(it->second);
-    release_file_pages(it->second);
-    report.loaded.push_back(name);
-  };
-  for (auto& p : module.named_parameters()) visit(p.key(), p.value());
-  for (auto& b : module.named_buffers()) visit(b.key(), b.value());
-  for (const auto& [name, t] : tensors)
-    if (!known.count(name)) report.unexpected.push_back(name);
-  return report;
-}
-
-TensorMap state_dict(const torch::nn::Module& module, bool trainable_only) {
-  TensorMap out;
-  for (const auto& p : module.named_parameters())
-    if (!trainable_only || p.value().requires_grad()) out.emplace(p.key(), p.value());
-  for (const auto& b : module.named_buffers()) out.emplace(b.key(), b.value());
-  return out;
 }
 
 }  // namespace blip2

@@ -23,14 +23,11 @@ struct LoadReport {
   std::vector<std::string> loaded, missing, unexpected;
   std::string summary() const;
 };
-// Copies matching tensors into `module`'s parameters and buffers; a shape mismatch is an error
-// naming `source` and the key. The file pages of each tensor copied from a memory-mapped
-// safetensors file are given back at once, so loading holds one copy of the weights, not two.
-LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors,
-                     const std::string& source);
+// "[2,3,4]".
+std::string shape_str(const std::vector<int64_t>& shape);
+// load_into and state_dict, which know the model's tensor-parallel shards: io/checkpoint.h.
 // Gives back to the OS the pages of a tensor that views a memory-mapped safetensors file (they
 // are read again from the file if the tensor is used later); anything else is left alone.
 void release_file_pages(const torch::Tensor& t);
-TensorMap state_dict(const torch::nn::Module& module, bool trainable_only = false);
 
 }  // namespace blip2

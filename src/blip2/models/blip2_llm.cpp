@@ -65,31 +65,27 @@ torch::Tensor Blip2LlmImpl::image_prefix(const torch::Tensor& images) {
 }
 
 torch::Tensor Blip2LlmImpl::forward(const torch::Tensor& images, const torch::Tensor& ids,
-                                    const torch::Tensor& keep) {
+                                    const torch::Tensor& keep, bool vocab_local) {
   auto prefix = image_prefix(images);
   auto text = language_model->embed(ids);
   auto embeds = torch::cat({prefix.to(text.scalar_type()), text}, 1);
   auto k = torch::cat({torch::ones({ids.size(0), prefix.size(1)}, keep.options().dtype(torch::kLong)),
                        keep.to(torch::kLong)}, 1);
-  return language_model->forward(embeds, k, positions_from_keep(k, k.size(1)), nullptr);
+  return language_model->forward(embeds, k, positions_from_keep(k, k.size(1)), nullptr, false, vocab_local);
 }
 
-torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels) {
-  const int64_t t = logits.size(1);
-  auto pred = logits.narrow(1, 0, t - 1).to(torch::kFloat32);
-  auto target = labels.narrow(1, 1, t - 1);
-  return torch::nn::functional::cross_entropy(
-      pred.reshape({-1, pred.size(-1)}), target.reshape({-1}),
-      torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100));
+torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels, bool global_tokens,
+                             bool vocab_parallel) {
+  return next_token_loss(logits, labels, 0.0, global_tokens, vocab_parallel);
 }
 
 torch::Tensor Blip2LlmImpl::loss(const torch::Tensor& images, const torch::Tensor& ids,
                                  const torch::Tensor& keep, const torch::Tensor& labels) {
   check(labels.sizes() == ids.sizes(), "stage-2 loss: labels and ids differ in shape");
-  auto logits = forward(images, ids, keep);
+  auto logits = forward(images, ids, keep, /*vocab_local=*/true);
   const int64_t q = logits.size(1) - ids.size(1);
   auto full = torch::cat({torch::full({ids.size(0), q}, -100, labels.options()), labels}, 1);
-  return causal_lm_loss(logits, full);
+  return causal_lm_loss(logits, full, config_.lm_loss_normalization == "global_tokens", /*vocab_parallel=*/true);
 }
 
 std::vector<std::vector<int64_t>> Blip2LlmImpl::generate(const torch::Tensor& images, const torch::Tensor& ids,

@@ -31,7 +31,9 @@ class Blip2LlmImpl : public torch::nn::Module {
   // language_projection(Q-Former queries) [B, Q, H]: the soft prompt of each image.
   torch::Tensor image_prefix(const torch::Tensor& images);
   // Logits [B, Q + L, V] of [prefix; text] where ids, keep [B, L] (left or right padded).
-  torch::Tensor forward(const torch::Tensor& images, const torch::Tensor& ids, const torch::Tensor& keep);
+  // vocab_local: this tp rank's slice of the vocabulary (see CausalLMImpl::forward).
+  torch::Tensor forward(const torch::Tensor& images, const torch::Tensor& ids, const torch::Tensor& keep,
+                        bool vocab_local = false);
   // The captioning loss: next-token cross-entropy (mean, no smoothing) over the text positions
   // whose label is not -100, the last query slot predicting the first text token (LAVIS' layout).
   // labels [B, L].
@@ -63,7 +65,9 @@ TORCH_MODULE(Blip2Llm);
 std::pair<torch::Tensor, torch::Tensor> strip_image_tokens(const torch::Tensor& ids, const torch::Tensor& keep,
                                                            int64_t image_token_id);
 
-// Next-token cross-entropy: logits [B, T, V] against labels [B, T] shifted by one, -100 ignored.
-torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels);
+// Next-token cross-entropy: logits [B, T, V] against labels [B, T] shifted by one, -100 ignored
+// (next_token_loss without smoothing; global_tokens: model_config.lm_loss_normalization).
+torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels, bool global_tokens = false,
+                             bool vocab_parallel = false);
 
 }  // namespace blip2

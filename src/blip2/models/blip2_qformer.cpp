@@ -163,7 +163,7 @@ Stage1Output Blip2QformerImpl::forward(const torch::Tensor& images, const torch:
 
   // ---- ITC: image-text contrastive, in fp32 (in bf16, similarities near 1/temp = 14 would be
   // rounded to steps of 1/16 before the softmax) ----
-  const int64_t offset = dist::rank() * b, world_b = dist::world_size() * b;
+  const int64_t offset = dist::batch_rank() * b, world_b = dist::batch_ranks() * b;
   torch::Tensor sim_i2t, sim_t2i, positives;
   {
     NoAutocast fp32(images.device());
@@ -187,8 +187,13 @@ Stage1Output Blip2QformerImpl::forward(const torch::Tensor& images, const torch:
   auto loss_itc = itc_loss(sim_i2t, sim_t2i, positives, 0.1);
 
   // ---- ITM: image-text matching with one hard negative each way ----
-  auto ids_all = dist::all_gather_no_grad(ids);
-  auto keep_all = dist::all_gather_no_grad(keep);
+  // Ranks may pad their texts to different lengths (padding: longest): gather at the longest.
+  const int64_t len = dist::max_over(ids.size(1));
+  auto pad = [&](const torch::Tensor& t, int64_t value) {
+    return t.size(1) == len ? t : F::pad(t, F::PadFuncOptions({0, len - t.size(1)}).value(value));
+  };
+  auto ids_all = dist::all_gather_no_grad(pad(ids, q.pad_token_id));
+  auto keep_all = dist::all_gather_no_grad(pad(keep, 0));
   auto image_embeds_all = dist::all_gather_with_grad(image_embeds);
   auto neg = hard_negatives(sim_i2t.detach(), sim_t2i.detach(), positives, config_.itm_negatives == "sample");
   auto neg_images = image_embeds_all.index_select(0, neg.image_for_text);
@@ -196,14 +201,16 @@ Stage1Output Blip2QformerImpl::forward(const torch::Tensor& images, const torch:
   auto neg_keep = keep_all.index_select(0, neg.text_for_image);
   // pairs: (text, image) positives; (text, negative image); (negative text, image)
   auto itm = itm_logits(torch::cat({image_embeds, neg_images, image_embeds}),
-                        torch::cat({ids, ids, neg_ids}), torch::cat({keep, keep, neg_keep}));
+                        torch::cat({pad(ids, q.pad_token_id), pad(ids, q.pad_token_id), neg_ids}),
+                        torch::cat({pad(keep, 0), pad(keep, 0), neg_keep}));
   auto long_opts = ids.options().dtype(torch::kLong);
   auto itm_labels = torch::cat({torch::ones({b}, long_opts), torch::zeros({2 * b}, long_opts)});
   auto loss_itm = F::cross_entropy(itm.to(torch::kFloat32), itm_labels);
 
   // ---- LM: image-grounded captioning, reusing the queries' cached keys/values ----
   auto [decoder_ids, labels] = lm_inputs(ids, q.bos_token_id, q.pad_token_id);
-  auto loss_lm = lm_loss(lm_logits(decoder_ids, keep, query.past), labels, 0.1);
+  auto loss_lm = lm_loss(lm_logits(decoder_ids, keep, query.past), labels, 0.1,
+                         config_.lm_loss_normalization == "global_tokens");
 
   return {loss_itc + loss_itm + loss_lm, loss_itc, loss_itm, loss_lm, image_feats, text_feat};
 }
@@ -256,13 +263,9 @@ std::pair<torch::Tensor, torch::Tensor> lm_inputs(const torch::Tensor& ids, int6
   return {decoder_ids, labels};
 }
 
-torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& labels,
-                      double label_smoothing) {
-  const int64_t v = logits.size(-1);
-  auto shifted = logits.narrow(1, 0, logits.size(1) - 1).reshape({-1, v});
-  auto target = labels.narrow(1, 1, labels.size(1) - 1).reshape({-1});
-  return F::cross_entropy(shifted.to(torch::kFloat32), target,
-                          F::CrossEntropyFuncOptions().label_smoothing(label_smoothing).ignore_index(-100));
+torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& labels, double label_smoothing,
+                      bool global_tokens) {
+  return next_token_loss(logits, labels, label_smoothing, global_tokens);
 }
 
 }  // namespace blip2

@@ -131,8 +131,9 @@ HardNegatives hard_negatives(const torch::Tensor& sim_i2t, const torch::Tensor& 
 // Decoder inputs and labels for the LM loss: [CLS] -> bos, pads -> -100 in the labels.
 std::pair<torch::Tensor, torch::Tensor> lm_inputs(const torch::Tensor& ids, int64_t bos,
                                                   int64_t pad);
-// Next-token CE: logits[:, :-1] against labels[:, 1:], ignoring -100, with label smoothing.
+// Next-token CE: logits[:, :-1] against labels[:, 1:], ignoring -100, with label smoothing
+// (next_token_loss; global_tokens: model_config.lm_loss_normalization).
 torch::Tensor lm_loss(const torch::Tensor& logits, const torch::Tensor& labels,
-                      double label_smoothing = 0.1);
+                      double label_smoothing = 0.1, bool global_tokens = false);
 
 }  // namespace blip2

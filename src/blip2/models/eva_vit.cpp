@@ -1,24 +1,37 @@
 #include "blip2/models/eva_vit.h"
 
+#include "blip2/dist/dist.h"
+#include "blip2/util/common.h"
+
 namespace blip2 {
 namespace F = torch::nn::functional;
 
 EvaAttentionImpl::EvaAttentionImpl(const VisionConfig& c, const InitOptions& init)
-    : heads(c.num_attention_heads), dropout(c.attention_dropout) {
+    : heads(c.num_attention_heads / dist::tp_size()), dropout(c.attention_dropout) {
   const int64_t d = c.hidden_size;
-  qkv = register_module("qkv", Linear(d, 3 * d, /*bias=*/false, init));
+  // Tensor parallel: the fused qkv split by heads within each of q, k and v; projection by rows.
+  qkv = register_module("qkv", Linear(d, 3 * d, /*bias=*/false, init, Parallel::column, /*parts=*/3));
+  const int64_t local = d / dist::tp_size();
   if (c.qkv_bias) {
-    q_bias = register_parameter("q_bias", torch::zeros({d}, init.options));
-    v_bias = register_parameter("v_bias", torch::zeros({d}, init.options));
+    q_bias = register_parameter("q_bias", torch::zeros({local}, init.options));
+    v_bias = register_parameter("v_bias", torch::zeros({local}, init.options));
   }
-  projection = register_module("projection", Linear(d, d, true, init));
+  projection = register_module("projection", Linear(d, d, true, init, Parallel::row));
+}
+
+std::map<std::string, TensorShard> EvaAttentionImpl::local_shards() const {
+  if (dist::tp_size() == 1 || !q_bias.defined()) return {};
+  TensorShard s;
+  s.rank = dist::tp_rank();
+  s.size = dist::tp_size();
+  return {{"q_bias", s}, {"v_bias", s}};
 }
 
 torch::Tensor EvaAttentionImpl::forward(const torch::Tensor& x) {
-  const int64_t b = x.size(0), n = x.size(1), d = x.size(2);
+  const int64_t b = x.size(0), n = x.size(1);
   torch::Tensor bias;
   if (q_bias.defined()) bias = torch::cat({q_bias, torch::zeros_like(q_bias), v_bias});
-  auto qkv_out = F::linear(x, qkv->weight, bias).view({b, n, 3, heads, d / heads});
+  auto qkv_out = F::linear(dist::copy_to_tp(x), qkv->weight, bias).view({b, n, 3, heads, -1});
   qkv_out = qkv_out.permute({2, 0, 3, 1, 4});  // [3, B, H, N, hd]
   auto ctx = at::scaled_dot_product_attention(qkv_out[0], qkv_out[1], qkv_out[2], {},
                                               is_training() ? dropout : 0.0);
@@ -26,8 +39,8 @@ torch::Tensor EvaAttentionImpl::forward(const torch::Tensor& x) {
 }
 
 EvaMlpImpl::EvaMlpImpl(const VisionConfig& c, const InitOptions& init) : act(activation(c.hidden_act)) {
-  fc1 = register_module("fc1", Linear(c.hidden_size, c.intermediate_size, true, init));
-  fc2 = register_module("fc2", Linear(c.intermediate_size, c.hidden_size, true, init));
+  fc1 = register_module("fc1", Linear(c.hidden_size, c.intermediate_size, true, init, Parallel::column));
+  fc2 = register_module("fc2", Linear(c.intermediate_size, c.hidden_size, true, init, Parallel::row));
 }
 
 torch::Tensor EvaMlpImpl::forward(const torch::Tensor& x) { return fc2(act(fc1(x))); }
@@ -75,6 +88,12 @@ torch::Tensor EvaEmbeddingsImpl::forward(const torch::Tensor& images) {
 
 EvaVisionModelImpl::EvaVisionModelImpl(const VisionConfig& c, const InitOptions& init)
     : config(c) {
+  if (const int64_t tp = dist::tp_size(); tp > 1) {
+    check(c.num_attention_heads % tp == 0 && c.intermediate_size % tp == 0,
+          "vision_config: num_attention_heads " + std::to_string(c.num_attention_heads) + " and intermediate_size " +
+              std::to_string(c.intermediate_size) + " must be divisible by parallel_config.model_parallel " +
+              std::to_string(tp));
+  }
   embeddings = register_module("embeddings", EvaEmbeddings(c, init));
   layers = register_module("encoder", std::make_shared<torch::nn::Module>())
                ->register_module("layers", torch::nn::ModuleList());

@@ -11,10 +11,11 @@
 
 namespace blip2 {
 
-class EvaAttentionImpl : public torch::nn::Module {
+class EvaAttentionImpl : public torch::nn::Module, public ShardedParameters {
  public:
   EvaAttentionImpl(const VisionConfig& c, const InitOptions& init);
   torch::Tensor forward(const torch::Tensor& x);  // [B, N, D] -> [B, N, D]
+  std::map<std::string, TensorShard> local_shards() const override;  // q_bias, v_bias by heads
   Linear qkv{nullptr}, projection{nullptr};
   torch::Tensor q_bias, v_bias;  // undefined when qkv_bias is false
   int64_t heads;

@@ -1,5 +1,7 @@
 #include "blip2/models/layers.h"
 
+#include "blip2/dist/dist.h"
+
 #include <cmath>
 #include <map>
 
@@ -75,17 +77,34 @@ std::vector<std::string> activation_names() {
   return names;
 }
 
-LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const InitOptions& init) {
+namespace {
+
+// The layer's share of `n` features over the tp group (the whole `n` when it is not split).
+int64_t tp_share(int64_t n, int64_t parts, const std::string& what) {
+  const int64_t tp = dist::tp_size();
+  if (tp == 1) return n;
+  check(n % (tp * parts) == 0, what + " " + std::to_string(n) + (parts > 1 ? " (in " + std::to_string(parts) + " blocks)" : "") +
+                                   " is not divisible by parallel_config.model_parallel " + std::to_string(tp));
+  return n / tp;
+}
+
+}  // namespace
+
+LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const InitOptions& init, Parallel p, int64_t parts_)
+    : parallel(dist::tp_size() > 1 ? p : Parallel::none), parts(parts_) {
   torch::NoGradGuard no_grad;
-  weight = register_parameter("weight", torch::empty({out, in}, init.options));
+  check(p == Parallel::none || p == Parallel::column || p == Parallel::row, "Linear: vocab split is for embeddings");
+  const int64_t out_local = parallel == Parallel::column ? tp_share(out, parts, "output features") : out;
+  const int64_t in_local = parallel == Parallel::row ? tp_share(in, 1, "input features") : in;
+  weight = register_parameter("weight", torch::empty({out_local, in_local}, init.options));
   if (init.std >= 0) {
     weight.normal_(0.0, init.std);
-  } else {  // torch.nn.Linear: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
+  } else {  // torch.nn.Linear: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in)), the whole fan-in
     double bound = 1.0 / std::sqrt(static_cast<double>(in));
     weight.uniform_(-bound, bound);
   }
   if (has_bias) {
-    bias = register_parameter("bias", torch::zeros({out}, init.options));
+    bias = register_parameter("bias", torch::zeros({parallel == Parallel::column ? out_local : out}, init.options));
     if (init.std < 0) {
       double bound = 1.0 / std::sqrt(static_cast<double>(in));
       bias.uniform_(-bound, bound);
@@ -94,7 +113,14 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const InitOptions
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) const {
-  return torch::nn::functional::linear(x, weight, bias);
+  switch (parallel) {
+    case Parallel::column: return torch::nn::functional::linear(dist::copy_to_tp(x), weight, bias);
+    case Parallel::row: {
+      auto y = dist::reduce_from_tp(torch::nn::functional::linear(x, weight));
+      return bias.defined() ? y + bias : y;
+    }
+    default: return torch::nn::functional::linear(x, weight, bias);
+  }
 }
 
 LayerNormImpl::LayerNormImpl(int64_t dim_, double eps_, const InitOptions& init, bool affine)
@@ -108,14 +134,63 @@ torch::Tensor LayerNormImpl::forward(const torch::Tensor& x) const {
   return torch::layer_norm(x, {dim}, weight, bias, eps);
 }
 
-EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim, const InitOptions& init) {
+EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim, const InitOptions& init, bool vocab_parallel)
+    : parallel(vocab_parallel && dist::tp_size() > 1 ? Parallel::vocab : Parallel::none) {
   torch::NoGradGuard no_grad;
-  weight = register_parameter("weight", torch::empty({num, dim}, init.options));
+  const int64_t rows = parallel == Parallel::vocab ? tp_share(num, 1, "vocabulary size") : num;
+  first_row = parallel == Parallel::vocab ? dist::tp_rank() * rows : 0;
+  weight = register_parameter("weight", torch::empty({rows, dim}, init.options));
   weight.normal_(0.0, init.std);
 }
 
 torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) const {
-  return torch::embedding(weight, ids);
+  if (parallel != Parallel::vocab) return torch::embedding(weight, ids);
+  auto outside = (ids < first_row).logical_or(ids >= first_row + weight.size(0));
+  auto local = (ids - first_row).masked_fill(outside, 0);
+  return dist::reduce_from_tp(torch::embedding(weight, local).masked_fill(outside.unsqueeze(-1), 0));
+}
+
+torch::Tensor take_shard(const torch::Tensor& full, const TensorShard& s) {
+  if (s.size == 1) return full;
+  const int64_t n = full.size(s.dim) / s.parts, chunk = n / s.size;
+  if (s.parts == 1) return full.narrow(s.dim, s.rank * chunk, chunk);
+  auto blocks = full.unflatten(s.dim, {s.parts, n});
+  return blocks.narrow(s.dim + 1, s.rank * chunk, chunk).flatten(s.dim, s.dim + 1);
+}
+
+torch::Tensor gather_shards(const torch::Tensor& local, const TensorShard& s) {
+  torch::NoGradGuard no_grad;
+  if (s.size == 1) return local;
+  if (s.parts == 1) return dist::gather_from_tp(local, s.dim);
+  auto blocks = local.unflatten(s.dim, {s.parts, local.size(s.dim) / s.parts});
+  return dist::gather_from_tp(blocks, s.dim + 1).flatten(s.dim, s.dim + 1);
+}
+
+std::map<std::string, TensorShard> tensor_shards(const torch::nn::Module& model) {
+  std::map<std::string, TensorShard> out;
+  if (dist::tp_size() == 1) return out;
+  TensorShard base;
+  base.rank = dist::tp_rank();
+  base.size = dist::tp_size();
+  for (const auto& item : model.named_modules("", /*include_self=*/true)) {
+    const std::string prefix = item.key().empty() ? "" : item.key() + ".";
+    if (const auto* l = dynamic_cast<const LinearImpl*>(item.value().get())) {
+      if (l->parallel == Parallel::none) continue;
+      TensorShard s = base;
+      s.parts = l->parts;
+      s.dim = l->parallel == Parallel::column ? 0 : 1;
+      out[prefix + "weight"] = s;
+      if (l->bias.defined() && l->parallel == Parallel::column) {
+        s.dim = 0;
+        out[prefix + "bias"] = s;
+      }
+    } else if (const auto* e = dynamic_cast<const EmbeddingImpl*>(item.value().get())) {
+      if (e->parallel == Parallel::vocab) out[prefix + "weight"] = base;
+    } else if (const auto* m = dynamic_cast<const ShardedParameters*>(item.value().get())) {
+      for (const auto& [name, s] : m->local_shards()) out[prefix + name] = s;
+    }
+  }
+  return out;
 }
 
 torch::Tensor split_heads(const torch::Tensor& x, int64_t heads) {
@@ -147,6 +222,51 @@ int64_t count_parameters(const torch::nn::Module& m) {
   int64_t n = 0;
   for (const auto& p : m.parameters()) n += p.numel();
   return n;
+}
+
+torch::Tensor token_cross_entropy(const torch::Tensor& logits, const torch::Tensor& target, double label_smoothing,
+                                  bool vocab_parallel) {
+  const int64_t v_local = logits.size(-1);
+  const bool split = vocab_parallel && dist::tp_size() > 1;
+  const int64_t v = split ? v_local * dist::tp_size() : v_local;
+  const int64_t first = split ? dist::tp_rank() * v_local : 0;
+  auto valid = target != -100;
+  // log-sum-exp from the group's partial sums, shifted by the group's max (no gradient: the
+  // result does not depend on the shift).
+  auto shift = split ? dist::max_from_tp(std::get<0>(logits.max(-1))) : std::get<0>(logits.max(-1)).detach();
+  auto shifted = logits - shift.unsqueeze(-1);
+  auto sum_exp = shifted.exp().sum(-1);
+  auto lse = (split ? dist::reduce_from_tp(sum_exp) : sum_exp).log();
+  auto mine = valid.logical_and(target >= first).logical_and(target < first + v_local);
+  auto local = (target - first).masked_fill(mine.logical_not(), 0);
+  auto picked = shifted.gather(1, local.unsqueeze(1)).squeeze(1).masked_fill(mine.logical_not(), 0);
+  auto nll = lse - (split ? dist::reduce_from_tp(picked) : picked);
+  if (label_smoothing > 0) {
+    auto total = shifted.sum(-1);
+    auto smooth = lse - (split ? dist::reduce_from_tp(total) : total) / static_cast<double>(v);
+    nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth;
+  }
+  return nll.masked_fill(valid.logical_not(), 0);
+}
+
+torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& labels, double label_smoothing,
+                              bool global_tokens, bool vocab_parallel) {
+  const int64_t v = logits.size(-1), t = logits.size(1);
+  auto pred = logits.narrow(1, 0, t - 1).reshape({-1, v}).to(torch::kFloat32);
+  auto target = labels.narrow(1, 1, t - 1).reshape({-1});
+  namespace F = torch::nn::functional;
+  const bool split = vocab_parallel && dist::tp_size() > 1;
+  auto options = F::CrossEntropyFuncOptions().label_smoothing(label_smoothing).ignore_index(-100);
+  if (!global_tokens || dist::batch_ranks() == 1) {
+    if (!split) return F::cross_entropy(pred, target, options);
+    // PyTorch's mean over the tokens not ignored (NaN when there are none, as it gives).
+    return token_cross_entropy(pred, target, label_smoothing, true).sum() / (target != -100).sum();
+  }
+  auto sum = split ? token_cross_entropy(pred, target, label_smoothing, true).sum()
+                   : F::cross_entropy(pred, target, options.reduction(torch::kSum));
+  auto count = (target != -100).sum().to(torch::kFloat64).reshape({1}).cpu();
+  dist::all_reduce(count, dist::Group::dp);
+  return sum * (static_cast<double>(dist::batch_ranks()) / std::max(count.item<double>(), 1.0));
 }
 
 }  // namespace blip2

@@ -2,6 +2,7 @@
 // can be built on the meta device (shapes only, no memory) or directly on CUDA.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -23,13 +24,46 @@ struct InitOptions {
   double std = 0.02;
 };
 
+// How a layer is split over the tensor-parallel group (Megatron-LM). With model_parallel 1 every
+// layer is whole, whatever it asks for.
+//   column: the output features (weight rows, bias) split in tp equal slices, in `parts` equal
+//           blocks each split so (EVA's fused qkv: parts 3); the input enters with copy_to_tp.
+//   row:    the input features (weight columns) split; the partial products are summed over the
+//           group (reduce_from_tp), then the whole bias is added.
+//   vocab:  an embedding's rows (the vocabulary) split; lookups outside a rank's rows are zero and
+//           the group sums them.
+enum class Parallel { none, column, row, vocab };
+
+// Where a tensor-parallel parameter's shard lies in the whole tensor: this rank's slice `rank`
+// of `size` along `dim`, taken in each of `parts` equal blocks.
+struct TensorShard {
+  int64_t dim = 0, parts = 1;
+  int rank = 0, size = 1;
+};
+// The whole tensor's slice this shard holds (a view where it can be: a memory-mapped checkpoint
+// is then read only there).
+torch::Tensor take_shard(const torch::Tensor& full, const TensorShard& s);
+// The whole tensor, gathered from the tp group's shards (every tp rank must call it).
+torch::Tensor gather_shards(const torch::Tensor& local, const TensorShard& s);
+// A module whose own parameters (not those of its Linear/Embedding children) are sharded.
+class ShardedParameters {
+ public:
+  virtual ~ShardedParameters() = default;
+  virtual std::map<std::string, TensorShard> local_shards() const = 0;  // by the parameter's own name
+};
+// The sharded parameters of `model` by name (empty without tensor parallelism).
+std::map<std::string, TensorShard> tensor_shards(const torch::nn::Module& model);
+
 // y = x W^T + b. Weight [out, in] as torch.nn.Linear. `std` < 0 selects torch.nn.Linear's
 // default (Kaiming-uniform) init, which BLIP-2's projection and ITM heads use.
 class LinearImpl : public torch::nn::Module {
  public:
-  LinearImpl(int64_t in, int64_t out, bool bias, const InitOptions& init);
+  LinearImpl(int64_t in, int64_t out, bool bias, const InitOptions& init, Parallel parallel = Parallel::none,
+             int64_t parts = 1);
   torch::Tensor forward(const torch::Tensor& x) const;
   torch::Tensor weight, bias;
+  Parallel parallel = Parallel::none;  // none when the layer is whole (model_parallel 1)
+  int64_t parts = 1;
 };
 TORCH_MODULE(Linear);
 
@@ -46,9 +80,12 @@ TORCH_MODULE(LayerNorm);
 
 class EmbeddingImpl : public torch::nn::Module {
  public:
-  EmbeddingImpl(int64_t num, int64_t dim, const InitOptions& init);
+  // vocab_parallel: rows split over the tp group (Parallel::vocab).
+  EmbeddingImpl(int64_t num, int64_t dim, const InitOptions& init, bool vocab_parallel = false);
   torch::Tensor forward(const torch::Tensor& ids) const;
   torch::Tensor weight;
+  Parallel parallel = Parallel::none;
+  int64_t first_row = 0;  // the first vocabulary row this rank holds
 };
 TORCH_MODULE(Embedding);
 
@@ -70,5 +107,19 @@ struct KVCache {
 };
 
 int64_t count_parameters(const torch::nn::Module& m);
+
+// Next-token cross-entropy: logits[:, :-1] against labels[:, 1:], -100 ignored, with PyTorch's
+// label smoothing, in fp32. global_tokens: the mean over the whole data-parallel batch's tokens
+// (token counts summed over the dp ranks), scaled by the dp size so that the ranks' average, which
+// the gradient reduction takes, is that mean; otherwise this rank's token mean (LAVIS).
+// vocab_parallel: `logits` hold this tp rank's slice of the vocabulary (a vocabulary-parallel
+// lm_head); the loss is then computed from per-token sums over the group (max, sum of exp, the
+// target's logit, and for smoothing the sum of logits) and equals the whole-vocabulary one.
+torch::Tensor next_token_loss(const torch::Tensor& logits, const torch::Tensor& labels,
+                              double label_smoothing, bool global_tokens, bool vocab_parallel = false);
+// Per-token cross-entropy [N] of fp32 logits [N, V_local] against targets [N] (-100: 0), with
+// PyTorch's label smoothing; vocab_parallel as above.
+torch::Tensor token_cross_entropy(const torch::Tensor& logits, const torch::Tensor& target, double label_smoothing,
+                                  bool vocab_parallel);
 
 }  // namespace blip2

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <iostream>
+#include <set>
 #include <sstream>
 
 #include "blip2/dist/dist.h"
@@ -23,12 +24,23 @@ std::string step_dir_name(int64_t step) {
 }
 
 // torch.nn.utils.clip_grad_norm_ without its host read of the norm: the scale stays on the device.
-void clip_gradients(const std::vector<torch::Tensor>& params, double max_norm) {
-  std::vector<torch::Tensor> norms;
+// `sharded`: tensor-parallel shards, whose squares are summed over the tp group (the norm of the
+// whole model's gradient, the same on every tp rank).
+void clip_gradients(const std::vector<torch::Tensor>& params, double max_norm,
+                    const std::set<const void*>& sharded) {
+  std::vector<torch::Tensor> whole, shards;
   for (const auto& p : params)
-    if (p.grad().defined()) norms.push_back(p.grad().detach().norm(2).to(torch::kFloat32));
-  if (norms.empty()) return;
-  auto total = torch::stack(norms).norm(2);
+    if (p.grad().defined())
+      (sharded.count(p.unsafeGetTensorImpl()) ? shards : whole).push_back(p.grad().detach().norm(2).to(torch::kFloat32));
+  if (whole.empty() && shards.empty()) return;
+  torch::Tensor total;
+  if (shards.empty()) {
+    total = torch::stack(whole).norm(2);
+  } else {
+    auto squares = dist::reduce_from_tp(torch::stack(shards).pow(2).sum());
+    if (!whole.empty()) squares = squares + torch::stack(whole).pow(2).sum();
+    total = squares.sqrt();
+  }
   auto scale = torch::clamp_max(max_norm / (total + 1e-6), 1.0);
   for (const auto& p : params)
     if (p.grad().defined()) p.grad().detach().mul_(scale.to(p.grad().scalar_type()));
@@ -62,6 +74,8 @@ EngineOptions EngineOptions::from(const RunConfig& cfg, torch::Device device) {
   o.optimizer = cfg.optimizer;
   o.output_dir = cfg.output_dir;
   o.device = device;
+  o.seed = cfg.seed;
+  o.gradient_reduction = cfg.parallel_config.gradient_reduction;
   return o;
 }
 
@@ -85,21 +99,38 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
   auto opt = make_adamw(*obj.model, o.optimizer, o.schedule.learning_rate, &trainable);
   const auto params = optimized_parameters(*opt);
   TrainState st;
-  const int64_t batch_size = loader.options().batch_size;
+  const int64_t batch_size = loader.options().batch_size, dp = dist::dp_size();
+  // Every replica starts from rank 0's weights (DDP's broadcast), then draws its own randomness.
+  {
+    std::vector<torch::Tensor> states = obj.model->parameters();
+    for (const auto& b : obj.model->buffers()) states.push_back(b);
+    dist::broadcast_parameters(states);
+    if (dp > 1) torch::manual_seed(static_cast<uint64_t>(o.seed + dist::dp_rank()));
+  }
   if (!o.resume_from.empty()) {
     if (obj.load) obj.load(o.resume_from);
     st = load_train_state(o.resume_from, *opt, o.device);
-    // The data position counts batches of the checkpoint's size and accumulation: with other
-    // values it would point elsewhere in the epoch.
+    // The data position counts global micro-batches of the checkpoint's size and accumulation:
+    // with other values it would point elsewhere in the epoch.
     check(st.accumulation == 0 || st.accumulation == a,
           "runner_config.gradient_accumulation_steps: " + std::to_string(a) + ", but " + o.resume_from +
               " was written with " + std::to_string(st.accumulation) + " (resume with the same value)");
-    check(st.batch_size == 0 || st.batch_size == batch_size,
-          "runner_config.batch_size: " + std::to_string(batch_size) + ", but " + o.resume_from +
-              " was written with " + std::to_string(st.batch_size) + " (resume with the same value)");
+    check(st.batch_size == 0 || st.batch_size * st.data_parallel == batch_size * dp,
+          "runner_config.batch_size: " + std::to_string(batch_size) + " x data_parallel " + std::to_string(dp) +
+              ", but " + o.resume_from + " was written with " + std::to_string(st.batch_size) + " x " +
+              std::to_string(st.data_parallel) + " (resume with the same global batch)");
   }
   st.batch_size = batch_size;
   st.accumulation = a;
+  st.data_parallel = dp;
+  st.model_parallel = dist::tp_size();
+  dist::GradientSync sync(params, o.gradient_reduction, obj.unused_parameters);
+  std::set<const void*> sharded;
+  {
+    const auto shards = tensor_shards(*obj.model);
+    for (const auto& p : obj.model->named_parameters())
+      if (shards.count(p.key())) sharded.insert(p.value().unsafeGetTensorImpl());
+  }
   const bool write = !o.output_dir.empty() && dist::is_main_process();
   std::ofstream metrics;
   if (write) metrics = open_metrics(o.output_dir, st.step);
@@ -108,12 +139,19 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
            " steps" + (a > 1 ? " of " + std::to_string(a) + " accumulated batches" : std::string()) +
            ", device " + o.device.str() + (o.autocast ? ", bf16 autocast" : ""));
 
+  // Every rank takes part (the generators are gathered); the others wait until rank 0 has written.
   auto save = [&]() {
-    if (!obj.save || !write) return;
-    write_checkpoint(o.output_dir, st.step, [&](const fs::path& tmp) {
-      obj.save(tmp);
-      save_train_state(tmp / "trainer_state.pt", *opt, st, o.device);
-    });
+    if (!obj.save || o.output_dir.empty()) return;
+    if (dist::is_main_process()) {
+      write_checkpoint(o.output_dir, st.step, [&](const fs::path& tmp) {
+        obj.save(tmp);
+        save_train_state(tmp / "trainer_state.pt", *opt, st, o.device);
+      });
+    } else {
+      obj.save({});  // takes part in gathering tensor-parallel shards; writes nothing
+      save_train_state({}, *opt, st, o.device);
+    }
+    dist::barrier();
   };
 
   obj.model->train();
@@ -128,11 +166,15 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
     std::vector<torch::Tensor> values;
     for (const auto& p : pending)
       for (const auto& v : p.values) values.push_back(v.reshape({1}).to(torch::kFloat64));
-    const auto host = torch::cat(values).cpu();
+    auto host = torch::cat(values).cpu();
+    if (dp > 1) {  // every rank logs the losses averaged over the replicas
+      dist::all_reduce(host, dist::Group::dp);
+      host.div_(static_cast<double>(dp));
+    }
     const auto now = std::chrono::steady_clock::now();
     const double secs = std::chrono::duration<double>(now - since).count();
     since = now;
-    const double sps = static_cast<double>(pending_samples * dist::world_size()) / std::max(secs, 1e-9);
+    const double sps = static_cast<double>(pending_samples) / std::max(secs, 1e-9);
     const double* h = host.data_ptr<double>();
     for (auto& p : pending) {
       StepLog& log = p.log;
@@ -174,12 +216,16 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
       p.log.lr = lr;
       for (int64_t m = 0; m < a; ++m) {
         const Batch batch = stream.next().to(o.device);
+        const bool last_micro = m == a - 1;  // gradients are averaged over ranks after this one
+        sync.begin(last_micro);
         StepLosses out;
         {
           AutocastGuard autocast(o.autocast, o.device);
           out = obj.step(batch);
         }
-        (a > 1 ? out.loss / static_cast<double>(a) : out.loss).backward();
+        auto loss = a > 1 ? out.loss / static_cast<double>(a) : out.loss;
+        sync.after_forward(loss, last_micro);
+        loss.backward();
         auto add = [&](size_t i, const torch::Tensor& v) {
           auto x = v.detach().to(torch::kFloat32) / static_cast<double>(a);
           if (i < p.values.size()) p.values[i] = p.values[i] + x;
@@ -190,13 +236,15 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
           if (m == 0) p.log.parts.emplace_back(out.parts[i].first, 0.0);
           add(i + 1, out.parts[i].second);
         }
-        pending_samples += batch.images.size(0);
+        pending_samples += batch.images.size(0) * dp;
       }
-      dist::all_reduce_gradients(params);
-      if (o.max_grad_norm > 0) clip_gradients(params, o.max_grad_norm);
+      sync.finish();
+      if (o.on_gradients) o.on_gradients(st.step + 1, params);
+      if (o.max_grad_norm > 0) clip_gradients(params, o.max_grad_norm, sharded);
       opt->step();
       if (obj.after_update) obj.after_update();
       st.step += 1;
+      st.samples += a * batch_size * dp;
       st.batch = b + a;
       st.epoch = epoch;
       if (st.batch + a > per_epoch * a) {
@@ -273,8 +321,21 @@ fs::path write_checkpoint(const std::string& output_dir, int64_t step,
   return dir;
 }
 
+namespace {
+
+// Every rank's generator state, one row per rank (rank order).
+torch::Tensor rank_rows(const torch::Tensor& state) {
+  auto row = state.reshape({1, -1}).contiguous();
+  return dist::initialized() ? dist::all_gather(row, dist::Group::world) : row;
+}
+
+}  // namespace
+
 void save_train_state(const fs::path& file, torch::optim::Optimizer& opt, const TrainState& st,
                       torch::Device device) {
+  const auto cpu_rows = rank_rows(rng_state(torch::kCPU));
+  const auto cuda_rows = device.is_cuda() ? rank_rows(rng_state(device)) : torch::Tensor();
+  if (file.empty()) return;  // another rank: its generators are in rank 0's file
   torch::serialize::OutputArchive archive;
   opt.save(archive);
   archive.write("step", torch::tensor(st.step));
@@ -282,8 +343,15 @@ void save_train_state(const fs::path& file, torch::optim::Optimizer& opt, const 
   archive.write("batch", torch::tensor(st.batch));
   archive.write("batch_size", torch::tensor(st.batch_size));
   archive.write("accumulation", torch::tensor(st.accumulation));
-  archive.write("rng_cpu", rng_state(torch::kCPU));
-  if (device.is_cuda()) archive.write("rng_cuda", rng_state(device));
+  archive.write("data_parallel", torch::tensor(st.data_parallel));
+  archive.write("model_parallel", torch::tensor(st.model_parallel));
+  archive.write("samples", torch::tensor(st.samples));
+  archive.write("rng_cpu", cpu_rows[0].clone());
+  archive.write("rng_cpu_ranks", cpu_rows);
+  if (device.is_cuda()) {
+    archive.write("rng_cuda", cuda_rows[0].clone());
+    archive.write("rng_cuda_ranks", cuda_rows);
+  }
   archive.save_to(file.string());
 }
 
@@ -295,23 +363,51 @@ TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Opt
     archive.read(key, t);
     return t;
   };
+  auto read_int = [&](const char* key, int64_t fallback) {  // keys an older build did not write
+    torch::Tensor t;
+    return archive.try_read(key, t) ? t.item<int64_t>() : fallback;
+  };
   TrainState st;
+  bool reseeded = false;
   try {
     archive.load_from(state_file);
     opt.load(archive);
     st.step = read("step").item<int64_t>();
     st.epoch = read("epoch").item<int64_t>();
     st.batch = read("batch").item<int64_t>();
-    torch::Tensor t;
-    if (archive.try_read("batch_size", t)) st.batch_size = t.item<int64_t>();
-    torch::Tensor u;
-    if (archive.try_read("accumulation", u)) st.accumulation = u.item<int64_t>();
-    set_rng_state(torch::kCPU, read("rng_cpu"));
-    torch::Tensor cuda_state;
-    if (device.is_cuda() && archive.try_read("rng_cuda", cuda_state)) set_rng_state(device, cuda_state);
+    st.batch_size = read_int("batch_size", 0);
+    st.accumulation = read_int("accumulation", 0);
+    st.data_parallel = read_int("data_parallel", 1);
+    st.model_parallel = read_int("model_parallel", 1);
+    st.samples = read_int("samples", 0);
+    // Each rank continues its own streams when the world is the one that wrote them.
+    auto restore = [&](const char* rows_key, const char* single_key, torch::Device d) {
+      torch::Tensor rows;
+      if (archive.try_read(rows_key, rows)) {
+        if (rows.size(0) != dist::world_size()) return false;
+        set_rng_state(d, rows[dist::rank()].clone());
+        return true;
+      }
+      torch::Tensor single;  // a checkpoint of an older, single-process build
+      if (dist::world_size() == 1 && archive.try_read(single_key, single)) {
+        set_rng_state(d, single);
+        return true;
+      }
+      return false;
+    };
+    reseeded = !restore("rng_cpu_ranks", "rng_cpu", torch::kCPU);
+    if (device.is_cuda()) reseeded = !restore("rng_cuda_ranks", "rng_cuda", device) || reseeded;
   } catch (const c10::Error& e) {
     throw Error(state_file + ": unreadable trainer state (" + first_line(e.what_without_backtrace()).substr(0, 200) +
                 ")");
+  }
+  if (reseeded) {
+    // Another world size: the data position carries over, the random streams cannot.
+    torch::manual_seed(static_cast<uint64_t>(st.step) * 1000003ULL + static_cast<uint64_t>(dist::rank()));
+    log_warn(checkpoint_dir + " was written by " + std::to_string(st.data_parallel * st.model_parallel) +
+             " rank(s) (data_parallel " + std::to_string(st.data_parallel) + " x model_parallel " +
+             std::to_string(st.model_parallel) + "), this run has " + std::to_string(dist::world_size()) +
+             ": the data position carries over, the random generators were re-seeded");
   }
   log_info("resuming from " + checkpoint_dir + " at step " + std::to_string(st.step));
   return st;

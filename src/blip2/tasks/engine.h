@@ -43,9 +43,12 @@ struct TrainState {
   int64_t step = 0;   // optimizer steps done
   int64_t epoch = 0;  // current epoch
   int64_t batch = 0;  // next micro-batch within the epoch
-  // What the position counts in: micro-batches of batch_size, accumulation per optimizer step
-  // (a resume with other values is refused; 0 = not recorded, a checkpoint of an older build).
+  // What the position counts in: micro-batches of batch_size on each of data_parallel ranks,
+  // accumulation per optimizer step (a resume needs the same global micro-batch, batch_size x
+  // data_parallel, and accumulation; 0 = not recorded, a checkpoint of an older build).
   int64_t batch_size = 0, accumulation = 0;
+  int64_t data_parallel = 1, model_parallel = 1;
+  int64_t samples = 0;  // global samples consumed by the optimizer steps so far
 };
 
 // A stage's side of training.
@@ -54,11 +57,19 @@ struct Objective {
   torch::nn::Module* model = nullptr;               // its requires_grad parameters train
   std::function<StepLosses(const Batch&)> step;     // forward on a batch already on the device
   std::function<void()> after_update;               // after each optimizer step (optional)
+  // Some trainable parameters may get no gradient in a step (the data-parallel gradient
+  // reduction must then look for them, as DDP's find_unused_parameters).
+  bool unused_parameters = false;
   // Writes the model's files into a checkpoint directory being filled (optional: no checkpoints).
+  // Every rank calls it, for the collectives of gathering tensor-parallel shards; rank 0 is given
+  // the directory, the others an empty path (write nothing).
   std::function<void(const std::filesystem::path& dir)> save;
   // Resume: loads the weights of the checkpoint directory into the model (optional).
   std::function<void(const std::string& dir)> load;
 };
+
+// Sees the parameters of each optimizer step (1-based) once their gradients are averaged.
+using GradientProbe = std::function<void(int64_t step, const std::vector<torch::Tensor>& params)>;
 
 struct EngineOptions {
   int64_t epochs = 1;
@@ -73,6 +84,10 @@ struct EngineOptions {
   std::string output_dir;         // checkpoints and metrics.jsonl; "" = neither
   std::string resume_from;        // a checkpoint directory with trainer_state.pt; "" = a fresh start
   torch::Device device = torch::kCPU;
+  int64_t seed = 42;                           // under data parallelism each rank draws from seed + dp rank
+  std::string gradient_reduction = "bucketed";  // parallel_config.gradient_reduction
+  // Called after each optimizer step's gradients are averaged, before clipping (tests, probes).
+  GradientProbe on_gradients;
   // The runner's options for the run config's stage (runner_config, optimizer, lr_schedule).
   static EngineOptions from(const RunConfig& cfg, torch::Device device);
 };
@@ -85,8 +100,10 @@ std::vector<StepLog> train(Objective& objective, const BatchLoader& loader, cons
 // place and named by checkpoint/latest: an interrupted save leaves the previous one intact.
 std::filesystem::path write_checkpoint(const std::string& output_dir, int64_t step,
                                        const std::function<void(const std::filesystem::path& tmp)>& fill);
-// trainer_state.pt of a checkpoint: the optimizer, the position (TrainState) and every random
-// generator, enough to continue bit for bit.
+// trainer_state.pt of a checkpoint: the optimizer, the position (TrainState) and every rank's
+// random generators, enough to continue bit for bit at the same world size. Every rank calls
+// save (the generators are gathered); rank 0 writes. At another world size, load re-seeds the
+// generators and says so.
 void save_train_state(const std::filesystem::path& file, torch::optim::Optimizer& opt, const TrainState& st,
                       torch::Device device);
 TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Optimizer& opt, torch::Device device);

@@ -115,11 +115,23 @@ BatchLoader make_batch_loader(const RunConfig& cfg, const DatasetConfig& d, bool
   o.seed = static_cast<uint64_t>(cfg.seed);
   o.num_workers = d.num_parallel_workers;
   o.skip_bad_samples = d.data_loader.skip_bad_samples;
-  o.rank = dist::rank();
-  o.world_size = dist::world_size();
+  // Training shards by data-parallel rank (tensor-parallel peers take the same batches);
+  // evaluation loaders see everything and the evaluation loops split the work.
+  o.rank = train ? dist::dp_rank() : 0;
+  o.world_size = train ? dist::dp_size() : 1;
   o.prefetch = d.prefetch_size;
   o.pin_memory = cfg.device_target != "cpu";
   return BatchLoader(dataset, std::move(tokenizer), d.text_transforms, o);
+}
+
+void join_processes(const RunConfig& cfg) {
+  dist::Request r;
+  r.use_parallel = cfg.use_parallel;
+  r.data_parallel = cfg.parallel_config.data_parallel;
+  r.model_parallel = cfg.parallel_config.model_parallel;
+  r.pipeline_stage = cfg.parallel_config.pipeline_stage;
+  r.config_text = to_yaml(cfg);
+  dist::init_from_env(r);
 }
 
 }  // namespace blip2

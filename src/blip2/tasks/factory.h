@@ -56,4 +56,8 @@ void require_weights(const std::vector<std::string>& missing, const std::vector<
 BatchLoader make_batch_loader(const RunConfig& cfg, const DatasetConfig& d, bool train,
                               std::shared_ptr<const WordPieceTokenizer> tokenizer);
 
+// Joins the processes a launcher started (dist::init_from_env with the config's use_parallel and
+// parallel_config; every rank must run the same resolved config). Without a launcher: one process.
+void join_processes(const RunConfig& cfg);
+
 }  // namespace blip2

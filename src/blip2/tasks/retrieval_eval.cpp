@@ -2,6 +2,7 @@
 // of eval_dataset, the k_test best re-ranked by ITM (retrieval.h).
 #include <chrono>
 
+#include "blip2/dist/dist.h"
 #include "blip2/tasks/retrieval.h"
 #include "blip2/tasks/stage1.h"
 #include "blip2/util/common.h"
@@ -19,29 +20,44 @@ nlohmann::json Stage1Task::evaluate_retrieval() {
   const auto& tt = d.text_transforms;
   const int64_t bs = std::max<int64_t>(1, d.batch_size > 0 ? d.batch_size : cfg_.runner_config.batch_size);
   RetrievalInputs in;
-  std::vector<torch::Tensor> embeds, feats;
   auto set = retrieval_set(loader, bs);
-  for (const auto& images : set.image_batches) {
-    auto e = model_->encode_image(images.to(device_));
-    feats.push_back(model_->image_features(model_->query_pass(e, false).hidden));
-    embeds.push_back(e);
+  // Under data parallelism image batch and text chunk k are encoded on dp rank k % dp, then every
+  // rank's rows are combined (zero-filled, summed: exactly the one-process features).
+  const int64_t parts = dist::dp_size(), part = dist::dp_rank();
+  {
+    std::vector<int64_t> offsets{0};
+    for (const auto& images : set.image_batches) offsets.push_back(offsets.back() + images.size(0));
+    for (size_t k = 0; k < set.image_batches.size(); ++k) {
+      if (static_cast<int64_t>(k) % parts != part && in.image_embeds.defined()) continue;
+      auto e = model_->encode_image(set.image_batches[k].to(device_));
+      auto f = model_->image_features(model_->query_pass(e, false).hidden);
+      if (!in.image_embeds.defined()) {  // the shapes come from the first batch, which every rank encodes
+        in.image_embeds = torch::zeros({offsets.back(), e.size(1), e.size(2)}, e.options());
+        in.image_feats = torch::zeros({offsets.back(), f.size(1), f.size(2)}, f.options());
+      }
+      if (static_cast<int64_t>(k) % parts != part) continue;
+      in.image_embeds.narrow(0, offsets[k], e.size(0)).copy_(e);
+      in.image_feats.narrow(0, offsets[k], f.size(0)).copy_(f);
+    }
+    dist::combine_rows(in.image_embeds);
+    dist::combine_rows(in.image_feats);
   }
   const auto& texts = set.texts;
   const auto& img2txt = set.img2txt;
   const auto& txt2img = set.txt2img;
-  in.image_embeds = torch::cat(embeds);
-  in.image_feats = torch::cat(feats);
   std::vector<std::string> cleaned;
   for (const auto& t : texts) cleaned.push_back(clean_caption(t, tt.max_words, tt.prompt));
   auto enc = tokenizer_->encode_batch(cleaned, tt.max_length, tt.padding);
   in.text_ids = enc.ids.to(device_);
   in.text_keep = enc.keep.to(device_);
-  std::vector<torch::Tensor> tf;
-  for (int64_t i = 0; i < in.text_ids.size(0); i += bs) {
+  for (int64_t i = 0, k = 0; i < in.text_ids.size(0); i += bs, ++k) {
+    if (k % parts != part && in.text_feats.defined()) continue;
     const int64_t n = std::min(bs, in.text_ids.size(0) - i);
-    tf.push_back(model_->text_features(model_->text_pass(in.text_ids.narrow(0, i, n), in.text_keep.narrow(0, i, n))));
+    auto f = model_->text_features(model_->text_pass(in.text_ids.narrow(0, i, n), in.text_keep.narrow(0, i, n)));
+    if (!in.text_feats.defined()) in.text_feats = torch::zeros({in.text_ids.size(0), f.size(1)}, f.options());
+    if (k % parts == part) in.text_feats.narrow(0, i, n).copy_(f);
   }
-  in.text_feats = torch::cat(tf);
+  dist::combine_rows(in.text_feats);
 
   RerankOptions o;
   o.k_test = d.k_test;
@@ -50,7 +66,8 @@ nlohmann::json Stage1Task::evaluate_retrieval() {
   const int64_t ni = in.image_feats.size(0), nt = in.text_feats.size(0);
   log_info("retrieval: " + std::to_string(ni) + " images, " + std::to_string(nt) + " texts, k_test " +
            std::to_string(o.k_test));
-  Progress progress("rerank", ni + nt, std::max<int64_t>(1, (ni + nt) / 10));
+  const int64_t mine = (ni + nt + dist::dp_size() - 1) / dist::dp_size();  // rows re-ranked here (about)
+  Progress progress("rerank", mine, std::max<int64_t>(1, mine / 10));
   auto t0 = std::chrono::steady_clock::now();
   auto scores = rerank_top_k(model_, in, o, [&](int64_t done, int64_t) { progress.update(done, ""); });
   progress.finish();

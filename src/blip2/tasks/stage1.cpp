@@ -4,6 +4,7 @@
 
 #include "blip2/data/caption_datasets.h"
 #include "blip2/dist/dist.h"
+#include "blip2/io/checkpoint.h"
 #include "blip2/io/safetensors.h"
 #include "blip2/tasks/factory.h"
 #include "blip2/util/common.h"
@@ -21,8 +22,7 @@ nlohmann::json Stage1Eval::to_json() const {
 Stage1Task::Stage1Task(RunConfig cfg)
     : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)),
       ledger_(cfg_.model.model_config.allow_partial_load) {
-  dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel,
-                      cfg_.parallel_config.model_parallel);
+  join_processes(cfg_);
   torch::manual_seed(cfg_.seed);
   adopt_checkpoint_architectures(cfg_);
   const auto& mc = cfg_.model.model_config;
@@ -48,8 +48,7 @@ Stage1Task::Stage1Task(RunConfig cfg, Blip2Qformer model,
       tokenizer_(std::move(tokenizer)),
       ledger_(random_weights ? WeightLedger(*model_, *random_weights, cfg_.model.model_config.allow_partial_load)
                              : WeightLedger(cfg_.model.model_config.allow_partial_load)) {
-  dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel,
-                      cfg_.parallel_config.model_parallel);
+  join_processes(cfg_);
   torch::manual_seed(cfg_.seed);
   const bool partial = cfg_.model.model_config.allow_partial_load;  // the run's load policy
   cfg_.model.model_config = model_->config();
@@ -81,7 +80,7 @@ BatchLoader Stage1Task::make_loader(const DatasetConfig& d, bool train) const {
   return make_batch_loader(cfg_, d, train, tokenizer_);
 }
 
-std::vector<StepLog> Stage1Task::train() {
+std::vector<StepLog> Stage1Task::train(const GradientProbe& probe) {
   auto loader = make_loader(cfg_.train_dataset, /*train=*/true);
   Objective obj;
   obj.name = "train";
@@ -95,7 +94,9 @@ std::vector<StepLog> Stage1Task::train() {
     model_->temp.clamp_(0.001, 0.5);
   };
   obj.save = [this](const fs::path& dir) {
-    save_safetensors((dir / "model.safetensors").string(), state_dict(*model_, !cfg_.runner_config.save_frozen_weights),
+    const TensorMap weights = state_dict(*model_, !cfg_.runner_config.save_frozen_weights);  // every rank
+    if (dir.empty()) return;
+    save_safetensors((dir / "model.safetensors").string(), weights,
                      {{"format", "blip2cpp"}, {"arch", cfg_.model.arch.type}});
     atomic_write(dir / "config.yaml", to_yaml(cfg_));
   };
@@ -105,6 +106,7 @@ std::vector<StepLog> Stage1Task::train() {
     ledger_.check(*model_, coverage_policy(cfg_, true));
   };
   EngineOptions eo = EngineOptions::from(cfg_, device_);
+  eo.on_gradients = probe;
   if (cfg_.resume_training) eo.resume_from = resume_checkpoint_dir(cfg_);
   return blip2::train(obj, loader, eo);
 }
@@ -165,37 +167,72 @@ Stage1Eval Stage1Task::evaluate() {
   torch::manual_seed(cfg_.seed);  // the hard negatives are sampled: make eval repeatable
   AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
   Stage1Eval ev;
-  int64_t seen = 0;
+  int64_t seen = 0;  // samples evaluated, over all ranks
   // Caption datasets: retrieval over each distinct image and each caption once (below), not
   // over the loss batches' pairs, which are kept for the other datasets.
   const bool captions = dynamic_cast<const CaptionDataset*>(&loader.dataset()) != nullptr;
   const auto& ed = cfg_.eval_dataset;
   const int64_t bs = std::max<int64_t>(1, ed.batch_size > 0 ? ed.batch_size : cfg_.runner_config.batch_size);
-  std::vector<torch::Tensor> image_feats, text_feats;
-  std::vector<int64_t> ids;
-  torch::Tensor sums = torch::zeros({4}, torch::TensorOptions().dtype(torch::kFloat64).device(device_));
-  Progress progress("eval", loader.batches_per_epoch(), cfg_.runner_config.log_interval);
-  BatchLoader::Stream stream(loader, 0, 0);
-  for (int64_t b = 0; b < loader.batches_per_epoch(); ++b) {
-    Batch batch = stream.next().to(device_);
-    auto out = model_->forward(batch.images, batch.ids, batch.keep, batch.image_ids);
-    const double n = static_cast<double>(batch.ids.size(0));
-    sums += torch::stack({out.loss, out.loss_itc, out.loss_itm, out.loss_lm}).to(torch::kFloat64) * n;
-    seen += batch.ids.size(0);
-    if (!captions) {
-      image_feats.push_back(out.image_feats.to(torch::kFloat32).cpu());
-      text_feats.push_back(out.text_feat.to(torch::kFloat32).cpu());
-      for (int64_t id : to_vector(batch.image_ids)) ids.push_back(id);
+  // Under data parallelism each rank evaluates whole batches (batch b on dp rank b % dp, the
+  // model's gathers kept local), and the sums and features are combined: the same batches as in
+  // one process.
+  const int64_t nb = loader.batches_per_epoch(), parts = dist::dp_size(), part = dist::dp_rank();
+  const int64_t eval_bs = loader.options().batch_size, total = loader.dataset().size();
+  torch::Tensor image_all, text_all;  // [N, Q, E], [N, E] for the loss batches' pairs
+  std::vector<int64_t> ids(static_cast<size_t>(total), 0);
+  torch::Tensor sums = torch::zeros({5}, torch::kFloat64);  // 4 losses x n, n
+  Progress progress("eval", (nb - part + parts - 1) / parts, cfg_.runner_config.log_interval);
+  {
+    dist::LocalScope local;
+    BatchLoader::Stream stream(loader, 0, part, -1, parts);
+    for (int64_t done = 0; !stream.done();) {
+      const int64_t b = stream.index();
+      Batch batch = stream.next().to(device_);
+      auto out = model_->forward(batch.images, batch.ids, batch.keep, batch.image_ids);
+      const double n = static_cast<double>(batch.ids.size(0));
+      auto losses = torch::stack({out.loss, out.loss_itc, out.loss_itm, out.loss_lm}).to(torch::kFloat64).cpu() * n;
+      sums.narrow(0, 0, 4) += losses;
+      sums[4] += n;
+      if (!captions) {
+        auto img = out.image_feats.to(torch::kFloat32).cpu(), txt = out.text_feat.to(torch::kFloat32).cpu();
+        if (!image_all.defined()) {
+          image_all = torch::zeros({total, img.size(1), img.size(2)});
+          text_all = torch::zeros({total, txt.size(1)});
+        }
+        image_all.narrow(0, b * eval_bs, img.size(0)).copy_(img);
+        text_all.narrow(0, b * eval_bs, txt.size(0)).copy_(txt);
+        const auto batch_ids = to_vector(batch.image_ids);
+        std::copy(batch_ids.begin(), batch_ids.end(), ids.begin() + b * eval_bs);
+      }
+      progress.update(++done, "");
     }
-    progress.update(b + 1, "");
   }
   progress.finish();
-  auto mean = (sums / static_cast<double>(std::max<int64_t>(1, seen))).cpu();
+  dist::combine_rows(sums);
+  seen = static_cast<int64_t>(sums[4].item<double>());
+  auto mean = sums / static_cast<double>(std::max<int64_t>(1, seen));
   ev.loss = mean[0].item<double>();
   ev.loss_itc = mean[1].item<double>();
   ev.loss_itm = mean[2].item<double>();
   ev.loss_lm = mean[3].item<double>();
   if (loader.skipped() > 0) log_warn("skipped " + std::to_string(loader.skipped()) + " unreadable evaluation samples");
+  std::vector<torch::Tensor> image_feats, text_feats;
+  if (!captions) {
+    // Shapes for a rank that held no batch, then every rank's rows combined.
+    const int64_t width = dist::max_over(text_all.defined() ? text_all.size(1) : 0);
+    const int64_t queries = dist::max_over(image_all.defined() ? image_all.size(1) : 0);
+    if (!image_all.defined()) {
+      image_all = torch::zeros({total, queries, width});
+      text_all = torch::zeros({total, width});
+    }
+    dist::combine_rows(image_all);
+    dist::combine_rows(text_all);
+    auto id_rows = torch::tensor(ids, torch::kLong);
+    dist::combine_rows(id_rows);
+    ids = to_vector(id_rows);
+    image_feats.push_back(image_all);
+    text_feats.push_back(text_all);
+  }
 
   std::vector<std::vector<int64_t>> img2txt, txt2img;
   if (captions) {

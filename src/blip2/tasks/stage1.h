@@ -38,7 +38,8 @@ class Stage1Task {
   Stage1Task(RunConfig cfg, Blip2Qformer model, std::shared_ptr<WordPieceTokenizer> tokenizer,
              std::optional<std::vector<std::string>> random_weights = std::nullopt);
   // Trains on train_dataset (the engine: resume, accumulation, checkpoints, metrics).
-  std::vector<StepLog> train();
+  // `probe` sees each step's averaged gradients (tests).
+  std::vector<StepLog> train(const GradientProbe& probe = {});
   // The losses on eval_dataset (each batch's image ids as in training; hard negatives drawn
   // with the run's seed) and ITC retrieval recall, texts matching images by image id.
   Stage1Eval evaluate();

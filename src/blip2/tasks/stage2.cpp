@@ -1,5 +1,7 @@
 #include "blip2/tasks/stage2.h"
 
+#include <optional>
+
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -122,7 +124,7 @@ bool caption_names_class(const std::string& caption, const std::string& label_na
 Stage2Task::Stage2Task(RunConfig cfg)
     : cfg_(std::move(cfg)), device_(pick_device(cfg_.device_target)),
       ledger_(cfg_.model.model_config.allow_partial_load) {
-  dist::init_from_env(cfg_.use_parallel, cfg_.parallel_config.data_parallel, cfg_.parallel_config.model_parallel);
+  join_processes(cfg_);
   torch::manual_seed(cfg_.seed);
   check(cfg_.model.model_config.text_config.has_value(),
         "model.model_config.text_config: a stage-2 model needs its LLM described");
@@ -181,8 +183,9 @@ void Stage2Task::pretrain_llm(const BatchLoader& loader) {
     auto t = caption_targets(*tokenizer_, batch.captions, 0, cfg_.train_dataset.text_transforms.max_length,
                              cfg_.model.model_config.text_config->eos_token_id, /*repeats=*/2);
     auto ids = to_device_async(t.ids, device_), keep = to_device_async(t.keep, device_);
-    auto logits = lm.forward(lm.embed(ids), keep, positions_from_keep(keep, keep.size(1)), nullptr);
-    return StepLosses{causal_lm_loss(logits, to_device_async(t.labels, device_)), {}};
+    auto logits = lm.forward(lm.embed(ids), keep, positions_from_keep(keep, keep.size(1)), nullptr,
+                             /*last_only=*/false, /*vocab_local=*/true);
+    return StepLosses{causal_lm_loss(logits, to_device_async(t.labels, device_), false, /*vocab_parallel=*/true), {}};
   };
   EngineOptions eo = EngineOptions::from(cfg_, device_);
   eo.epochs = rc.llm_pretrain_epochs;
@@ -222,7 +225,7 @@ void Stage2Task::resume_weights(const std::string& dir) {
   ledger_.check(*model_, policy);
 }
 
-std::vector<StepLog> Stage2Task::train() {
+std::vector<StepLog> Stage2Task::train(const GradientProbe& probe) {
   auto loader = make_loader(cfg_.train_dataset, /*train=*/true);
   fs::create_directories(cfg_.output_dir);
   const std::string resume = cfg_.resume_training ? resume_checkpoint_dir(cfg_) : "";
@@ -241,13 +244,16 @@ std::vector<StepLog> Stage2Task::train() {
     return StepLosses{loss, {}};
   };
   obj.save = [this](const fs::path& dir) {
-    save_safetensors((dir / "model.safetensors").string(), state_dict(*model_, !cfg_.runner_config.save_frozen_weights),
+    const TensorMap weights = state_dict(*model_, !cfg_.runner_config.save_frozen_weights);  // every rank
+    if (dir.empty()) return;
+    save_safetensors((dir / "model.safetensors").string(), weights,
                      {{"format", "blip2cpp"}, {"arch", cfg_.model.arch.type}});
     atomic_write(dir / "config.yaml", to_yaml(cfg_));
   };
   obj.load = [this](const std::string& dir) { resume_weights(dir); };
   EngineOptions eo = EngineOptions::from(cfg_, device_);
   eo.resume_from = resume;
+  eo.on_gradients = probe;
   return blip2::train(obj, loader, eo);
 }
 
@@ -286,8 +292,12 @@ nlohmann::json Stage2Task::evaluate() {
   double loss_sum = 0;
   int64_t batches = 0, images = 0, correct = 0;
   nlohmann::json examples = nlohmann::json::array();
-  BatchLoader::Stream stream(loader, 0, 0);
-  Progress progress("eval", loader.batches_per_epoch(), cfg_.runner_config.log_interval);
+  // Under data parallelism batch b goes to dp rank b % dp (its loss a local mean), and the sums
+  // are combined; the examples are rank 0's.
+  const int64_t parts = dist::dp_size(), part = dist::dp_rank();
+  std::optional<dist::LocalScope> local(std::in_place);
+  BatchLoader::Stream stream(loader, 0, part, -1, parts);
+  Progress progress("eval", (loader.batches_per_epoch() - part + parts - 1) / parts, cfg_.runner_config.log_interval);
   while (!stream.done()) {
     Batch batch = stream.next();
     auto tg = caption_targets(*tokenizer_, batch.captions, prompt, cfg_.model.model_config.max_txt_len, t.eos_token_id);
@@ -311,6 +321,14 @@ nlohmann::json Stage2Task::evaluate() {
     progress.update(batches, "");
   }
   progress.finish();
+  local.reset();
+  auto sums = torch::tensor({loss_sum, static_cast<double>(batches), static_cast<double>(images),
+                             static_cast<double>(correct)}, torch::kFloat64);
+  dist::combine_rows(sums);
+  loss_sum = sums[0].item<double>();
+  batches = static_cast<int64_t>(sums[1].item<double>());
+  images = static_cast<int64_t>(sums[2].item<double>());
+  correct = static_cast<int64_t>(sums[3].item<double>());
   nlohmann::json r = {{"loss", batches ? loss_sum / static_cast<double>(batches) : 0.0}, {"num_images", images}};
   if (synthetic) {
     r["caption_accuracy"] = images ? 100.0 * static_cast<double>(correct) / static_cast<double>(images) : 0.0;

@@ -60,7 +60,8 @@ class Stage2Task {
   explicit Stage2Task(RunConfig cfg);
   // Trains on train_dataset (the engine: resume, accumulation, checkpoints, metrics), after
   // pretraining a random LLM on the captions when llm_pretrain_epochs asks.
-  std::vector<StepLog> train();
+  // `probe` sees each step's averaged gradients (tests).
+  std::vector<StepLog> train(const GradientProbe& probe = {});
   // eval_dataset: mean caption loss; with labelled synthetic data also the share of images
   // whose greedy caption names colour and shape right, and some examples.
   nlohmann::json evaluate();

@@ -1,6 +1,7 @@
 // The zero_shot_image_classification task of a stage-1 model: evaluation on a labelled
 // eval_dataset, and predictions for images (zero_shot.h holds the classifier).
 #include "blip2/data/caption_datasets.h"
+#include "blip2/dist/dist.h"
 #include "blip2/tasks/stage1.h"
 #include "blip2/util/common.h"
 #include "blip2/util/device.h"
@@ -34,8 +35,11 @@ nlohmann::json Stage1Task::evaluate_zero_shot() {
   AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
   auto classifier = zero_shot_classifier(loader.dataset().label_names());
   int64_t n = 0, top1 = 0, top5 = 0;
-  BatchLoader::Stream stream(loader, 0, 0);
-  Progress progress("zero-shot", loader.batches_per_epoch(), cfg_.runner_config.log_interval);
+  // Under data parallelism batch b goes to dp rank b % dp; the counts are summed.
+  const int64_t parts = dist::dp_size(), part = dist::dp_rank();
+  BatchLoader::Stream stream(loader, 0, part, -1, parts);
+  Progress progress("zero-shot", (loader.batches_per_epoch() - part + parts - 1) / parts,
+                    cfg_.runner_config.log_interval);
   for (int64_t b = 0; !stream.done(); ++b) {
     Batch batch = stream.next().to(device_);
     auto probs = classifier.probabilities(batch.images);  // [B, labels]
@@ -48,6 +52,11 @@ nlohmann::json Stage1Task::evaluate_zero_shot() {
     progress.update(b + 1, "");
   }
   progress.finish();
+  auto counts = torch::tensor({n, top1, top5}, torch::kLong);
+  dist::combine_rows(counts);
+  n = counts[0].item<int64_t>();
+  top1 = counts[1].item<int64_t>();
+  top5 = counts[2].item<int64_t>();
   return {{"top1_accuracy", 100.0 * top1 / std::max<int64_t>(1, n)},
           {"top5_accuracy", 100.0 * top5 / std::max<int64_t>(1, n)},
           {"num_images", n}, {"num_labels", static_cast<int64_t>(classifier.labels().size())}};

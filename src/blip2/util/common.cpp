@@ -36,9 +36,19 @@ static std::string timestamp() {
   return buf;
 }
 
-void log_info(const std::string& msg) { std::cerr << "[" << timestamp() << "] " << msg << "\n"; }
+namespace {
+int log_rank = -1;  // -1: a single process
+}  // namespace
+
+void set_log_rank(int rank) { log_rank = rank; }
+
+void log_info(const std::string& msg) {
+  if (log_rank > 0) return;
+  std::cerr << "[" << timestamp() << "] " << msg << "\n";
+}
 void log_warn(const std::string& msg) {
-  std::cerr << "[" << timestamp() << "] warning: " << msg << "\n";
+  std::cerr << "[" << timestamp() << "] warning: " << (log_rank > 0 ? "rank " + std::to_string(log_rank) + ": " : "")
+            << msg << "\n";
 }
 
 void atomic_write_with(const fs::path& path, const std::function<void(const fs::path&)>& write) {
@@ -87,6 +97,7 @@ Progress::Progress(std::string label, int64_t total, int64_t log_every)
       start_(std::chrono::steady_clock::now()) {}
 
 void Progress::update(int64_t done, const std::string& status) {
+  if (log_rank > 0) return;
   if (tty_) {
     const int width = 24;
     int filled = total_ > 0 ? static_cast<int>(width * done / total_) : 0;
@@ -100,7 +111,7 @@ void Progress::update(int64_t done, const std::string& status) {
 }
 
 void Progress::finish() {
-  if (tty_) std::cerr << "\n";
+  if (tty_ && log_rank <= 0) std::cerr << "\n";
 }
 
 std::string join(const std::vector<std::string>& parts, const std::string& sep) {

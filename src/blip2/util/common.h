@@ -44,6 +44,9 @@ std::string first_line(const std::string& s);
 // Logging to stderr with a timestamp; `info` is for progress a user wants to see.
 void log_info(const std::string& msg);
 void log_warn(const std::string& msg);
+// In a multi-process run: rank > 0 prints no info lines or progress, and its warnings carry
+// "rank N" (set by dist::init_from_env).
+void set_log_rank(int rank);
 
 // Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
 // crash never leaves a truncated file under the final name.

@@ -1,5 +1,7 @@
 #include "blip2/util/device.h"
 
+#include <cstdlib>
+
 #include <ATen/autocast_mode.h>
 
 #include <mutex>
@@ -17,7 +19,12 @@ torch::Device parse_device(const std::string& target) {
 }
 
 torch::Device pick_device(const std::string& target) {
-  const torch::Device device = parse_device(target);
+  torch::Device device = parse_device(target);
+  // Under a launcher, "cuda" is the GPU of this process's LOCAL_RANK.
+  const char* local_rank = std::getenv("LOCAL_RANK");
+  const char* world = std::getenv("WORLD_SIZE");
+  if (device.is_cuda() && !device.has_index() && local_rank && world && std::atoi(world) > 1)
+    device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(std::atoi(local_rank)));
   if (device.is_cuda()) {
     check(torch::cuda::is_available(),
           "device_target is " + target + " but no CUDA device is available to this torch build");

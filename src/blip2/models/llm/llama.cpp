@@ -1,5 +1,7 @@
 #include "blip2/models/llm/llama.h"
 
+#include "blip2/dist/dist.h"
+
 namespace blip2 {
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_, const InitOptions& init) : eps(eps_) {
@@ -27,13 +29,14 @@ torch::Tensor apply_rotary(const torch::Tensor& x, const torch::Tensor& cos, con
 }
 
 LlamaAttentionImpl::LlamaAttentionImpl(const TextConfig& c, const InitOptions& init)
-    : heads(c.num_heads), kv_heads(c.kv_heads()) {
-  const int64_t h = c.hidden_size, d = c.head_size();
+    : heads(c.num_heads / dist::tp_size()), kv_heads(c.kv_heads() / dist::tp_size()) {
+  const int64_t h = c.hidden_size, d = c.head_size(), all = c.num_heads, all_kv = c.kv_heads();
   const bool bias = c.attention_bias;
-  q_proj = register_module("q_proj", Linear(h, heads * d, bias, init));
-  k_proj = register_module("k_proj", Linear(h, kv_heads * d, bias, init));
-  v_proj = register_module("v_proj", Linear(h, kv_heads * d, bias, init));
-  o_proj = register_module("o_proj", Linear(heads * d, h, bias, init));
+  // Each tp rank holds heads / tp query heads and their key/value heads (a slice of the rows).
+  q_proj = register_module("q_proj", Linear(h, all * d, bias, init, Parallel::column));
+  k_proj = register_module("k_proj", Linear(h, all_kv * d, bias, init, Parallel::column));
+  v_proj = register_module("v_proj", Linear(h, all_kv * d, bias, init, Parallel::column));
+  o_proj = register_module("o_proj", Linear(all * d, h, bias, init, Parallel::row));
 }
 
 torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
@@ -47,9 +50,9 @@ torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::T
 
 LlamaMLPImpl::LlamaMLPImpl(const TextConfig& c, const InitOptions& init) : act(activation(c.activation())) {
   const int64_t h = c.hidden_size, f = c.ffn_size();
-  gate_proj = register_module("gate_proj", Linear(h, f, c.mlp_bias, init));
-  up_proj = register_module("up_proj", Linear(h, f, c.mlp_bias, init));
-  down_proj = register_module("down_proj", Linear(f, h, c.mlp_bias, init));
+  gate_proj = register_module("gate_proj", Linear(h, f, c.mlp_bias, init, Parallel::column));
+  up_proj = register_module("up_proj", Linear(h, f, c.mlp_bias, init, Parallel::column));
+  down_proj = register_module("down_proj", Linear(f, h, c.mlp_bias, init, Parallel::row));
 }
 
 torch::Tensor LlamaMLPImpl::forward(const torch::Tensor& x) {
@@ -91,12 +94,12 @@ torch::Tensor LlamaDecoderLayerImpl::forward(const torch::Tensor& x, const torch
 LlamaForCausalLMImpl::LlamaForCausalLMImpl(const TextConfig& c, const InitOptions& init)
     : CausalLMImpl(c) {
   auto model = register_module("model", std::make_shared<torch::nn::Module>());
-  embed_tokens = model->register_module("embed_tokens", Embedding(c.vocab_size, c.hidden_size, init));
+  embed_tokens = model->register_module("embed_tokens", Embedding(c.vocab_size, c.hidden_size, init, true));
   layers = model->register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(LlamaDecoderLayer(c, init));
   norm = model->register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps, init));
   if (!c.tie_word_embeddings)
-    lm_head = register_module("lm_head", Linear(c.hidden_size, c.vocab_size, false, init));
+    lm_head = register_module("lm_head", Linear(c.hidden_size, c.vocab_size, false, init, Parallel::column));
   inv_freq = rope_inv_freq(c);
 }
 
@@ -104,7 +107,7 @@ torch::Tensor LlamaForCausalLMImpl::embed(const torch::Tensor& ids) { return emb
 
 torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& embeds, const torch::Tensor& keep,
                                             const torch::Tensor& positions, LlmCache* cache,
-                                            bool last_only) {
+                                            bool last_only, bool vocab_local) {
   const int64_t n = embeds.size(1);
   if (cache && cache->layers.empty()) cache->layers.resize(layers->size());
   auto [cos, sin] = rotary_cos_sin(inv_freq, positions, embeds.scalar_type());
@@ -114,7 +117,7 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& embeds, const t
     h = layers[i]->as<LlamaDecoderLayer>()->forward(h, cos, sin, additive_mask, cache ? &cache->layers[i] : nullptr);
   if (last_only) h = h.narrow(1, n - 1, 1);
   h = norm(h);
-  return output_logits(h, lm_head, embed_tokens);
+  return output_logits(h, lm_head, embed_tokens, vocab_local);
 }
 
 }  // namespace blip2

@@ -57,7 +57,8 @@ class LlamaForCausalLMImpl : public CausalLMImpl {
   LlamaForCausalLMImpl(const TextConfig& c, const InitOptions& init);
   torch::Tensor embed(const torch::Tensor& ids) override;
   torch::Tensor forward(const torch::Tensor& embeds, const torch::Tensor& keep,
-                        const torch::Tensor& positions, LlmCache* cache, bool last_only) override;
+                        const torch::Tensor& positions, LlmCache* cache, bool last_only,
+                        bool vocab_local = false) override;
   Embedding embed_tokens{nullptr};
   torch::nn::ModuleList layers;
   RMSNorm norm{nullptr};

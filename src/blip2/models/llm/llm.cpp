@@ -2,6 +2,7 @@
 
 #include "blip2/models/llm/llama.h"
 #include "blip2/models/llm/opt.h"
+#include "blip2/dist/dist.h"
 #include "blip2/util/common.h"
 
 namespace blip2 {
@@ -15,6 +16,17 @@ void LlmCache::select_rows(const torch::Tensor& rows) {
 }
 
 std::shared_ptr<CausalLMImpl> make_causal_lm(const TextConfig& c, const InitOptions& init) {
+  if (const int64_t tp = dist::tp_size(); tp > 1) {
+    // Megatron's split: whole heads per rank; the vocabulary and the FFN in equal slices.
+    auto need = [&](int64_t n, const std::string& key) {
+      check(n % tp == 0, "text_config." + key + ": " + std::to_string(n) +
+                             " is not divisible by parallel_config.model_parallel " + std::to_string(tp));
+    };
+    need(c.num_heads, "num_attention_heads");
+    need(c.kv_heads(), "num_key_value_heads");
+    need(c.vocab_size, "vocab_size");
+    need(c.ffn_size(), c.is_opt() ? "ffn_dim" : "intermediate_size");
+  }
   if (c.is_opt()) return std::make_shared<OptForCausalLMImpl>(c, init);
   if (c.type == "LlamaConfig") return std::make_shared<LlamaForCausalLMImpl>(c, init);
   throw Error("text_config.type: '" + c.type + "' is not LlamaConfig or OPTConfig");
@@ -41,8 +53,11 @@ torch::Tensor positions_from_keep(const torch::Tensor& keep, int64_t new_len) {
   return pos.narrow(1, keep.size(1) - new_len, new_len);
 }
 
-torch::Tensor output_logits(const torch::Tensor& hidden, const Linear& lm_head, const Embedding& embed_tokens) {
-  return lm_head.is_empty() ? torch::matmul(hidden, embed_tokens->weight.t()) : lm_head->forward(hidden);
+torch::Tensor output_logits(const torch::Tensor& hidden, const Linear& lm_head, const Embedding& embed_tokens,
+                            bool vocab_local) {
+  auto logits = lm_head.is_empty() ? torch::matmul(dist::copy_to_tp(hidden), embed_tokens->weight.t())
+                                   : lm_head->forward(hidden);
+  return vocab_local ? logits : dist::gather_from_tp(logits, -1);
 }
 
 torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v,

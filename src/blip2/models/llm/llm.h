@@ -32,10 +32,12 @@ class CausalLMImpl : public torch::nn::Module {
   // embeds [B, L, H]; keep [B, T] (1 = attend, 0 = padding) over the cached positions and these;
   // positions [B, L] (a token's index among the kept ones). With `cache`, its keys/values are
   // attended and this call's appended. Returns logits [B, L, V], or [B, 1, V] of the last
-  // position when last_only.
+  // position when last_only. Under tensor parallelism the vocabulary is split over the tp group:
+  // the logits are gathered whole, or with vocab_local kept as this rank's slice [.., V / tp]
+  // (for next_token_loss's vocab_parallel, which never builds the whole [B, L, V]).
   virtual torch::Tensor forward(const torch::Tensor& embeds, const torch::Tensor& keep,
                                 const torch::Tensor& positions, LlmCache* cache,
-                                bool last_only = false) = 0;
+                                bool last_only = false, bool vocab_local = false) = 0;
   TextConfig config;
 };
 
@@ -49,8 +51,10 @@ torch::Tensor causal_mask(const torch::Tensor& keep, int64_t new_len, torch::Dty
 // Position of each of the last L columns of keep among the kept tokens (cumsum - 1; pads 0).
 torch::Tensor positions_from_keep(const torch::Tensor& keep, int64_t new_len);
 
-// Logits of the final hidden states: lm_head, or the token embeddings when tied (empty lm_head).
-torch::Tensor output_logits(const torch::Tensor& hidden, const Linear& lm_head, const Embedding& embed_tokens);
+// Logits of the final hidden states: lm_head, or the token embeddings when tied (empty lm_head);
+// under tensor parallelism gathered over the vocabulary unless vocab_local.
+torch::Tensor output_logits(const torch::Tensor& hidden, const Linear& lm_head, const Embedding& embed_tokens,
+                            bool vocab_local = false);
 
 // Attention over cached + new keys/values: q [B,h,L,D], k/v [B,h/n_rep,L,D] appended to `cache`
 // (when given), additive_mask added to the scores. Each key/value head serves n_rep query heads (grouped-query

@@ -1,14 +1,17 @@
 #include "blip2/models/llm/opt.h"
 
+#include "blip2/dist/dist.h"
+
 namespace blip2 {
 
-OptAttentionImpl::OptAttentionImpl(const TextConfig& c, const InitOptions& init) : heads(c.num_heads) {
+OptAttentionImpl::OptAttentionImpl(const TextConfig& c, const InitOptions& init)
+    : heads(c.num_heads / dist::tp_size()) {
   const int64_t h = c.hidden_size;
   const bool bias = c.enable_bias;
-  q_proj = register_module("q_proj", Linear(h, h, bias, init));
-  k_proj = register_module("k_proj", Linear(h, h, bias, init));
-  v_proj = register_module("v_proj", Linear(h, h, bias, init));
-  out_proj = register_module("out_proj", Linear(h, h, bias, init));
+  q_proj = register_module("q_proj", Linear(h, h, bias, init, Parallel::column));
+  k_proj = register_module("k_proj", Linear(h, h, bias, init, Parallel::column));
+  v_proj = register_module("v_proj", Linear(h, h, bias, init, Parallel::column));
+  out_proj = register_module("out_proj", Linear(h, h, bias, init, Parallel::row));
 }
 
 torch::Tensor OptAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& additive_mask, KVCache* cache) {
@@ -23,8 +26,8 @@ OptDecoderLayerImpl::OptDecoderLayerImpl(const TextConfig& c, const InitOptions&
   const bool affine = c.layer_norm_elementwise_affine;
   self_attn = register_module("self_attn", OptAttention(c, init));
   self_attn_layer_norm = register_module("self_attn_layer_norm", LayerNorm(h, c.layer_norm_eps, init, affine));
-  fc1 = register_module("fc1", Linear(h, f, c.enable_bias, init));
-  fc2 = register_module("fc2", Linear(f, h, c.enable_bias, init));
+  fc1 = register_module("fc1", Linear(h, f, c.enable_bias, init, Parallel::column));
+  fc2 = register_module("fc2", Linear(f, h, c.enable_bias, init, Parallel::row));
   final_layer_norm = register_module("final_layer_norm", LayerNorm(h, c.layer_norm_eps, init, affine));
 }
 
@@ -40,7 +43,7 @@ torch::Tensor OptDecoderLayerImpl::forward(const torch::Tensor& x, const torch::
 OptForCausalLMImpl::OptForCausalLMImpl(const TextConfig& c, const InitOptions& init) : CausalLMImpl(c) {
   auto decoder = register_module("model", std::make_shared<torch::nn::Module>())
                      ->register_module("decoder", std::make_shared<torch::nn::Module>());
-  embed_tokens = decoder->register_module("embed_tokens", Embedding(c.vocab_size, c.hidden_size, init));
+  embed_tokens = decoder->register_module("embed_tokens", Embedding(c.vocab_size, c.hidden_size, init, true));
   embed_positions = decoder->register_module(
       "embed_positions", Embedding(c.max_position_embeddings + kPositionOffset, c.hidden_size, init));
   layers = decoder->register_module("layers", torch::nn::ModuleList());
@@ -49,14 +52,14 @@ OptForCausalLMImpl::OptForCausalLMImpl(const TextConfig& c, const InitOptions& i
     final_layer_norm = decoder->register_module(
         "final_layer_norm", LayerNorm(c.hidden_size, c.layer_norm_eps, init, c.layer_norm_elementwise_affine));
   if (!c.tie_word_embeddings)
-    lm_head = register_module("lm_head", Linear(c.hidden_size, c.vocab_size, false, init));
+    lm_head = register_module("lm_head", Linear(c.hidden_size, c.vocab_size, false, init, Parallel::column));
 }
 
 torch::Tensor OptForCausalLMImpl::embed(const torch::Tensor& ids) { return embed_tokens(ids); }
 
 torch::Tensor OptForCausalLMImpl::forward(const torch::Tensor& embeds, const torch::Tensor& keep,
                                           const torch::Tensor& positions, LlmCache* cache,
-                                          bool last_only) {
+                                          bool last_only, bool vocab_local) {
   const int64_t n = embeds.size(1);
   if (cache && cache->layers.empty()) cache->layers.resize(layers->size());
   auto h = embeds + embed_positions(positions + kPositionOffset);
@@ -65,7 +68,7 @@ torch::Tensor OptForCausalLMImpl::forward(const torch::Tensor& embeds, const tor
     h = layers[i]->as<OptDecoderLayer>()->forward(h, additive_mask, cache ? &cache->layers[i] : nullptr);
   if (last_only) h = h.narrow(1, n - 1, 1);
   if (!final_layer_norm.is_empty()) h = final_layer_norm(h);
-  return output_logits(h, lm_head, embed_tokens);
+  return output_logits(h, lm_head, embed_tokens, vocab_local);
 }
 
 }  // namespace blip2

@@ -41,7 +41,8 @@ class OptForCausalLMImpl : public CausalLMImpl {
   OptForCausalLMImpl(const TextConfig& c, const InitOptions& init);
   torch::Tensor embed(const torch::Tensor& ids) override;
   torch::Tensor forward(const torch::Tensor& embeds, const torch::Tensor& keep,
-                        const torch::Tensor& positions, LlmCache* cache, bool last_only) override;
+                        const torch::Tensor& positions, LlmCache* cache, bool last_only,
+                        bool vocab_local = false) override;
   Embedding embed_tokens{nullptr}, embed_positions{nullptr};
   torch::nn::ModuleList layers;
   LayerNorm final_layer_norm{nullptr};  // absent with post-LN layers or _remove_final_layer_norm
