@@ -21,6 +21,9 @@
 #include "blip2/models/eva_vit.h"
 #include "blip2/models/generation.h"
 #include "blip2/models/llm/llm.h"
+#include "blip2/models/blip2_qformer.h"
+#include "blip2/tasks/factory.h"
+#include "blip2/tasks/optim.h"
 #include "blip2/tasks/stage1.h"
 #include "blip2/tasks/stage2.h"
 #include "test_util.h"
@@ -396,6 +399,77 @@ TEST(Dist, Stage1DataParallelEqualsOneProcessOnTheGlobalBatch) {
   EXPECT_TRUE(fs::exists(root / "two" / "out" / "checkpoint" / "latest"));
   const std::string metrics = read_file(root / "two" / "out" / "metrics.jsonl");
   EXPECT_EQ(std::count(metrics.begin(), metrics.end(), '\n'), 3) << metrics;
+}
+
+TEST(Dist, LavisDefaultsAtTwoRanksEqualAOneProcessEmulationOfThem) {
+  // LAVIS' semantics at 2 ranks, emulated in one process from the model's own pieces: each
+  // rank's loss from its own samples with the other side of ITC detached (concat_all_gather is
+  // @torch.no_grad, its own slice included), ITM negatives from the whole batch's similarities
+  // with every image_embeds carrying gradient (all_gather_with_grad), the LM mean over the rank's
+  // own tokens; the replicas' gradients averaged (DDP). Negatives by argmax: sampled ones would
+  // compare two ranks' generators, not the semantics.
+  const auto root = temp_dir("dist_lavis_emulation");
+  auto two = stage1_config(2, 8, root / "two" / "out");
+  two.runner_config.max_steps = 1;
+  auto& m = two.model.model_config;
+  m.itc_gather = "no_grad";
+  m.lm_loss_normalization = "local_tokens";
+  m.itm_negatives = "argmax";
+  write_job(root / "two", two, "train");
+  run_or_report(root / "two", 2);
+  if (HasFailure()) return;
+  const auto ranks = result_of(root / "two");
+
+  auto one = two;
+  one.parallel_config.data_parallel = 1;
+  one.runner_config.batch_size = 8;
+  one.output_dir = (root / "emulation").string();
+  Stage1Task task(one);  // the run's seed: rank 0's initial weights, which the ranks share
+  auto model = task.model();
+  model->train();
+  const auto loader = make_batch_loader(one, one.train_dataset, true, task.tokenizer());
+  const Batch b = loader.batch(0, 0);
+  // Rank r held every 2nd sample of the epoch's order from r; the gathers concatenate in rank order.
+  auto order = torch::cat({torch::arange(0, 8, 2), torch::arange(1, 8, 2)});
+  auto images = b.images.index_select(0, order), ids = b.ids.index_select(0, order),
+       keep = b.keep.index_select(0, order), image_ids = b.image_ids.index_select(0, order).to(torch::kLong);
+  const auto& q = model->config().qformer_config;
+  auto image_embeds = model->encode_image(images);
+  auto query = model->query_pass(image_embeds, /*use_cache=*/true);
+  auto feats = model->image_features(query.hidden);
+  auto text = model->text_features(model->text_pass(ids, keep));
+  torch::Tensor total = torch::zeros({}), itc_sum = torch::zeros({}), itm_sum = torch::zeros({}), lm_sum = torch::zeros({});
+  for (int r = 0; r < 2; ++r) {
+    auto mine = [&](const torch::Tensor& x) { return x.narrow(0, 4 * r, 4); };
+    auto sim_i2t = max_over_queries(mine(feats), text.detach()) / model->temp;
+    auto sim_t2i = max_over_queries(feats.detach(), mine(text)).t() / model->temp;
+    auto positives = itc_positives(mine(image_ids), image_ids, 4, 8, 4 * r, torch::kCPU);
+    auto loss_itc = itc_loss(sim_i2t, sim_t2i, positives, 0.1);
+    auto neg = hard_negatives(sim_i2t.detach(), sim_t2i.detach(), positives, /*sample=*/false);
+    auto itm = model->itm_logits(
+        torch::cat({mine(image_embeds), image_embeds.index_select(0, neg.image_for_text), mine(image_embeds)}),
+        torch::cat({mine(ids), mine(ids), ids.index_select(0, neg.text_for_image)}),
+        torch::cat({mine(keep), mine(keep), keep.index_select(0, neg.text_for_image)}));
+    auto itm_labels = torch::cat({torch::ones({4}, torch::kLong), torch::zeros({8}, torch::kLong)});
+    auto loss_itm = torch::nn::functional::cross_entropy(itm, itm_labels);
+    std::vector<KVCache> past;
+    for (const auto& kv : query.past) past.push_back({mine(kv.key), mine(kv.value)});
+    auto [decoder_ids, labels] = lm_inputs(mine(ids), q.bos_token_id, q.pad_token_id);
+    auto loss_lm = lm_loss(model->lm_logits(decoder_ids, mine(keep), past), labels, 0.1, false);
+    total = total + (loss_itc + loss_itm + loss_lm) / 2;
+    itc_sum = itc_sum + loss_itc.detach() / 2;
+    itm_sum = itm_sum + loss_itm.detach() / 2;
+    lm_sum = lm_sum + loss_lm.detach() / 2;
+  }
+  total.backward();
+  auto opt = make_adamw(*model, one.optimizer, one.lr_schedule.learning_rate);
+  std::vector<torch::Tensor> flat;
+  for (const auto& p : optimized_parameters(*opt))
+    flat.push_back(p.grad().defined() ? p.grad().reshape({-1}).to(torch::kFloat64) : torch::zeros({p.numel()}, torch::kFloat64));
+  const auto emulated = torch::tensor({total.item<double>(), itc_sum.item<double>(), itm_sum.item<double>(), lm_sum.item<double>()},
+                                      torch::kFloat64);
+  expect_close(ranks.losses[0], emulated, 1e-5, 0, "step 1's loss, itc, itm, lm: 2 ranks vs the emulation");
+  expect_close(ranks.grads[0], torch::cat(flat), 1e-5, 1e-4, "step 1's averaged gradients: 2 ranks vs the emulation");
 }
 
 TEST(Dist, BucketedReducerEqualsCoalescedAllReduce) {

@@ -72,10 +72,14 @@ std::string first_message(const std::exception& e) {
 
 // Runs one collective and waits for it; a failure (a peer gone, a timeout) becomes one line naming
 // this rank.
+double blocked_s = 0;  // wall time spent in run(): see blocked_seconds()
+
 void run(const PG& pg, const char* what, const std::function<c10::intrusive_ptr<c10d::Work>(c10d::ProcessGroup&)>& f) {
+  const auto t0 = std::chrono::steady_clock::now();
   try {
     auto work = f(*pg);
     work->wait();
+    blocked_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   } catch (const std::exception& e) {
     throw Error(describe_failure(std::string(what) + ": " + first_message(e)));
   }
@@ -185,6 +189,8 @@ void connect_store() {
 }
 
 }  // namespace
+
+double blocked_seconds() { return blocked_s; }
 
 std::string describe_failure(const std::string& what) {
   return "rank " + std::to_string(rank()) + ": " + what +

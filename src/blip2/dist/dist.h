@@ -133,6 +133,11 @@ class GradientSync {
   bool find_unused_;
 };
 
+// Wall time this process has spent in blocking collectives (issue to completion), summed since
+// start: the communication a step waits for. The bucketed Reducer's all-reduces, which overlap
+// the backward pass, are not counted; the coalesced reduction's are.
+double blocked_seconds();
+
 // A failure inside a collective, rethrown as one line naming this rank ("rank 1: ...").
 std::string describe_failure(const std::string& what);
 

@@ -159,6 +159,8 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
   std::vector<PendingStep> pending;
   int64_t pending_samples = 0;
   auto since = std::chrono::steady_clock::now();
+  const auto loop_start = since;
+  const double blocked_start = dist::blocked_seconds();
   Progress progress(obj.name, last, o.log_interval);
   // Reads the pending losses back in one copy (the only wait for the device), then logs them.
   auto flush = [&]() {
@@ -296,11 +298,23 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
     const double sps = mean(from, logs.size(), [](const StepLog& l) { return l.samples_per_s; });
     summary["samples_per_s"] = sps;
     summary["steps"] = st.step;
+    std::string comm;
+    if (dist::initialized()) {  // rank 0's view: the time its steps waited for the other ranks
+      const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - loop_start).count();
+      const double waited = dist::blocked_seconds() - blocked_start;
+      summary["train_seconds"] = total;
+      summary["collective_wait_seconds"] = waited;
+      comm = "communication: " + format_float(waited, 2) + " s of " + format_float(total, 2) +
+             " s waiting in blocking collectives (" + format_float(100.0 * waited / std::max(total, 1e-9), 1) +
+             "%; parallel_config.gradient_reduction " + o.gradient_reduction +
+             (o.gradient_reduction == "bucketed" ? ", whose all-reduces overlap backward and are not counted" : "") +
+             ")\n";
+    }
     bool itm = false;
     for (const auto& [name, v] : logs.front().parts) itm = itm || name == "loss_itm";
     std::cout << "\n" << obj.name << ":\n" << table << "(mean of the first and last " << k << " steps"
               << (itm ? "; ITM at chance: 0.6365" : "") << ")\n"
-              << "throughput: " << format_float(sps, 1) << " samples/s\n";
+              << "throughput: " << format_float(sps, 1) << " samples/s\n" << comm;
     atomic_write(fs::path(o.output_dir) / "train_summary.json", summary.dump(2) + "\n");
   }
   return logs;
