@@ -585,6 +585,35 @@ TEST(Dist, Stage2AtDataParallel2xTensorParallel2EqualsOneProcessAndResumesAcross
   }
 }
 
+TEST(Dist, AnLlmPretrainedAtTensorParallel2IsWrittenWhole) {
+  // Stage 2 of the tiny preset at tp 2 pretrains its LLM sharded; llm/ and the checkpoint hold
+  // the whole tensors under their canonical names (the two agree).
+  const auto root = temp_dir("dist_tp_llm");
+  RunConfig c = load_run_config(std::string(BLIP2_CONFIG_DIR) + "/tiny_pretrain_stage_2.yaml");
+  c.use_parallel = true;
+  c.parallel_config.model_parallel = 2;
+  c.runner_config.llm_pretrain_epochs = 1;
+  c.runner_config.epochs = 1;
+  c.runner_config.max_steps = 1;
+  c.runner_config.save_frozen_weights = true;
+  c.train_dataset.data_loader.num_samples = 128;
+  c.model.model_config.checkpoint_name_or_path = "";
+  c.output_dir = (root / "out").string();
+  write_job(root, c, "train");
+  run_or_report(root, 2);
+  if (HasFailure()) return;
+  const auto llm = load_safetensors((root / "out" / "llm" / "model.safetensors").string());
+  const auto ckpt = load_safetensors((root / "out" / "checkpoint" / "step_00000001" / "model.safetensors").string());
+  const auto& t = *c.model.model_config.text_config;
+  ASSERT_TRUE(llm.count("model.embed_tokens.weight"));
+  EXPECT_EQ(llm.at("model.embed_tokens.weight").sizes(), (std::vector<int64_t>{t.vocab_size, t.hidden_size}));
+  EXPECT_EQ(llm.at("model.layers.0.mlp.down_proj.weight").sizes(), (std::vector<int64_t>{t.hidden_size, t.ffn_size()}));
+  for (const auto& [name, w] : llm) {
+    ASSERT_TRUE(ckpt.count("language_model." + name)) << name;
+    EXPECT_TRUE(torch::equal(ckpt.at("language_model." + name), w)) << name;
+  }
+}
+
 TEST(Dist, ACheckpointResumesAtAnotherWorldSizeFromTheSameGlobalSample) {
   // Save at dp 2 x 4, resume at dp 1 x 8 (and back): the next step is the one the writing run took.
   const auto root = temp_dir("dist_resume");

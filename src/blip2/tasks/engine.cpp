@@ -135,7 +135,8 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
   std::ofstream metrics;
   if (write) metrics = open_metrics(o.output_dir, st.step);
   log_info(obj.name + ": " + std::to_string(trainable) + " of " + std::to_string(count_parameters(*obj.model)) +
-           " parameters trainable, " + std::to_string(o.epochs) + " epochs x " + std::to_string(per_epoch) +
+           " parameters trainable" + (sharded.empty() ? std::string() : std::string(" (this rank's tensor-parallel shards)")) +
+           ", " + std::to_string(o.epochs) + " epochs x " + std::to_string(per_epoch) +
            " steps" + (a > 1 ? " of " + std::to_string(a) + " accumulated batches" : std::string()) +
            ", device " + o.device.str() + (o.autocast ? ", bf16 autocast" : ""));
 

@@ -202,9 +202,9 @@ void Stage2Task::pretrain_llm(const BatchLoader& loader) {
   for (auto& p : lm.parameters()) p.set_requires_grad(!frozen[i++]);
   model_->train(false);
   ledger_.trained(*model_, "language_model.");
+  TensorMap weights = state_dict(lm);  // every rank: tensor-parallel shards are gathered whole
   if (dist::is_main_process()) {
-    TensorMap weights;
-    for (const auto& p : lm.named_parameters()) weights[p.key()] = p.value().detach().cpu();
+    for (auto& [name, t] : weights) t = t.detach().cpu();
     const auto dir = fs::path(cfg_.output_dir) / "llm";
     export_hf_llm(*cfg_.model.model_config.text_config, weights, dir.string());
     log_info("pretrained LLM written to " + dir.string() + " (a Hugging Face directory)");
