@@ -349,6 +349,26 @@ RunConfig stage1_config(int dp, int64_t global_batch, const fs::path& out) {
   return c;
 }
 
+// Stage 2 of the tiny preset, three steps of the global batch 8 over dp x tp ranks, the LM mean
+// over the global batch's tokens, random weights (not the demo's stage 1), no LLM pretraining.
+RunConfig stage2_config(int dp, int tp, const fs::path& out) {
+  RunConfig c = load_run_config(std::string(BLIP2_CONFIG_DIR) + "/tiny_pretrain_stage_2.yaml");
+  c.use_parallel = true;
+  c.parallel_config.data_parallel = dp;
+  c.parallel_config.model_parallel = tp;
+  c.runner_config.batch_size = 8 / dp;
+  c.runner_config.epochs = 1;
+  c.runner_config.max_steps = 3;
+  c.runner_config.log_interval = 1;
+  c.runner_config.llm_pretrain_epochs = 0;
+  c.train_dataset.data_loader.num_samples = 64;
+  c.lr_schedule.warmup_steps = 1;
+  c.model.model_config.lm_loss_normalization = "global_tokens";
+  c.model.model_config.checkpoint_name_or_path = "";
+  c.output_dir = out.string();
+  return c;
+}
+
 struct Result {
   torch::Tensor losses, grads;
 };
@@ -496,24 +516,8 @@ TEST(Dist, BucketedReducerEqualsCoalescedAllReduce) {
 
 TEST(Dist, Stage2DataParallelEqualsOneProcessOnTheGlobalBatch) {
   const auto root = temp_dir("dist_stage2");
-  auto make = [&](int dp, const fs::path& out) {
-    RunConfig c = load_run_config(std::string(BLIP2_CONFIG_DIR) + "/tiny_pretrain_stage_2.yaml");
-    c.use_parallel = true;
-    c.parallel_config.data_parallel = dp;
-    c.runner_config.batch_size = 8 / dp;
-    c.runner_config.epochs = 1;
-    c.runner_config.max_steps = 3;
-    c.runner_config.log_interval = 1;
-    c.runner_config.llm_pretrain_epochs = 0;
-    c.train_dataset.data_loader.num_samples = 64;
-    c.lr_schedule.warmup_steps = 1;
-    c.model.model_config.lm_loss_normalization = "global_tokens";
-    c.model.model_config.checkpoint_name_or_path = "";  // random weights, not the demo's stage 1
-    c.output_dir = out.string();
-    return c;
-  };
-  write_job(root / "one", make(1, root / "one" / "out"), "train");
-  write_job(root / "two", make(2, root / "two" / "out"), "train");
+  write_job(root / "one", stage2_config(1, 1, root / "one" / "out"), "train");
+  write_job(root / "two", stage2_config(2, 1, root / "two" / "out"), "train");
   run_or_report(root / "one", 1);
   run_or_report(root / "two", 2);
   if (HasFailure()) return;
@@ -527,21 +531,8 @@ TEST(Dist, Stage2AtDataParallel2xTensorParallel2EqualsOneProcessAndResumesAcross
   // batch, all from the same whole weights; then a checkpoint of either resumed by the other.
   const auto root = temp_dir("dist_tp_stage2");
   auto make = [&](int dp, int tp, const fs::path& out) {
-    RunConfig c = load_run_config(std::string(BLIP2_CONFIG_DIR) + "/tiny_pretrain_stage_2.yaml");
-    c.use_parallel = true;
-    c.parallel_config.data_parallel = dp;
-    c.parallel_config.model_parallel = tp;
-    c.runner_config.batch_size = 8 / dp;
-    c.runner_config.epochs = 1;
-    c.runner_config.max_steps = 3;
-    c.runner_config.log_interval = 1;
+    RunConfig c = stage2_config(dp, tp, out);
     c.runner_config.save_steps = 1;
-    c.runner_config.llm_pretrain_epochs = 0;
-    c.train_dataset.data_loader.num_samples = 64;
-    c.lr_schedule.warmup_steps = 1;
-    c.model.model_config.lm_loss_normalization = "global_tokens";
-    c.model.model_config.checkpoint_name_or_path = "";
-    c.output_dir = out.string();
     return c;
   };
   // The whole starting weights (LLM included), written by one process.
