@@ -192,13 +192,22 @@ TensorMap run_tp_probes(const fs::path& job) {
   TensorMap out;
   InitOptions init;
   init.options = init.options.device(torch::Device(test_device()));
+  // The whole tensors: gathered from the loaded shards (whole.*), and of a model initialised from
+  // the seed (init.*: the shards are the one-process draws).
+  auto whole = [&](const std::string& tag, const torch::nn::Module& m) {
+    for (const auto& [k, v] : state_dict(m)) out[tag + k] = v.detach().clone();
+  };
   for (const auto& f : tp_families()) {
     auto lm = make_causal_lm(tp_text_config(f), init);
     load_into(*lm, load_safetensors((job / (f + ".safetensors")).string()), f);
+    whole("whole." + f + ".", *lm);
     for (auto& [k, v] : tp_probe(*lm, f + ".")) out[k] = v;
+    torch::manual_seed(0);
+    whole("init." + f + ".", *make_causal_lm(tp_text_config(f), init));
   }
   EvaBlock block(tp_vision_config(), init);
   load_into(*block, load_safetensors((job / "eva.safetensors").string()), "eva");
+  whole("whole.eva.", *block);
   for (auto& [k, v] : eva_probe(*block)) out[k] = v;
   for (auto& [k, v] : out) v = v.cpu();
   return out;
@@ -576,9 +585,9 @@ TEST(Dist, Stage2AtDataParallel2xTensorParallel2EqualsOneProcessAndResumesAcross
   }
 }
 
-TEST(Dist, AnLlmPretrainedAtTensorParallel2IsWrittenWhole) {
-  // Stage 2 of the tiny preset at tp 2 pretrains its LLM sharded; llm/ and the checkpoint hold
-  // the whole tensors under their canonical names (the two agree).
+TEST(Dist, AnLlmPretrainedAtTensorParallel2IsWrittenWholeAndEqualsOneProcess) {
+  // Stage 2 of the tiny preset at tp 2 pretrains its random LLM sharded; llm/ and the checkpoint
+  // hold the whole tensors under their canonical names, equal to what one process pretrains.
   const auto root = temp_dir("dist_tp_llm");
   RunConfig c = load_run_config(std::string(BLIP2_CONFIG_DIR) + "/tiny_pretrain_stage_2.yaml");
   c.use_parallel = true;
@@ -590,11 +599,24 @@ TEST(Dist, AnLlmPretrainedAtTensorParallel2IsWrittenWhole) {
   c.train_dataset.data_loader.num_samples = 128;
   c.model.model_config.checkpoint_name_or_path = "";
   c.output_dir = (root / "out").string();
-  write_job(root, c, "train");
-  run_or_report(root, 2);
+  c.output_dir = (root / "two" / "out").string();
+  auto single = c;
+  single.use_parallel = false;
+  single.parallel_config.model_parallel = 1;
+  single.output_dir = (root / "one" / "out").string();
+  write_job(root / "two", c, "train");
+  write_job(root / "one", single, "train");
+  run_or_report(root / "two", 2);
+  run_or_report(root / "one", 1);
   if (HasFailure()) return;
-  const auto llm = load_safetensors((root / "out" / "llm" / "model.safetensors").string());
-  const auto ckpt = load_safetensors((root / "out" / "checkpoint" / "step_00000001" / "model.safetensors").string());
+  const auto llm = load_safetensors((root / "two" / "out" / "llm" / "model.safetensors").string());
+  const auto ckpt = load_safetensors((root / "two" / "out" / "checkpoint" / "step_00000001" / "model.safetensors").string());
+  // The same LLM as one process pretrains: the same initial draws, the same steps (to rounding,
+  // which Adam's normalised updates lift to ~1e-5 in the weights; a wrong shard or a duplicated
+  // draw is off by the weights' own size, ~0.02).
+  const auto one = load_safetensors((root / "one" / "out" / "llm" / "model.safetensors").string());
+  ASSERT_EQ(one.size(), llm.size());
+  for (const auto& [name, w] : one) expect_close(llm.at(name), w, 1e-4, 1e-4, "pretrained " + name + ", tp 2 vs 1");
   const auto& t = *c.model.model_config.text_config;
   ASSERT_TRUE(llm.count("model.embed_tokens.weight"));
   EXPECT_EQ(llm.at("model.embed_tokens.weight").sizes(), (std::vector<int64_t>{t.vocab_size, t.hidden_size}));
@@ -602,6 +624,42 @@ TEST(Dist, AnLlmPretrainedAtTensorParallel2IsWrittenWhole) {
   for (const auto& [name, w] : llm) {
     ASSERT_TRUE(ckpt.count("language_model." + name)) << name;
     EXPECT_TRUE(torch::equal(ckpt.at("language_model." + name), w)) << name;
+  }
+}
+
+TEST(Dist, Stage1AtTensorParallel2EqualsOneProcessAndResumesAcross) {
+  // The tiny preset trains its ViT, whose layers split at tp 2: trainable shards, their gradient
+  // clipping and their AdamW moments in checkpoints. Four steps at tp 2 against one process; then
+  // step 2's checkpoint of each resumed at the other size and at its own: steps 3 and 4 (whose
+  // update uses the restored moments) are the ones the writing run took.
+  const auto root = temp_dir("dist_tp_stage1");
+  auto make = [&](int tp, const fs::path& out) {
+    auto c = stage1_config(1, 8, out);
+    c.parallel_config.model_parallel = tp;
+    c.runner_config.max_steps = 4;
+    c.runner_config.save_steps = 1;
+    c.runner_config.max_grad_norm = 0.05;  // binds: the norm over the shards must be the whole one
+    return c;
+  };
+  write_job(root / "one", make(1, root / "one" / "out"), "train");
+  write_job(root / "tp2", make(2, root / "tp2" / "out"), "train");
+  run_or_report(root / "one", 1);
+  run_or_report(root / "tp2", 2);
+  if (HasFailure()) return;
+  const auto one = result_of(root / "one"), tp2 = result_of(root / "tp2");
+  ASSERT_EQ(one.losses.size(0), 4);
+  expect_close(tp2.losses, one.losses, 1e-5, 1e-5, "stage-1 losses, tp 2 vs 1");
+  for (const auto& [written, tp] : {std::pair{"tp2", 1}, std::pair{"one", 2}, std::pair{"tp2", 2}}) {
+    const std::string name = std::string("resume_") + written + "_at_tp" + std::to_string(tp);
+    auto c = make(tp, root / name / "out");
+    c.resume_training = true;
+    c.load_checkpoint = (root / written / "out" / "checkpoint" / "step_00000002").string();
+    write_job(root / name, c, "train");
+    run_or_report(root / name, tp);
+    if (HasFailure()) return;
+    const auto resumed = result_of(root / name), whole = result_of(root / written);
+    ASSERT_EQ(resumed.losses.size(0), 2) << name;
+    expect_close(resumed.losses, whole.losses.narrow(0, 2, 2), 1e-5, 1e-5, "steps 3-4's losses, " + name);
   }
 }
 
@@ -662,7 +720,8 @@ TEST(Dist, TensorParallelEqualsOneProcess) {
       if (name.find("shard.") != std::string::npos) continue;
       ASSERT_TRUE(got.count(name)) << r << name;
       const auto& have = got.at(name);
-      if (name.find("greedy") != std::string::npos || name.find("beam") != std::string::npos) {
+      if (name.rfind("whole.", 0) == 0 || name.rfind("init.", 0) == 0 || name.find("greedy") != std::string::npos ||
+          name.find("beam") != std::string::npos) {
         EXPECT_TRUE(torch::equal(have, want)) << r << name << "\n" << have << "\n" << want;
       } else if (name.find("logits_local_width") != std::string::npos) {
         EXPECT_EQ(have.item<int64_t>() * 2, want.item<int64_t>()) << r << name;

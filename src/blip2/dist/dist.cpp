@@ -85,13 +85,32 @@ void run(const PG& pg, const char* what, const std::function<c10::intrusive_ptr<
   }
 }
 
-std::shared_ptr<::gloo::transport::Device> gloo_device() {
-  const std::string iface = env("GLOO_SOCKET_IFNAME");
-  if (!iface.empty()) {
-    // torch takes the first of a comma-separated list per device; one device suffices here.
-    return c10d::ProcessGroupGloo::createDeviceForInterface(iface.substr(0, iface.find(',')));
+// One Gloo device per interface of GLOO_SOCKET_IFNAME (comma-separated, as torch reads it), or
+// the default one.
+std::vector<std::shared_ptr<::gloo::transport::Device>> gloo_devices() {
+  std::vector<std::shared_ptr<::gloo::transport::Device>> out;
+  const std::string ifaces = env("GLOO_SOCKET_IFNAME");
+  for (size_t at = 0; !ifaces.empty() && at <= ifaces.size();) {
+    const size_t comma = std::min(ifaces.find(',', at), ifaces.size());
+    const std::string iface = ifaces.substr(at, comma - at);
+    check(!iface.empty(), "GLOO_SOCKET_IFNAME=" + ifaces + ": an empty interface name");
+    try {
+      out.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(iface));
+    } catch (const std::exception& e) {
+      throw Error("rank " + std::to_string(rank()) + ": GLOO_SOCKET_IFNAME=" + ifaces + ": " + iface + ": " +
+                  first_message(e));
+    }
+    at = comma + 1;
   }
-  return c10d::ProcessGroupGloo::createDefaultDevice();
+  if (out.empty()) out.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+  return out;
+}
+
+// BLIP2_DIST_CUDA_BACKEND: how CUDA tensors travel (see make_group).
+std::string cuda_backend() {
+  const std::string b = env("BLIP2_DIST_CUDA_BACKEND", "nccl");
+  check(b == "nccl" || b == "gloo", "BLIP2_DIST_CUDA_BACKEND=" + b + ": expected nccl or gloo");
+  return b;
 }
 
 // A process group of `size` ranks meeting under `prefix` in the store; this process is `rank`.
@@ -99,18 +118,15 @@ PG make_group(const std::string& prefix, int rank, int size) {
   State& s = state();
   auto store = c10::make_intrusive<c10d::PrefixStore>(prefix, s.store);
   auto options = c10d::ProcessGroupGloo::Options::create(s.timeout);
-  options->devices.push_back(gloo_device());
+  options->devices = gloo_devices();
   auto gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, options);
   auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, rank, size);
   pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, gloo);
   pg->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
   // CUDA tensors: NCCL (one GPU per rank), or Gloo through host copies (several ranks may then
   // share a GPU) with BLIP2_DIST_CUDA_BACKEND=gloo, and always in a build without NCCL.
-  const std::string cuda_backend = env("BLIP2_DIST_CUDA_BACKEND", "nccl");
-  check(cuda_backend == "nccl" || cuda_backend == "gloo",
-        "BLIP2_DIST_CUDA_BACKEND=" + cuda_backend + ": expected nccl or gloo");
 #ifdef USE_C10D_NCCL
-  if (torch::cuda::is_available() && cuda_backend == "nccl") {
+  if (torch::cuda::is_available() && cuda_backend() == "nccl") {
     auto nccl_options = c10d::ProcessGroupNCCL::Options::create();
     nccl_options->timeout = s.timeout;
     auto nccl = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, nccl_options);
@@ -204,6 +220,10 @@ void init_from_env(const Request& r) {
   check(r.pipeline_stage == 1, "parallel_config.pipeline_stage: " + std::to_string(r.pipeline_stage) +
                                    ": pipeline parallelism is not implemented (1 = none)");
   const int64_t cards = r.use_parallel ? r.data_parallel * r.model_parallel : 1;
+  // The variables read below are checked in one process too (never accepted and ignored).
+  const int64_t timeout_s = env_int("BLIP2_DIST_TIMEOUT_S", 300);
+  check(timeout_s > 0, "BLIP2_DIST_TIMEOUT_S must be positive");
+  cuda_backend();
   if (s.checked) {
     check(cards == s.dp * s.tp && (!r.use_parallel || (r.data_parallel == s.dp && r.model_parallel == s.tp)),
           "parallel_config: data_parallel " + std::to_string(r.data_parallel) + " x model_parallel " +
@@ -230,8 +250,6 @@ void init_from_env(const Request& r) {
   s.local_rank = static_cast<int>(env_int("LOCAL_RANK", 0));
   s.dp = static_cast<int>(r.data_parallel);
   s.tp = static_cast<int>(r.model_parallel);
-  const int64_t timeout_s = env_int("BLIP2_DIST_TIMEOUT_S", 300);
-  check(timeout_s > 0, "BLIP2_DIST_TIMEOUT_S must be positive");
   s.timeout = std::chrono::milliseconds(timeout_s * 1000);
   try {
     connect_store();
@@ -529,7 +547,17 @@ void GradientSync::after_forward(const torch::Tensor& loss, bool sync) {
 }
 
 void GradientSync::finish() {
-  if (!group(Group::dp) || impl_) return;  // the Reducer averaged during backward
+  if (!group(Group::dp)) return;
+  if (impl_) {  // the Reducer averaged during backward, if every parameter took part
+    if (find_unused_) return;
+    for (size_t i = 0; i < params_.size(); ++i)
+      check(params_[i].grad().defined(),
+            "rank " + std::to_string(rank()) + ": trainable parameter " + std::to_string(i) + " of " +
+                std::to_string(params_.size()) +
+                " got no gradient in this step, which the bucketed Reducer cannot average "
+                "(parallel_config.gradient_reduction: coalesced can)");
+    return;
+  }
   // Coalesced: one flat SUM per dtype, then divide (Gloo has no AVG).
   // A parameter without a gradient here takes part as zeros, and stays without one if no rank
   // gave it any (the optimizer then skips it, as in one process).

@@ -90,26 +90,52 @@ int64_t tp_share(int64_t n, int64_t parts, const std::string& what) {
 
 }  // namespace
 
+// This rank's part of a layer split `p` ways along `dim` (in `parts` blocks).
+static TensorShard local_shard(int64_t dim, int64_t parts) {
+  TensorShard s;
+  s.dim = dim;
+  s.parts = parts;
+  s.rank = dist::tp_rank();
+  s.size = dist::tp_size();
+  return s;
+}
+
+// A split layer's parameters are drawn whole, as one process draws them (the same random numbers
+// in the same order), and this rank keeps its slice: the ranks' shards together are the
+// one-process layer, and what is initialised after it is too.
 LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const InitOptions& init, Parallel p, int64_t parts_)
     : parallel(dist::tp_size() > 1 ? p : Parallel::none), parts(parts_) {
   torch::NoGradGuard no_grad;
   check(p == Parallel::none || p == Parallel::column || p == Parallel::row, "Linear: vocab split is for embeddings");
-  const int64_t out_local = parallel == Parallel::column ? tp_share(out, parts, "output features") : out;
-  const int64_t in_local = parallel == Parallel::row ? tp_share(in, 1, "input features") : in;
-  weight = register_parameter("weight", torch::empty({out_local, in_local}, init.options));
+  if (parallel == Parallel::column) tp_share(out, parts, "output features");
+  if (parallel == Parallel::row) tp_share(in, 1, "input features");
+  auto w = torch::empty({out, in}, init.options);
   if (init.std >= 0) {
-    weight.normal_(0.0, init.std);
-  } else {  // torch.nn.Linear: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in)), the whole fan-in
+    w.normal_(0.0, init.std);
+  } else {  // torch.nn.Linear: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
     double bound = 1.0 / std::sqrt(static_cast<double>(in));
-    weight.uniform_(-bound, bound);
+    w.uniform_(-bound, bound);
   }
+  torch::Tensor b;
   if (has_bias) {
-    bias = register_parameter("bias", torch::zeros({parallel == Parallel::column ? out_local : out}, init.options));
+    b = torch::zeros({out}, init.options);
     if (init.std < 0) {
       double bound = 1.0 / std::sqrt(static_cast<double>(in));
-      bias.uniform_(-bound, bound);
+      b.uniform_(-bound, bound);
     }
   }
+  if (parallel == Parallel::column) {
+    w = take_shard(w, local_shard(0, parts)).clone();
+    if (b.defined()) b = take_shard(b, local_shard(0, parts)).clone();
+  } else if (parallel == Parallel::row) {
+    w = take_shard(w, local_shard(1, 1)).clone();
+  }
+  weight = register_parameter("weight", w);
+  if (b.defined()) bias = register_parameter("bias", b);
+}
+
+torch::Tensor LinearImpl::forward_copied(const torch::Tensor& x) const {
+  return torch::nn::functional::linear(x, weight, bias);
 }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) const {
@@ -139,8 +165,9 @@ EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim, const InitOptions& init, 
   torch::NoGradGuard no_grad;
   const int64_t rows = parallel == Parallel::vocab ? tp_share(num, 1, "vocabulary size") : num;
   first_row = parallel == Parallel::vocab ? dist::tp_rank() * rows : 0;
-  weight = register_parameter("weight", torch::empty({rows, dim}, init.options));
-  weight.normal_(0.0, init.std);
+  auto w = torch::empty({num, dim}, init.options);  // drawn whole, as in one process (see Linear)
+  w.normal_(0.0, init.std);
+  weight = register_parameter("weight", parallel == Parallel::vocab ? w.narrow(0, first_row, rows).clone() : w);
 }
 
 torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) const {

@@ -61,6 +61,9 @@ class LinearImpl : public torch::nn::Module {
   LinearImpl(int64_t in, int64_t out, bool bias, const InitOptions& init, Parallel parallel = Parallel::none,
              int64_t parts = 1);
   torch::Tensor forward(const torch::Tensor& x) const;
+  // A column-parallel layer whose input already went through dist::copy_to_tp: layers reading
+  // one input (q/k/v, gate/up) then all-reduce its gradient once between them, as Megatron does.
+  torch::Tensor forward_copied(const torch::Tensor& x) const;
   torch::Tensor weight, bias;
   Parallel parallel = Parallel::none;  // none when the layer is whole (model_parallel 1)
   int64_t parts = 1;

@@ -98,6 +98,19 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
   int64_t trainable = 0;
   auto opt = make_adamw(*obj.model, o.optimizer, o.schedule.learning_rate, &trainable);
   const auto params = optimized_parameters(*opt);
+  std::set<const void*> sharded;
+  ParameterShards param_shards;  // by index in `params`
+  {
+    const auto shards = tensor_shards(*obj.model);
+    std::map<const void*, TensorShard> by_impl;
+    for (const auto& p : obj.model->named_parameters())
+      if (auto s = shards.find(p.key()); s != shards.end()) {
+        sharded.insert(p.value().unsafeGetTensorImpl());
+        by_impl[p.value().unsafeGetTensorImpl()] = s->second;
+      }
+    for (size_t i = 0; i < params.size(); ++i)
+      if (auto s = by_impl.find(params[i].unsafeGetTensorImpl()); s != by_impl.end()) param_shards[i] = s->second;
+  }
   TrainState st;
   const int64_t batch_size = loader.options().batch_size, dp = dist::dp_size();
   // Every replica starts from rank 0's weights (DDP's broadcast), then draws its own randomness.
@@ -109,7 +122,7 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
   }
   if (!o.resume_from.empty()) {
     if (obj.load) obj.load(o.resume_from);
-    st = load_train_state(o.resume_from, *opt, o.device);
+    st = load_train_state(o.resume_from, *opt, o.device, param_shards);
     // The data position counts global micro-batches of the checkpoint's size and accumulation:
     // with other values it would point elsewhere in the epoch.
     check(st.accumulation == 0 || st.accumulation == a,
@@ -125,12 +138,6 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
   st.data_parallel = dp;
   st.model_parallel = dist::tp_size();
   dist::GradientSync sync(params, o.gradient_reduction, obj.unused_parameters);
-  std::set<const void*> sharded;
-  {
-    const auto shards = tensor_shards(*obj.model);
-    for (const auto& p : obj.model->named_parameters())
-      if (shards.count(p.key())) sharded.insert(p.value().unsafeGetTensorImpl());
-  }
   const bool write = !o.output_dir.empty() && dist::is_main_process();
   std::ofstream metrics;
   if (write) metrics = open_metrics(o.output_dir, st.step);
@@ -146,11 +153,11 @@ std::vector<StepLog> train(Objective& obj, const BatchLoader& loader, const Engi
     if (dist::is_main_process()) {
       write_checkpoint(o.output_dir, st.step, [&](const fs::path& tmp) {
         obj.save(tmp);
-        save_train_state(tmp / "trainer_state.pt", *opt, st, o.device);
+        save_train_state(tmp / "trainer_state.pt", *opt, st, o.device, param_shards);
       });
     } else {
       obj.save({});  // takes part in gathering tensor-parallel shards; writes nothing
-      save_train_state({}, *opt, st, o.device);
+      save_train_state({}, *opt, st, o.device, param_shards);
     }
     dist::barrier();
   };
@@ -347,12 +354,25 @@ torch::Tensor rank_rows(const torch::Tensor& state) {
 }  // namespace
 
 void save_train_state(const fs::path& file, torch::optim::Optimizer& opt, const TrainState& st,
-                      torch::Device device) {
+                      torch::Device device, const ParameterShards& shards) {
   const auto cpu_rows = rank_rows(rng_state(torch::kCPU));
   const auto cuda_rows = device.is_cuda() ? rank_rows(rng_state(device)) : torch::Tensor();
+  // The moments of tensor-parallel shards, whole (every rank of the tp group takes part).
+  std::vector<std::pair<std::string, torch::Tensor>> whole;
+  const auto params = optimized_parameters(opt);
+  for (const auto& [i, shard] : shards) {
+    auto it = opt.state().find(params[i].unsafeGetTensorImpl());
+    if (it == opt.state().end()) continue;  // no step yet: no moments (the same on every rank)
+    const auto& a = static_cast<const torch::optim::AdamWParamState&>(*it->second);
+    whole.emplace_back("tp_exp_avg_" + std::to_string(i), gather_shards(a.exp_avg(), shard).cpu());
+    whole.emplace_back("tp_exp_avg_sq_" + std::to_string(i), gather_shards(a.exp_avg_sq(), shard).cpu());
+    if (a.max_exp_avg_sq().defined())
+      whole.emplace_back("tp_max_exp_avg_sq_" + std::to_string(i), gather_shards(a.max_exp_avg_sq(), shard).cpu());
+  }
   if (file.empty()) return;  // another rank: its generators are in rank 0's file
   torch::serialize::OutputArchive archive;
   opt.save(archive);
+  for (const auto& [key, t] : whole) archive.write(key, t);
   archive.write("step", torch::tensor(st.step));
   archive.write("epoch", torch::tensor(st.epoch));
   archive.write("batch", torch::tensor(st.batch));
@@ -370,7 +390,8 @@ void save_train_state(const fs::path& file, torch::optim::Optimizer& opt, const 
   archive.save_to(file.string());
 }
 
-TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Optimizer& opt, torch::Device device) {
+TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Optimizer& opt, torch::Device device,
+                            const ParameterShards& shards) {
   torch::serialize::InputArchive archive;
   const std::string state_file = (fs::path(checkpoint_dir) / "trainer_state.pt").string();
   auto read = [&](const char* key) {
@@ -387,6 +408,29 @@ TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Opt
   try {
     archive.load_from(state_file);
     opt.load(archive);
+    // Moments stored whole (written at model_parallel > 1): each parameter takes its slice, or
+    // all of them at model_parallel 1; moments a one-process run wrote are whole, and shards here
+    // take their slice of those.
+    const auto params = optimized_parameters(opt);
+    for (size_t i = 0; i < params.size(); ++i) {
+      auto it = opt.state().find(params[i].unsafeGetTensorImpl());
+      if (it == opt.state().end()) continue;
+      auto& a = static_cast<torch::optim::AdamWParamState&>(*it->second);
+      const auto shard = shards.find(i);
+      auto fit = [&](const char* key, const torch::Tensor& loaded) {
+        torch::Tensor t;
+        const bool stored = archive.try_read(std::string(key) + std::to_string(i), t);
+        if (!stored) t = loaded;
+        if (shard != shards.end() && (stored || t.sizes() != params[i].sizes())) t = take_shard(t, shard->second);
+        check(t.sizes() == params[i].sizes(),
+              state_file + ": the optimizer state of parameter " + std::to_string(i) + " has shape " +
+                  shape_str(t.sizes().vec()) + ", the parameter " + shape_str(params[i].sizes().vec()));
+        return t.to(params[i].device(), params[i].scalar_type()).contiguous().clone();
+      };
+      a.exp_avg(fit("tp_exp_avg_", a.exp_avg()));
+      a.exp_avg_sq(fit("tp_exp_avg_sq_", a.exp_avg_sq()));
+      if (a.max_exp_avg_sq().defined()) a.max_exp_avg_sq(fit("tp_max_exp_avg_sq_", a.max_exp_avg_sq()));
+    }
     st.step = read("step").item<int64_t>();
     st.epoch = read("epoch").item<int64_t>();
     st.batch = read("batch").item<int64_t>();
@@ -418,7 +462,8 @@ TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Opt
   }
   if (reseeded) {
     // Another world size: the data position carries over, the random streams cannot.
-    torch::manual_seed(static_cast<uint64_t>(st.step) * 1000003ULL + static_cast<uint64_t>(dist::rank()));
+    // Per replica: tensor-parallel peers must keep drawing the same numbers (dropout masks).
+    torch::manual_seed(static_cast<uint64_t>(st.step) * 1000003ULL + static_cast<uint64_t>(dist::dp_rank()));
     log_warn(checkpoint_dir + " was written by " + std::to_string(st.data_parallel * st.model_parallel) +
              " rank(s) (data_parallel " + std::to_string(st.data_parallel) + " x model_parallel " +
              std::to_string(st.model_parallel) + "), this run has " + std::to_string(dist::world_size()) +

@@ -13,12 +13,14 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "blip2/config/config.h"
 #include "blip2/data/dataset.h"
+#include "blip2/models/layers.h"
 #include "blip2/tasks/optim.h"
 
 namespace blip2 {
@@ -104,9 +106,14 @@ std::filesystem::path write_checkpoint(const std::string& output_dir, int64_t st
 // random generators, enough to continue bit for bit at the same world size. Every rank calls
 // save (the generators are gathered); rank 0 writes. At another world size, load re-seeds the
 // generators and says so.
+// `shards`: the optimized parameters (by their index in optimized_parameters(opt)) that are
+// tensor-parallel shards: their AdamW moments are stored whole (gathered over the tp group, a
+// collective), and a load keeps each rank's slice of them, at any model_parallel.
+using ParameterShards = std::map<size_t, TensorShard>;
 void save_train_state(const std::filesystem::path& file, torch::optim::Optimizer& opt, const TrainState& st,
-                      torch::Device device);
-TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Optimizer& opt, torch::Device device);
+                      torch::Device device, const ParameterShards& shards = {});
+TrainState load_train_state(const std::string& checkpoint_dir, torch::optim::Optimizer& opt, torch::Device device,
+                            const ParameterShards& shards = {});
 // The checkpoint directory --resume_training continues from (load_checkpoint resolved, with a
 // trainer_state.pt), checked to be of this run's stage (its config.yaml).
 std::string resume_checkpoint_dir(const RunConfig& cfg);

@@ -6,6 +6,7 @@
 #include "blip2/dist/dist.h"
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/safetensors.h"
+#include "blip2/models/layers.h"
 #include "blip2/tasks/factory.h"
 #include "blip2/util/common.h"
 #include "blip2/util/device.h"
@@ -49,6 +50,9 @@ Stage1Task::Stage1Task(RunConfig cfg, Blip2Qformer model,
       ledger_(random_weights ? WeightLedger(*model_, *random_weights, cfg_.model.model_config.allow_partial_load)
                              : WeightLedger(cfg_.model.model_config.allow_partial_load)) {
   join_processes(cfg_);
+  check(dist::tp_size() == 1 || !tensor_shards(*model_).empty(),
+        "parallel_config.model_parallel " + std::to_string(dist::tp_size()) +
+            ": this model was built whole before the processes joined; let the task build it (Stage1Task(cfg))");
   torch::manual_seed(cfg_.seed);
   const bool partial = cfg_.model.model_config.allow_partial_load;  // the run's load policy
   cfg_.model.model_config = model_->config();
@@ -164,7 +168,6 @@ Stage1Eval Stage1Task::evaluate() {
   auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
   model_->eval();
   torch::NoGradGuard no_grad;
-  torch::manual_seed(cfg_.seed);  // the hard negatives are sampled: make eval repeatable
   AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
   Stage1Eval ev;
   int64_t seen = 0;  // samples evaluated, over all ranks
@@ -188,6 +191,9 @@ Stage1Eval Stage1Task::evaluate() {
     for (int64_t done = 0; !stream.done();) {
       const int64_t b = stream.index();
       Batch batch = stream.next().to(device_);
+      // The hard negatives are sampled: batch b draws from seed + b, so eval is repeatable and the
+      // same on any number of ranks.
+      torch::manual_seed(static_cast<uint64_t>(cfg_.seed + b));
       auto out = model_->forward(batch.images, batch.ids, batch.keep, batch.image_ids);
       const double n = static_cast<double>(batch.ids.size(0));
       auto losses = torch::stack({out.loss, out.loss_itc, out.loss_itm, out.loss_lm}).to(torch::kFloat64).cpu() * n;

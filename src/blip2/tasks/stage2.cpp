@@ -185,7 +185,8 @@ void Stage2Task::pretrain_llm(const BatchLoader& loader) {
     auto ids = to_device_async(t.ids, device_), keep = to_device_async(t.keep, device_);
     auto logits = lm.forward(lm.embed(ids), keep, positions_from_keep(keep, keep.size(1)), nullptr,
                              /*last_only=*/false, /*vocab_local=*/true);
-    return StepLosses{causal_lm_loss(logits, to_device_async(t.labels, device_), false, /*vocab_parallel=*/true), {}};
+    const bool global = cfg_.model.model_config.lm_loss_normalization == "global_tokens";
+    return StepLosses{causal_lm_loss(logits, to_device_async(t.labels, device_), global, /*vocab_parallel=*/true), {}};
   };
   EngineOptions eo = EngineOptions::from(cfg_, device_);
   eo.epochs = rc.llm_pretrain_epochs;

@@ -42,9 +42,10 @@ LlamaAttentionImpl::LlamaAttentionImpl(const TextConfig& c, const InitOptions& i
 torch::Tensor LlamaAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos,
                                           const torch::Tensor& sin, const torch::Tensor& additive_mask,
                                           KVCache* cache) {
-  auto q = apply_rotary(split_heads(q_proj(x), heads), cos, sin);
-  auto k = apply_rotary(split_heads(k_proj(x), kv_heads), cos, sin);
-  auto v = split_heads(v_proj(x), kv_heads);
+  const auto xs = dist::copy_to_tp(x);  // q, k and v read one input
+  auto q = apply_rotary(split_heads(q_proj->forward_copied(xs), heads), cos, sin);
+  auto k = apply_rotary(split_heads(k_proj->forward_copied(xs), kv_heads), cos, sin);
+  auto v = split_heads(v_proj->forward_copied(xs), kv_heads);
   return o_proj(merge_heads(cached_attention(q, k, v, additive_mask, cache, heads / kv_heads)));
 }
 
@@ -56,7 +57,8 @@ LlamaMLPImpl::LlamaMLPImpl(const TextConfig& c, const InitOptions& init) : act(a
 }
 
 torch::Tensor LlamaMLPImpl::forward(const torch::Tensor& x) {
-  return down_proj(act(gate_proj(x)) * up_proj(x));
+  const auto xs = dist::copy_to_tp(x);
+  return down_proj(act(gate_proj->forward_copied(xs)) * up_proj->forward_copied(xs));
 }
 
 torch::Tensor rope_inv_freq(const TextConfig& c) {

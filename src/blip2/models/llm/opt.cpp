@@ -15,8 +15,9 @@ OptAttentionImpl::OptAttentionImpl(const TextConfig& c, const InitOptions& init)
 }
 
 torch::Tensor OptAttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& additive_mask, KVCache* cache) {
-  auto ctx = cached_attention(split_heads(q_proj(x), heads), split_heads(k_proj(x), heads),
-                              split_heads(v_proj(x), heads), additive_mask, cache);
+  const auto xs = dist::copy_to_tp(x);  // q, k and v read one input
+  auto ctx = cached_attention(split_heads(q_proj->forward_copied(xs), heads), split_heads(k_proj->forward_copied(xs), heads),
+                              split_heads(v_proj->forward_copied(xs), heads), additive_mask, cache);
   return out_proj(merge_heads(ctx));
 }
 
