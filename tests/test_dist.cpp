@@ -80,6 +80,8 @@ void eval_job(const fs::path& job, const RunConfig& cfg) {
   const auto ev = task.evaluate();
   j["eval_itc_retrieval"] = ev.itc_retrieval.to_json();
   j["eval_loss_itc"] = ev.loss_itc;
+  j["eval_loss_itm"] = ev.loss_itm;
+  j["eval_loss"] = ev.loss;
   std::ofstream(job / ("eval_rank" + std::to_string(dist::rank()) + ".json")) << j.dump(2);
 }
 
@@ -747,25 +749,34 @@ TEST(Dist, TensorParallelEqualsOneProcess) {
 }
 
 TEST(Dist, EvaluationAtTwoRanksEqualsOneProcessExactly) {
+  // dp 2 (whole batches per rank, features and re-ranking rows sharded) and tp 2 (the ViT split)
+  // against one process; ITM negatives sampled as LAVIS does (each batch draws from seed + b).
   const auto root = temp_dir("dist_eval");
   auto c = stage1_config(1, 8, root / "out");
   c.run_mode = "eval";
   c.eval_dataset.k_test = 12;
-  auto c2 = c;
-  c2.parallel_config.data_parallel = 2;
+  c.model.model_config.itm_negatives = "sample";
+  auto dp2 = c, tp2 = c;
+  dp2.parallel_config.data_parallel = 2;
+  tp2.parallel_config.model_parallel = 2;
   write_job(root / "one", c, "eval");
-  write_job(root / "two", c2, "eval");
+  write_job(root / "two", dp2, "eval");
+  write_job(root / "tp2", tp2, "eval");
   run_or_report(root / "one", 1);
   run_or_report(root / "two", 2);
+  run_or_report(root / "tp2", 2);
   if (HasFailure()) return;
   const auto one = nlohmann::json::parse(read_file(root / "one" / "eval_rank0.json"));
-  const auto two = nlohmann::json::parse(read_file(root / "two" / "eval_rank0.json"));
-  EXPECT_EQ(one["zero_shot"], two["zero_shot"]);
-  EXPECT_EQ(one["retrieval"], two["retrieval"]);
-  EXPECT_EQ(one["eval_itc_retrieval"], two["eval_itc_retrieval"]);
-  // Whole batches per rank, argmax negatives: the loss sums are the same batches' (to rounding).
-  EXPECT_NEAR(one["eval_loss_itc"].get<double>(), two["eval_loss_itc"].get<double>(), 1e-9);
-  EXPECT_EQ(two["retrieval"], nlohmann::json::parse(read_file(root / "two" / "eval_rank1.json"))["retrieval"]);
+  for (const char* name : {"two", "tp2"}) {
+    const auto other = nlohmann::json::parse(read_file(root / name / "eval_rank0.json"));
+    EXPECT_EQ(one["zero_shot"], other["zero_shot"]) << name;
+    EXPECT_EQ(one["retrieval"], other["retrieval"]) << name;
+    EXPECT_EQ(one["eval_itc_retrieval"], other["eval_itc_retrieval"]) << name;
+    // The same batches and negatives: the loss sums agree to rounding.
+    for (const char* loss : {"eval_loss_itc", "eval_loss_itm", "eval_loss"})
+      EXPECT_NEAR(one[loss].get<double>(), other[loss].get<double>(), 1e-6) << name << " " << loss;
+    EXPECT_EQ(other["retrieval"], nlohmann::json::parse(read_file(root / name / "eval_rank1.json"))["retrieval"]) << name;
+  }
 }
 
 TEST(Dist, ARankThatDiesStopsTheOthersWithAMessageAndKeepsTheLastCheckpoint) {
