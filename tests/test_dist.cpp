@@ -224,6 +224,18 @@ void tp_job(const fs::path& job) {
   save_safetensors((job / ("tp_rank" + std::to_string(dist::rank()) + ".safetensors")).string(), run_tp_probes(job));
 }
 
+// Stage-1 evaluation on a caption dataset: retrieval over each distinct image and caption.
+void caption_eval_job(const fs::path& job, const RunConfig& cfg) {
+  Stage1Task task(cfg);
+  nlohmann::json j;
+  j["eval_itc_retrieval"] = task.evaluate().itc_retrieval.to_json();
+  auto r = task.evaluate_retrieval();
+  r.erase("rerank_seconds");
+  r.erase("rerank_images_per_s");
+  j["retrieval"] = r;
+  std::ofstream(job / ("eval_rank" + std::to_string(dist::rank()) + ".json")) << j.dump(2);
+}
+
 TEST(DistRank, Work) {
   const std::string dir = env_or("BLIP2_TEST_RANK_JOB");
   if (dir.empty()) GTEST_SKIP() << "a rank of a multi-process test (started by the Dist tests)";
@@ -236,6 +248,7 @@ TEST(DistRank, Work) {
     } else {
       const RunConfig cfg = load_run_config((job / name).string());
       if (kind == "eval") eval_job(job, cfg);
+      else if (kind == "eval_captions") caption_eval_job(job, cfg);
       else train_job(job, cfg);
     }
     dist::shutdown();
@@ -777,6 +790,61 @@ TEST(Dist, EvaluationAtTwoRanksEqualsOneProcessExactly) {
       EXPECT_NEAR(one[loss].get<double>(), other[loss].get<double>(), 1e-6) << name << " " << loss;
     EXPECT_EQ(other["retrieval"], nlohmann::json::parse(read_file(root / name / "eval_rank1.json"))["retrieval"]) << name;
   }
+}
+
+TEST(Dist, CaptionRetrievalEvaluationAtTwoRanksEqualsOneProcessExactly) {
+  // A COCO-style test split (4 images, 8 captions, batches of 1 image / 3 texts: uneven shards).
+  const auto root = temp_dir("dist_caption_eval");
+  fs::remove_all(root);
+  const fs::path fixtures = BLIP2_FIXTURE_DIR;
+  nlohmann::json ann = nlohmann::json::array();
+  const std::vector<std::pair<std::string, std::vector<std::string>>> images{
+      {"rgb_420.jpg", {"a man riding a horse", "a horse on a beach"}},
+      {"grey.jpg", {"a sleeping cat", "cat on a sofa", "a grey cat"}},
+      {"cmyk.jpg", {"a red bus"}},
+      {"rgb.png", {"two dogs playing", "dogs in a park"}}};
+  for (const auto& [file, captions] : images) {
+    fs::create_directories(root / "images");
+    fs::copy_file(fixtures / "images" / file, root / "images" / file);
+    ann.push_back({{"image", file}, {"caption", captions}});
+  }
+  std::ofstream(root / "test.json") << ann.dump();
+  std::string cfg = read_file(fs::path(BLIP2_CONFIG_DIR) / "tiny_pretrain_stage_1.yaml");
+  const std::string vocab = (fixtures / "text" / "vocab_uncased.txt").string();
+  auto replace = [&](const std::string& from, const std::string& to) {
+    const auto at = cfg.find(from);
+    ASSERT_NE(at, std::string::npos) << from;
+    cfg.replace(at, from.size(), to);
+  };
+  replace("    type: SyntheticShapes\n    stage: eval\n    shuffle: false\n    num_samples: 256",
+          "    type: MultiImgCapDataLoader\n    dataset_dir: " + root.string() +
+              "\n    annotation_files: [test.json]\n    image_dirs: [images]\n    stage: eval");
+  replace("    vocab_file: \"\"", "    vocab_file: " + vocab);
+  replace("  tokenizer:\n    type: BertTokenizer\n    max_length: 16\n  batch_size: 64",
+          "  tokenizer:\n    type: BertTokenizer\n    max_length: 16\n    vocab_file: " + vocab + "\n  batch_size: 3");
+  replace("vocab_size: 50\n      special_token_nums: 1\n      bos_token_id: 50",
+          "vocab_size: 439\n      special_token_nums: 1\n      bos_token_id: 439");
+  if (HasFailure()) return;
+  RunConfig c = parse_run_config(cfg, "caption_eval.yaml");
+  c.processor.tokenizer.vocab_file = vocab;
+  c.run_mode = "eval";
+  c.use_parallel = true;
+  c.eval_dataset.k_test = 10;  // more than there are candidates: every pair re-ranked
+  c.runner_config.eval_tasks = {"image_to_text_retrieval"};
+  c.model.model_config.itm_negatives = "sample";
+  auto two = c;
+  two.parallel_config.data_parallel = 2;
+  write_job(root / "one", c, "eval_captions");
+  write_job(root / "two", two, "eval_captions");
+  run_or_report(root / "one", 1);
+  run_or_report(root / "two", 2);
+  if (HasFailure()) return;
+  const auto one_j = nlohmann::json::parse(read_file(root / "one" / "eval_rank0.json"));
+  const auto two_j = nlohmann::json::parse(read_file(root / "two" / "eval_rank0.json"));
+  EXPECT_EQ(one_j["eval_itc_retrieval"]["num_images"], 4);
+  EXPECT_EQ(one_j["eval_itc_retrieval"]["num_texts"], 8);
+  EXPECT_EQ(one_j["eval_itc_retrieval"], two_j["eval_itc_retrieval"]);
+  EXPECT_EQ(one_j["retrieval"], two_j["retrieval"]);
 }
 
 TEST(Dist, ARankThatDiesStopsTheOthersWithAMessageAndKeepsTheLastCheckpoint) {

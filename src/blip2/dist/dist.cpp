@@ -262,9 +262,15 @@ void init_from_env(const Request& r) {
     check(differ.empty(), "rank " + std::to_string(s.rank) + ": the resolved config of rank(s) " + differ +
                               " differs from rank 0's: every rank must run the same config");
 
-    s.world_group = make_group("world", s.rank, s.world);
-    if (s.dp > 1) s.dp_group = make_group("dp/" + std::to_string(tp_rank()), dp_rank(), s.dp);
-    if (s.tp > 1) s.tp_group = make_group("tp/" + std::to_string(dp_rank()), tp_rank(), s.tp);
+    try {
+      s.world_group = make_group("world", s.rank, s.world);
+      if (s.dp > 1) s.dp_group = make_group("dp/" + std::to_string(tp_rank()), dp_rank(), s.dp);
+      if (s.tp > 1) s.tp_group = make_group("tp/" + std::to_string(dp_rank()), tp_rank(), s.tp);
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw Error(describe_failure("connecting to the other ranks: " + first_message(e)));
+    }
   } catch (...) {
     s = State{};
     s.checked = false;

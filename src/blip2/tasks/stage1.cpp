@@ -244,18 +244,40 @@ Stage1Eval Stage1Task::evaluate() {
   if (captions) {
     const auto set = retrieval_set(loader, bs);
     const auto& tt = ed.text_transforms;
-    for (const auto& images : set.image_batches) {
-      auto embeds = model_->encode_image(images.to(device_));
-      image_feats.push_back(model_->image_features(model_->query_pass(embeds, false).hidden).to(torch::kFloat32).cpu());
+    // Sharded over the replicas: image batch i and text batch j on dp rank i % dp and j % dp, then
+    // each rank's rows combined (zero-fill + sum: the one-process features exactly).
+    const int64_t n_images = static_cast<int64_t>(set.img2txt.size()), n_texts = static_cast<int64_t>(set.texts.size());
+    torch::Tensor images_all, texts_all;
+    int64_t row = 0;
+    for (size_t i = 0; i < set.image_batches.size(); ++i) {
+      const int64_t n = set.image_batches[i].size(0);
+      if (static_cast<int64_t>(i) % parts == part) {
+        auto embeds = model_->encode_image(set.image_batches[i].to(device_));
+        auto f = model_->image_features(model_->query_pass(embeds, false).hidden).to(torch::kFloat32).cpu();
+        if (!images_all.defined()) images_all = torch::zeros({n_images, f.size(1), f.size(2)});
+        images_all.narrow(0, row, n).copy_(f);
+      }
+      row += n;
     }
-    for (size_t i = 0; i < set.texts.size(); i += static_cast<size_t>(bs)) {
+    for (int64_t i = 0, batch = 0; i < n_texts; i += bs, ++batch) {
+      if (batch % parts != part) continue;
       std::vector<std::string> texts;
-      for (size_t k = i; k < std::min(i + static_cast<size_t>(bs), set.texts.size()); ++k)
-        texts.push_back(clean_caption(set.texts[k], tt.max_words, tt.prompt));
+      for (int64_t k = i; k < std::min(i + bs, n_texts); ++k)
+        texts.push_back(clean_caption(set.texts[static_cast<size_t>(k)], tt.max_words, tt.prompt));
       auto enc = tokenizer_->encode_batch(texts, tt.max_length, tt.padding);
-      text_feats.push_back(
-          model_->text_features(model_->text_pass(enc.ids.to(device_), enc.keep.to(device_))).to(torch::kFloat32).cpu());
+      auto f = model_->text_features(model_->text_pass(enc.ids.to(device_), enc.keep.to(device_))).to(torch::kFloat32).cpu();
+      if (!texts_all.defined()) texts_all = torch::zeros({n_texts, f.size(1)});
+      texts_all.narrow(0, i, f.size(0)).copy_(f);
     }
+    // Shapes for a rank that held no batch.
+    const int64_t queries = dist::max_over(images_all.defined() ? images_all.size(1) : 0);
+    const int64_t width = dist::max_over(texts_all.defined() ? texts_all.size(1) : 0);
+    if (!images_all.defined()) images_all = torch::zeros({n_images, queries, width});
+    if (!texts_all.defined()) texts_all = torch::zeros({n_texts, width});
+    dist::combine_rows(images_all);
+    dist::combine_rows(texts_all);
+    image_feats.push_back(images_all);
+    text_feats.push_back(texts_all);
     img2txt = set.img2txt;
     txt2img = set.txt2img;
   } else {
