@@ -164,6 +164,22 @@ Stage1Task::RetrievalSet Stage1Task::retrieval_set(const BatchLoader& loader, in
   return set;
 }
 
+namespace {
+
+// Every rank's rows of the ITC features, images [n_images, Q, E] and texts [n_texts, E], combined
+// over the replicas (zero-fill + sum: exact); a rank that computed none takes the shapes from the
+// others.
+void combine_features(torch::Tensor& images, int64_t n_images, torch::Tensor& texts, int64_t n_texts) {
+  const int64_t queries = dist::max_over(images.defined() ? images.size(1) : 0);
+  const int64_t width = dist::max_over(texts.defined() ? texts.size(1) : 0);
+  if (!images.defined()) images = torch::zeros({n_images, queries, width});
+  if (!texts.defined()) texts = torch::zeros({n_texts, width});
+  dist::combine_rows(images);
+  dist::combine_rows(texts);
+}
+
+}  // namespace
+
 Stage1Eval Stage1Task::evaluate() {
   auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
   model_->eval();
@@ -224,15 +240,7 @@ Stage1Eval Stage1Task::evaluate() {
   if (loader.skipped() > 0) log_warn("skipped " + std::to_string(loader.skipped()) + " unreadable evaluation samples");
   std::vector<torch::Tensor> image_feats, text_feats;
   if (!captions) {
-    // Shapes for a rank that held no batch, then every rank's rows combined.
-    const int64_t width = dist::max_over(text_all.defined() ? text_all.size(1) : 0);
-    const int64_t queries = dist::max_over(image_all.defined() ? image_all.size(1) : 0);
-    if (!image_all.defined()) {
-      image_all = torch::zeros({total, queries, width});
-      text_all = torch::zeros({total, width});
-    }
-    dist::combine_rows(image_all);
-    dist::combine_rows(text_all);
+    combine_features(image_all, total, text_all, total);
     auto id_rows = torch::tensor(ids, torch::kLong);
     dist::combine_rows(id_rows);
     ids = to_vector(id_rows);
@@ -269,13 +277,7 @@ Stage1Eval Stage1Task::evaluate() {
       if (!texts_all.defined()) texts_all = torch::zeros({n_texts, f.size(1)});
       texts_all.narrow(0, i, f.size(0)).copy_(f);
     }
-    // Shapes for a rank that held no batch.
-    const int64_t queries = dist::max_over(images_all.defined() ? images_all.size(1) : 0);
-    const int64_t width = dist::max_over(texts_all.defined() ? texts_all.size(1) : 0);
-    if (!images_all.defined()) images_all = torch::zeros({n_images, queries, width});
-    if (!texts_all.defined()) texts_all = torch::zeros({n_texts, width});
-    dist::combine_rows(images_all);
-    dist::combine_rows(texts_all);
+    combine_features(images_all, n_images, texts_all, n_texts);
     image_feats.push_back(images_all);
     text_feats.push_back(texts_all);
     img2txt = set.img2txt;
