@@ -10,43 +10,28 @@
 
 namespace blip2 {
 
-nlohmann::json Stage1Task::evaluate_retrieval() {
-  require_weights({"vision_projection.", "text_projection.", "itm_head."}, "image_to_text_retrieval");
-  auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
-  model_->eval();
-  torch::NoGradGuard no_grad;
-  AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
-  const auto& d = cfg_.eval_dataset;
-  const auto& tt = d.text_transforms;
-  const int64_t bs = std::max<int64_t>(1, d.batch_size > 0 ? d.batch_size : cfg_.runner_config.batch_size);
+RetrievalInputs Stage1Task::encode_retrieval_set(const RetrievalSet& set, int64_t bs, bool with_embeds) {
+  const auto& tt = cfg_.eval_dataset.text_transforms;
   RetrievalInputs in;
-  auto set = retrieval_set(loader, bs);
-  // Under data parallelism image batch and text chunk k are encoded on dp rank k % dp, then every
-  // rank's rows are combined (zero-filled, summed: exactly the one-process features).
   const int64_t parts = dist::dp_size(), part = dist::dp_rank();
-  {
-    std::vector<int64_t> offsets{0};
-    for (const auto& images : set.image_batches) offsets.push_back(offsets.back() + images.size(0));
-    for (size_t k = 0; k < set.image_batches.size(); ++k) {
-      if (static_cast<int64_t>(k) % parts != part && in.image_embeds.defined()) continue;
-      auto e = model_->encode_image(set.image_batches[k].to(device_));
-      auto f = model_->image_features(model_->query_pass(e, false).hidden);
-      if (!in.image_embeds.defined()) {  // the shapes come from the first batch, which every rank encodes
-        in.image_embeds = torch::zeros({offsets.back(), e.size(1), e.size(2)}, e.options());
-        in.image_feats = torch::zeros({offsets.back(), f.size(1), f.size(2)}, f.options());
-      }
-      if (static_cast<int64_t>(k) % parts != part) continue;
-      in.image_embeds.narrow(0, offsets[k], e.size(0)).copy_(e);
-      in.image_feats.narrow(0, offsets[k], f.size(0)).copy_(f);
+  std::vector<int64_t> offsets{0};
+  for (const auto& images : set.image_batches) offsets.push_back(offsets.back() + images.size(0));
+  for (size_t k = 0; k < set.image_batches.size(); ++k) {
+    if (static_cast<int64_t>(k) % parts != part && in.image_feats.defined()) continue;
+    auto e = model_->encode_image(set.image_batches[k].to(device_));
+    auto f = model_->image_features(model_->query_pass(e, false).hidden);
+    if (!in.image_feats.defined()) {  // the shapes come from the first batch, which every rank encodes
+      if (with_embeds) in.image_embeds = torch::zeros({offsets.back(), e.size(1), e.size(2)}, e.options());
+      in.image_feats = torch::zeros({offsets.back(), f.size(1), f.size(2)}, f.options());
     }
-    dist::combine_rows(in.image_embeds);
-    dist::combine_rows(in.image_feats);
+    if (static_cast<int64_t>(k) % parts != part) continue;
+    if (with_embeds) in.image_embeds.narrow(0, offsets[k], e.size(0)).copy_(e);
+    in.image_feats.narrow(0, offsets[k], f.size(0)).copy_(f);
   }
-  const auto& texts = set.texts;
-  const auto& img2txt = set.img2txt;
-  const auto& txt2img = set.txt2img;
+  if (with_embeds) dist::combine_rows(in.image_embeds);
+  dist::combine_rows(in.image_feats);
   std::vector<std::string> cleaned;
-  for (const auto& t : texts) cleaned.push_back(clean_caption(t, tt.max_words, tt.prompt));
+  for (const auto& t : set.texts) cleaned.push_back(clean_caption(t, tt.max_words, tt.prompt));
   auto enc = tokenizer_->encode_batch(cleaned, tt.max_length, tt.padding);
   in.text_ids = enc.ids.to(device_);
   in.text_keep = enc.keep.to(device_);
@@ -58,6 +43,21 @@ nlohmann::json Stage1Task::evaluate_retrieval() {
     if (k % parts == part) in.text_feats.narrow(0, i, n).copy_(f);
   }
   dist::combine_rows(in.text_feats);
+  return in;
+}
+
+nlohmann::json Stage1Task::evaluate_retrieval() {
+  require_weights({"vision_projection.", "text_projection.", "itm_head."}, "image_to_text_retrieval");
+  auto loader = make_loader(cfg_.eval_dataset, /*train=*/false);
+  model_->eval();
+  torch::NoGradGuard no_grad;
+  AutocastGuard autocast(cfg_.runner_config.bf16_autocast, device_);
+  const auto& d = cfg_.eval_dataset;
+  const int64_t bs = std::max<int64_t>(1, d.batch_size > 0 ? d.batch_size : cfg_.runner_config.batch_size);
+  const auto set = retrieval_set(loader, bs);
+  const RetrievalInputs in = encode_retrieval_set(set, bs, /*image_embeds=*/true);
+  const auto& img2txt = set.img2txt;
+  const auto& txt2img = set.txt2img;
 
   RerankOptions o;
   o.k_test = d.k_test;

@@ -8,6 +8,7 @@
 #include "blip2/io/safetensors.h"
 #include "blip2/models/layers.h"
 #include "blip2/tasks/factory.h"
+#include "blip2/tasks/retrieval.h"
 #include "blip2/util/common.h"
 #include "blip2/util/device.h"
 #include "blip2/vision/image.h"
@@ -251,35 +252,9 @@ Stage1Eval Stage1Task::evaluate() {
   std::vector<std::vector<int64_t>> img2txt, txt2img;
   if (captions) {
     const auto set = retrieval_set(loader, bs);
-    const auto& tt = ed.text_transforms;
-    // Sharded over the replicas: image batch i and text batch j on dp rank i % dp and j % dp, then
-    // each rank's rows combined (zero-fill + sum: the one-process features exactly).
-    const int64_t n_images = static_cast<int64_t>(set.img2txt.size()), n_texts = static_cast<int64_t>(set.texts.size());
-    torch::Tensor images_all, texts_all;
-    int64_t row = 0;
-    for (size_t i = 0; i < set.image_batches.size(); ++i) {
-      const int64_t n = set.image_batches[i].size(0);
-      if (static_cast<int64_t>(i) % parts == part) {
-        auto embeds = model_->encode_image(set.image_batches[i].to(device_));
-        auto f = model_->image_features(model_->query_pass(embeds, false).hidden).to(torch::kFloat32).cpu();
-        if (!images_all.defined()) images_all = torch::zeros({n_images, f.size(1), f.size(2)});
-        images_all.narrow(0, row, n).copy_(f);
-      }
-      row += n;
-    }
-    for (int64_t i = 0, batch = 0; i < n_texts; i += bs, ++batch) {
-      if (batch % parts != part) continue;
-      std::vector<std::string> texts;
-      for (int64_t k = i; k < std::min(i + bs, n_texts); ++k)
-        texts.push_back(clean_caption(set.texts[static_cast<size_t>(k)], tt.max_words, tt.prompt));
-      auto enc = tokenizer_->encode_batch(texts, tt.max_length, tt.padding);
-      auto f = model_->text_features(model_->text_pass(enc.ids.to(device_), enc.keep.to(device_))).to(torch::kFloat32).cpu();
-      if (!texts_all.defined()) texts_all = torch::zeros({n_texts, f.size(1)});
-      texts_all.narrow(0, i, f.size(0)).copy_(f);
-    }
-    combine_features(images_all, n_images, texts_all, n_texts);
-    image_feats.push_back(images_all);
-    text_feats.push_back(texts_all);
+    const auto in = encode_retrieval_set(set, bs, /*image_embeds=*/false);
+    image_feats.push_back(in.image_feats.to(torch::kFloat32).cpu());
+    text_feats.push_back(in.text_feats.to(torch::kFloat32).cpu());
     img2txt = set.img2txt;
     txt2img = set.txt2img;
   } else {

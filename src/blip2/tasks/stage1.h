@@ -21,6 +21,8 @@
 
 namespace blip2 {
 
+struct RetrievalInputs;  // tasks/retrieval.h
+
 struct Stage1Eval {
   double loss = 0, loss_itc = 0, loss_itm = 0, loss_lm = 0;
   RetrievalMetrics itc_retrieval;  // from ITC similarities alone
@@ -77,6 +79,11 @@ class Stage1Task {
     std::vector<std::vector<int64_t>> img2txt, txt2img;
   };
   RetrievalSet retrieval_set(const BatchLoader& loader, int64_t batch_size) const;
+  // The set's ITC features (and, with image_embeds, the ViT outputs ITM re-ranking reads), texts
+  // tokenised as eval_dataset's text transform says and encoded in chunks of batch_size. Under
+  // data parallelism image batch / text chunk k is encoded on dp rank k % dp and every rank's rows
+  // are combined (zero-fill + sum: exactly the one-process features).
+  RetrievalInputs encode_retrieval_set(const RetrievalSet& set, int64_t batch_size, bool image_embeds);
 
   RunConfig cfg_;
   torch::Device device_;
