@@ -11,6 +11,8 @@
 #include "blip2/util/device.h"
 #include "test_util.h"
 
+#include <optional>
+
 #include <nlohmann/json.hpp>
 
 using namespace blip2;
@@ -53,6 +55,50 @@ TEST(Retrieval, RerankingCoveringEverythingEqualsBruteForce) {
     int64_t t = std::get<1>(top)[j].item<int64_t>();
     EXPECT_NEAR(s.i2t[0][t].item<float>(), brute[0][t].item<float>(), 1e-4);
   }
+}
+
+TEST(Retrieval, ChunkedRerankingEqualsThePerQueryPath) {
+  // k_test below both counts, so the two directions choose different pairs (some shared): every
+  // chunk size gives the same bits, and the per-query path (keys/values recomputed inside each
+  // ITM call, no sharing) the same scores. The ViT outputs stay on the host.
+  torch::manual_seed(1);
+  Blip2Config c = find_preset("tiny")->config;
+  Blip2Qformer model(c);
+  model->eval();
+  torch::NoGradGuard no_grad;
+  const int64_t ni = 9, nt = 23;
+  RetrievalInputs in;
+  in.image_embeds = model->encode_image(torch::randn({ni, 3, 32, 32}));
+  in.image_feats = model->image_features(model->query_pass(in.image_embeds, false).hidden);
+  in.text_ids = torch::randint(5, 50, {nt, 7});
+  in.text_keep = torch::ones({nt, 7}, torch::kLong);
+  for (int64_t t = 0; t < nt; t += 3) in.text_keep[t].narrow(0, 3 + t % 4, 4 - t % 4).zero_();
+  in.text_ids.masked_fill_(in.text_keep == 0, 0);
+  in.text_feats = model->text_features(model->text_pass(in.text_ids, in.text_keep));
+  EXPECT_TRUE(torch::equal(itc_similarity(in.image_feats, in.text_feats, 2),
+                           max_over_queries(in.image_feats, in.text_feats)));
+  RerankOptions o;
+  o.k_test = 4;
+  o.reuse_kv = false;
+  const auto ref = rerank_top_k(model, in, o);
+  o.reuse_kv = true;
+  std::optional<RetrievalScores> first;
+  for (int64_t chunk : {1, 4, 16}) {
+    o.chunk_images = chunk;
+    int64_t calls = 0, last = 0;
+    auto s = rerank_top_k(model, in, o, [&](int64_t done, int64_t total) { ++calls; last = done; EXPECT_EQ(total, ni); });
+    EXPECT_EQ(calls, ni);
+    EXPECT_EQ(last, ni);
+    EXPECT_TRUE(torch::equal(s.i2t == -100.0f, ref.i2t == -100.0f)) << chunk;
+    EXPECT_TRUE(torch::equal(s.t2i == -100.0f, ref.t2i == -100.0f)) << chunk;
+    EXPECT_EQ((s.t2i != -100.0f).sum().item<int64_t>(), nt * 4);
+    EXPECT_LT((s.i2t - ref.i2t).abs().max().item<float>(), 1e-5) << chunk;
+    EXPECT_LT((s.t2i - ref.t2i).abs().max().item<float>(), 1e-5) << chunk;
+    if (!first) first = s;
+    EXPECT_TRUE(torch::equal(s.i2t, first->i2t) && torch::equal(s.t2i, first->t2i)) << chunk;
+  }
+  o.chunk_images = 0;
+  EXPECT_THROW(rerank_top_k(model, in, o), Error);
 }
 
 TEST(Retrieval, MetricsByHandWithTiesAndSeveralCaptions) {

@@ -393,6 +393,10 @@ TEST(Trust, OptionsThatWouldDoNothingAreRefused) {
   msg = error_of([&] { validate(c, "tiny.yaml"); });
   EXPECT_TRUE(contains(msg, "tiny.yaml: eval_dataset.k_test: 5 is below 10")) << msg;
   c.eval_dataset.k_test = 10;
+  c.eval_dataset.rerank_chunk_size = 0;
+  msg = error_of([&] { validate(c, "tiny.yaml"); });
+  EXPECT_TRUE(contains(msg, "tiny.yaml: eval_dataset.rerank_chunk_size: 0 must be >= 1")) << msg;
+  c.eval_dataset.rerank_chunk_size = 16;
   EXPECT_EQ(error_of([&] { validate(c, "tiny.yaml"); }), "<no error>");
   // Resuming outside training, pipeline parallelism, a processor that is not what runs.
   c.resume_training = true;

@@ -489,6 +489,8 @@ void validate(const RunConfig& c, const std::string& s) {
       if (t.find("{}") == std::string::npos)
         bad(s, at + "data_loader.hypothesis_templates", "'" + t + "' has no '{}' for the label");
     if (d->itm_top_k < 0) bad(s, at + "itm_top_k", "must be >= 0 (0 = ITC only)");
+    if (d->rerank_chunk_size < 1)
+      bad(s, at + "rerank_chunk_size", std::to_string(d->rerank_chunk_size) + " must be >= 1 (images per chunk)");
     if (d->k_test < 10)
       bad(s, at + "k_test", std::to_string(d->k_test) + " is below 10: retrieval reports R@10, which needs "
           "the 10 best candidates of each query re-ranked");

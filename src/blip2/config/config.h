@@ -329,6 +329,9 @@ struct DatasetConfig {
   int64_t k_test = 128;
   bool add_extra_itm_score = true;
   bool reuse_cross_kv = true;
+  // image_to_text_retrieval: images whose cross-attention keys/values are held at once while
+  // re-ranking (the memory knob: ~25 MB an image with ViT-g at 364 px; >= 1).
+  int64_t rerank_chunk_size = 16;
   // zero_shot_image_classification: the top labels of each image re-ranked by ITM + ITC
   // (0 = ITC only, as the seed).
   int64_t itm_top_k = 0;
@@ -342,6 +345,7 @@ struct DatasetConfig {
     v("drop_remainder", drop_remainder); v("num_parallel_workers", num_parallel_workers);
     v("k_test", k_test); v("add_extra_itm_score", add_extra_itm_score);
     v("reuse_cross_kv", reuse_cross_kv); v("itm_top_k", itm_top_k);
+    v("rerank_chunk_size", rerank_chunk_size);
   }
 };
 

@@ -1,9 +1,13 @@
 #include "blip2/models/generation.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/Event.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <chrono>
+#include <deque>
 #include <limits>
+#include <optional>
 
 #include "blip2/util/common.h"
 
@@ -16,36 +20,52 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// The model's state while decoding: all embeddings so far (for use_cache = false), the keep mask
-// over every position, the cache.
+// The model's state while decoding. With the cache, every position the generation can reach is
+// reserved up front: keys/values are written in place, the keep mask and the step mask are built
+// once and sliced, the next position is a device counter; no step reads anything on the host.
+// Without it (use_cache = false), all embeddings so far go through the model each step.
 struct Decoder {
   CausalLMImpl& lm;
   bool use_cache;
-  torch::Tensor embeds, keep;
+  torch::Tensor embeds;  // use_cache = false: every embedding so far
+  torch::Tensor keep;    // [N, capacity]: the prompt's keep mask, then ones
+  torch::Tensor next;    // [N, 1] position of the next token
+  int64_t len = 0;       // positions so far
   LlmCache cache;
 
-  // First call: the whole prefix + prompt. Returns fp32 scores of the last position [N, V].
-  torch::Tensor prefill(const torch::Tensor& e, const torch::Tensor& k) {
+  // First call: the whole prefix + prompt, room for `capacity` positions in all. Returns fp32
+  // scores of the last position [N, V].
+  torch::Tensor prefill(const torch::Tensor& e, const torch::Tensor& k, int64_t capacity) {
     embeds = e;
-    keep = k;
-    auto pos = positions_from_keep(keep, keep.size(1));
-    return lm.forward(e, keep, pos, use_cache ? &cache : nullptr, true).select(1, 0).to(torch::kFloat32);
+    len = k.size(1);
+    keep = torch::cat({k, torch::ones({k.size(0), capacity - len}, k.options())}, 1);
+    next = k.sum(1, /*keepdim=*/true);
+    if (use_cache) {
+      cache.capacity = capacity;
+      cache.unpadded = k.all().item<bool>();  // once, before the loop
+      if (!cache.unpadded) cache.step_mask = causal_mask(keep, 1, e.scalar_type());  // [N, 1, 1, capacity]
+    }
+    auto pos = positions_from_keep(k, len);
+    return lm.forward(e, k, pos, use_cache ? &cache : nullptr, true).select(1, 0).to(torch::kFloat32);
   }
   // One new token per row.
   torch::Tensor step(const torch::Tensor& tokens) {
     auto e = lm.embed(tokens.unsqueeze(1));
-    keep = torch::cat({keep, torch::ones({keep.size(0), 1}, keep.options())}, 1);
+    ++len;
+    auto k = keep.narrow(1, 0, len);
     torch::Tensor out;
     if (use_cache) {
-      out = lm.forward(e, keep, positions_from_keep(keep, 1), &cache, true);
+      out = lm.forward(e, k, next, &cache, true);
     } else {
       embeds = torch::cat({embeds, e}, 1);
-      out = lm.forward(embeds, keep, positions_from_keep(keep, keep.size(1)), nullptr, true);
+      out = lm.forward(embeds, k, positions_from_keep(k, len), nullptr, true);
     }
+    next = next + 1;
     return out.select(1, 0).to(torch::kFloat32);
   }
   void select_rows(const torch::Tensor& rows) {
     keep = keep.index_select(0, rows);
+    next = next.index_select(0, rows);
     if (use_cache) cache.select_rows(rows);
     else embeds = embeds.index_select(0, rows);
   }
@@ -84,8 +104,61 @@ void check_options(const GenerationOptions& o) {
   check(o.repetition_penalty > 0, "generation: repetition_penalty must be positive");
   check(o.temperature > 0, "generation: temperature must be positive");
   check(o.top_p > 0 && o.top_p <= 1, "generation: top_p must be in (0, 1]");
+  check(o.stop_check_delay >= 0, "generation: stop_check_delay must be >= 0");
   check(!(o.do_sample && o.num_beams > 1),
         "generation: sampling with num_beams > 1 (beam sampling) is not supported; use num_beams 1");
+}
+
+// "Stop now?" (every row finished) read without waiting for the device: each step's answer is
+// copied to pinned host memory behind an event, and the loop acts on the newest answer that has
+// arrived, a step or two late. That costs nothing but those steps: a finished row emits nothing,
+// and beam search adds no hypothesis once it is done. On the CPU there is nothing to wait for and
+// the answer is read at once, or `delay` steps late (to test the device's behaviour).
+class StopFlag {
+ public:
+  StopFlag(torch::Device d, int64_t delay) : device_(d), delay_(delay) {
+    if (d.is_cpu()) return;
+    host_ = torch::zeros({1}, torch::TensorOptions().dtype(torch::kBool).pinned_memory(true));
+    event_.emplace(d.type());
+  }
+  void post(const torch::Tensor& stop) {  // a bool tensor: stop when all are true
+    if (device_.is_cpu()) {
+      queue_.push_back(stop.all());
+      if (static_cast<int64_t>(queue_.size()) > delay_) {
+        done_ = queue_.front().item<bool>();
+        queue_.pop_front();
+      }
+      return;
+    }
+    if (pending_) return;  // the last answer has not arrived yet: keep that one in flight
+    host_.copy_(stop.all().reshape({1}), /*non_blocking=*/true);
+    event_->record(c10::impl::getDeviceGuardImpl(device_.type())->getStream(device_));
+    pending_ = true;
+  }
+  bool done() {
+    if (pending_ && event_->query()) {
+      pending_ = false;
+      done_ = host_.data_ptr<bool>()[0];
+    }
+    return done_;
+  }
+
+ private:
+  torch::Device device_;
+  int64_t delay_;
+  std::deque<torch::Tensor> queue_;
+  torch::Tensor host_;
+  std::optional<c10::Event> event_;
+  bool pending_ = false, done_ = false;
+};
+
+// A generator seeded with o.seed on the device that samples: the CPU's (the stream transformers
+// draws from on the CPU) or the device's own.
+at::Generator sampling_generator(uint64_t seed, torch::Device d) {
+  if (d.is_cpu()) return at::detail::createCPUGenerator(seed);
+  auto g = at::globalContext().defaultGenerator(d).clone();
+  g.set_current_seed(seed);
+  return g;
 }
 
 std::vector<std::vector<int64_t>> greedy_or_sample(Decoder& dec, const torch::Tensor& ids,
@@ -95,34 +168,42 @@ std::vector<std::vector<int64_t>> greedy_or_sample(Decoder& dec, const torch::Te
   const auto dev = ids.device();
   auto eos = eos_tensor(o, dev);
   auto finished = torch::zeros({b}, torch::TensorOptions().dtype(torch::kBool).device(dev));
-  auto out = torch::empty({b, 0}, ids.options());
+  auto out = torch::full({b, o.max_new_tokens}, -1, ids.options());  // -1: nothing (finished)
   at::Generator gen;
-  if (o.do_sample) gen = at::detail::createCPUGenerator(o.seed);
+  if (o.do_sample) gen = sampling_generator(o.seed, dev);
+  StopFlag all_done(dev, o.stop_check_delay);
   const auto t0 = std::chrono::steady_clock::now();
   torch::Tensor fed;  // what the model saw last (finished rows keep decoding; their output is -1)
-  for (int64_t t = 0; t < o.max_new_tokens; ++t) {
-    if (t > 0) scores = dec.step(fed);
-    scores = process(scores, ids, keep, out, t, o, eos);
+  int64_t t = 0;
+  for (; t < o.max_new_tokens; ++t) {
+    if (t > 0) {
+      if (all_done.done()) break;
+      scores = dec.step(fed);
+    }
+    scores = process(scores, ids, keep, out.narrow(1, 0, t), t, o, eos);
     if (o.do_sample) {
       auto probs = torch::softmax(apply_top_k_top_p(scores / o.temperature, o.top_k, o.top_p), -1);
-      fed = torch::multinomial(probs.cpu(), 1, false, gen).squeeze(1).to(dev);
+      fed = torch::multinomial(probs, 1, false, gen).squeeze(1);
     } else {
       fed = scores.argmax(-1);
     }
     auto emitted = torch::where(finished, torch::full_like(fed, -1), fed);
-    out = torch::cat({out, emitted.unsqueeze(1)}, 1);
-    if (eos.numel()) finished = finished | torch::isin(emitted, eos);
-    if (finished.all().item<bool>()) break;
+    out.select(1, t).copy_(emitted);
+    if (eos.numel()) {
+      finished = finished | torch::isin(emitted, eos);
+      all_done.post(finished);
+    }
   }
   if (stats) {
     stats->decode_s += seconds_since(t0);
-    stats->steps += out.size(1) - 1;
+    stats->steps += t - 1;
   }
   std::vector<std::vector<int64_t>> result(b);
-  auto cpu = out.cpu();
+  auto cpu = out.narrow(1, 0, t).cpu().contiguous();
+  const auto* p = cpu.data_ptr<int64_t>();
   for (int64_t i = 0; i < b; ++i) {
-    for (int64_t t = 0; t < cpu.size(1); ++t) {
-      int64_t tok = cpu[i][t].item<int64_t>();
+    for (int64_t j = 0; j < t; ++j) {
+      const int64_t tok = p[i * t + j];
       if (tok < 0) break;
       result[i].push_back(tok);
       if (std::find(o.eos_token_ids.begin(), o.eos_token_ids.end(), tok) != o.eos_token_ids.end()) break;
@@ -153,6 +234,7 @@ std::vector<std::vector<int64_t>> beam_search(Decoder& dec, const torch::Tensor&
   auto improvable = torch::ones({batch}, bopt);
   auto top_k_mask = torch::cat({torch::ones({k}, bopt), torch::zeros({k}, bopt)});
   auto batch_offset = (torch::arange(batch, lopt) * k).unsqueeze(1);
+  StopFlag stop(dev, o.stop_check_delay);
   auto gather = [](const torch::Tensor& t, const torch::Tensor& idx) {  // t [B, M, ...], idx [B, K']
     auto index = idx;
     for (int64_t d = 2; d < t.dim(); ++d) index = index.unsqueeze(-1);
@@ -199,7 +281,8 @@ std::vector<std::vector<int64_t>> beam_search(Decoder& dec, const torch::Tensor&
     auto worst = torch::where(is_fin, std::get<0>(fin_scores.min(1, true)).expand({batch, k}),
                               torch::full({batch, k}, kMasked, fopt));
     improvable = improvable & (best_possible.unsqueeze(1) > worst).any(1);
-    if (!improvable.any().item<bool>() || hits.all().item<bool>()) break;
+    stop.post(improvable.any().logical_not() | hits.all());
+    if (cur >= n || stop.done()) break;
     dec.select_rows(rows);
     logits = dec.step(running.select(2, cur - 1).reshape({-1}));
   }
@@ -298,9 +381,9 @@ std::vector<std::vector<int64_t>> generate(CausalLMImpl& lm, const torch::Tensor
     prompt = prompt.index_select(0, rows);
     prompt_keep = prompt_keep.index_select(0, rows);
   }
-  Decoder dec{lm, o.use_cache, {}, {}, {}};
+  Decoder dec{lm, o.use_cache};
   const auto t0 = std::chrono::steady_clock::now();
-  auto scores = dec.prefill(e, k);
+  auto scores = dec.prefill(e, k, e.size(1) + o.max_new_tokens);
   if (stats) stats->prefill_s += seconds_since(t0);
   auto out = o.num_beams > 1 ? beam_search(dec, prompt, prompt_keep, scores, b, opts, stats)
                              : greedy_or_sample(dec, prompt, prompt_keep, scores, opts, stats);

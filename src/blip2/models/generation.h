@@ -34,6 +34,10 @@ struct GenerationOptions {
   // The id the prefix positions stand for, as far as repetition_penalty goes: transformers
   // feeds <image> placeholder ids there and penalises them like prompt tokens (-1 = none).
   int64_t prefix_token_id = -1;
+  // The loop never waits for the device to ask whether to stop: on a GPU the answer arrives
+  // asynchronously, a step or two late (the extra steps change no output). On the CPU it is read
+  // at once, or this many steps late (tests of the device's behaviour; >= 0).
+  int64_t stop_check_delay = 0;
 
   // The text_config's generation settings (LAVIS captioning defaults unless the config says).
   static GenerationOptions from(const TextConfig& t);

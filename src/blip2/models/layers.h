@@ -104,9 +104,13 @@ torch::Tensor merge_heads(const torch::Tensor& x);
 torch::Tensor padding_mask(const torch::Tensor& keep);
 torch::Tensor causal_prefix_mask(const torch::Tensor& keep, int64_t prefix_len);
 
-// Keys and values of one self-attention layer, [B, heads, L, head_dim].
+// Keys and values of one self-attention layer, [B, heads, L, head_dim]. With a capacity (LLM
+// decoding), key/value are allocated once for `capacity` positions and written in place: the
+// first `length` are filled.
 struct KVCache {
   torch::Tensor key, value;
+  int64_t capacity = 0;  // 0: key/value are exactly the cache, grown by concatenation
+  int64_t length = 0;
 };
 
 int64_t count_parameters(const torch::nn::Module& m);

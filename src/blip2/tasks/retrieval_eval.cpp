@@ -1,6 +1,7 @@
 // The image_to_text_retrieval task of a stage-1 model: ITC similarities of every image and text
 // of eval_dataset, the k_test best re-ranked by ITM (retrieval.h).
 #include <chrono>
+#include <optional>
 
 #include "blip2/dist/dist.h"
 #include "blip2/tasks/retrieval.h"
@@ -15,16 +16,17 @@ RetrievalInputs Stage1Task::encode_retrieval_set(const RetrievalSet& set, int64_
   RetrievalInputs in;
   const int64_t parts = dist::dp_size(), part = dist::dp_rank();
   std::vector<int64_t> offsets{0};
-  for (const auto& images : set.image_batches) offsets.push_back(offsets.back() + images.size(0));
-  for (size_t k = 0; k < set.image_batches.size(); ++k) {
-    if (static_cast<int64_t>(k) % parts != part && in.image_feats.defined()) continue;
-    auto e = model_->encode_image(set.image_batches[k].to(device_));
+  for (int64_t n : set.batch_sizes) offsets.push_back(offsets.back() + n);
+  for (int64_t k = 0; k < static_cast<int64_t>(set.batch_sizes.size()); ++k) {
+    if (k % parts != part && in.image_feats.defined()) continue;
+    auto e = model_->encode_image(set.image_batch(k).to(device_));
     auto f = model_->image_features(model_->query_pass(e, false).hidden);
     if (!in.image_feats.defined()) {  // the shapes come from the first batch, which every rank encodes
-      if (with_embeds) in.image_embeds = torch::zeros({offsets.back(), e.size(1), e.size(2)}, e.options());
+      // The ViT outputs stay on the host: re-ranking brings a chunk at a time to the device.
+      if (with_embeds) in.image_embeds = torch::zeros({offsets.back(), e.size(1), e.size(2)}, e.options().device(torch::kCPU));
       in.image_feats = torch::zeros({offsets.back(), f.size(1), f.size(2)}, f.options());
     }
-    if (static_cast<int64_t>(k) % parts != part) continue;
+    if (k % parts != part) continue;
     if (with_embeds) in.image_embeds.narrow(0, offsets[k], e.size(0)).copy_(e);
     in.image_feats.narrow(0, offsets[k], f.size(0)).copy_(f);
   }
@@ -63,14 +65,17 @@ nlohmann::json Stage1Task::evaluate_retrieval() {
   o.k_test = d.k_test;
   o.add_itc = d.add_extra_itm_score;
   o.reuse_kv = d.reuse_cross_kv;
+  o.chunk_images = d.rerank_chunk_size;
   const int64_t ni = in.image_feats.size(0), nt = in.text_feats.size(0);
   log_info("retrieval: " + std::to_string(ni) + " images, " + std::to_string(nt) + " texts, k_test " +
            std::to_string(o.k_test));
-  const int64_t mine = (ni + nt + dist::dp_size() - 1) / dist::dp_size();  // rows re-ranked here (about)
-  Progress progress("rerank", mine, std::max<int64_t>(1, mine / 10));
+  std::optional<Progress> progress;  // over this rank's images (or queries, without reuse_cross_kv)
   auto t0 = std::chrono::steady_clock::now();
-  auto scores = rerank_top_k(model_, in, o, [&](int64_t done, int64_t) { progress.update(done, ""); });
-  progress.finish();
+  auto scores = rerank_top_k(model_, in, o, [&](int64_t done, int64_t total) {
+    if (!progress) progress.emplace("rerank", total, std::max<int64_t>(1, total / 10));
+    progress->update(done, "");
+  });
+  if (progress) progress->finish();
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   auto report = retrieval_report(scores, img2txt, txt2img).to_json();
   report["num_images"] = ni;

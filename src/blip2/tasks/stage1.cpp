@@ -140,12 +140,14 @@ std::vector<int64_t> to_vector(const torch::Tensor& t) {
 Stage1Task::RetrievalSet Stage1Task::retrieval_set(const BatchLoader& loader, int64_t bs) const {
   RetrievalSet set;
   if (const auto* cd = dynamic_cast<const CaptionDataset*>(&loader.dataset())) {
-    // Each distinct image once (entries grouped by image id), each caption once.
-    for (int64_t i = 0; i < cd->num_images(); i += bs) {
+    // Each distinct image once (entries grouped by image id), each caption once; the pixels are
+    // decoded when a batch is encoded.
+    for (int64_t i = 0; i < cd->num_images(); i += bs) set.batch_sizes.push_back(std::min(bs, cd->num_images() - i));
+    set.image_batch = [cd, bs](int64_t k) {
       std::vector<torch::Tensor> imgs;
-      for (int64_t k = i; k < std::min(i + bs, cd->num_images()); ++k) imgs.push_back(cd->image(k));
-      set.image_batches.push_back(torch::stack(imgs));
-    }
+      for (int64_t i = k * bs; i < std::min((k + 1) * bs, cd->num_images()); ++i) imgs.push_back(cd->image(i));
+      return torch::stack(imgs);
+    };
     set.texts = cd->texts();
     set.img2txt = cd->img2txt();
     for (int64_t img : cd->txt2img()) set.txt2img.push_back({img});
@@ -155,12 +157,15 @@ Stage1Task::RetrievalSet Stage1Task::retrieval_set(const BatchLoader& loader, in
   // (synthetic: the same attribute combination).
   BatchLoader::Stream stream(loader, 0, 0);
   std::vector<int64_t> ids;
+  auto batches = std::make_shared<std::vector<torch::Tensor>>();
   while (!stream.done()) {
     Batch b = stream.next();
-    set.image_batches.push_back(b.images);
+    batches->push_back(b.images);
+    set.batch_sizes.push_back(b.images.size(0));
     set.texts.insert(set.texts.end(), b.captions.begin(), b.captions.end());
     for (int64_t id : to_vector(b.image_ids)) ids.push_back(id);
   }
+  set.image_batch = [batches](int64_t k) { return (*batches)[k]; };
   match_by_id(ids, ids, set.img2txt, set.txt2img);
   return set;
 }

@@ -4,6 +4,8 @@
 // (zero_shot_eval.cpp).
 #pragma once
 
+#include <functional>
+
 #include <optional>
 #include <string>
 #include <vector>
@@ -74,15 +76,17 @@ class Stage1Task {
   // caption dataset each distinct image once and each caption once; otherwise each sample's
   // image and caption (samples of one image id then match each other's texts).
   struct RetrievalSet {
-    std::vector<torch::Tensor> image_batches;   // preprocessed, [b,3,S,S] each
+    std::vector<int64_t> batch_sizes;             // images per batch
+    std::function<torch::Tensor(int64_t k)> image_batch;  // batch k preprocessed, [b,3,S,S]
     std::vector<std::string> texts;             // raw captions
     std::vector<std::vector<int64_t>> img2txt, txt2img;
   };
   RetrievalSet retrieval_set(const BatchLoader& loader, int64_t batch_size) const;
-  // The set's ITC features (and, with image_embeds, the ViT outputs ITM re-ranking reads), texts
-  // tokenised as eval_dataset's text transform says and encoded in chunks of batch_size. Under
-  // data parallelism image batch / text chunk k is encoded on dp rank k % dp and every rank's rows
-  // are combined (zero-fill + sum: exactly the one-process features).
+  // The set's ITC features (and, with image_embeds, the ViT outputs ITM re-ranking reads, kept on
+  // the host), texts tokenised as eval_dataset's text transform says and encoded in chunks of
+  // batch_size. Images are decoded a batch at a time. Under data parallelism image batch / text
+  // chunk k is encoded on dp rank k % dp and every rank's rows are combined (zero-fill + sum:
+  // exactly the one-process features).
   RetrievalInputs encode_retrieval_set(const RetrievalSet& set, int64_t batch_size, bool image_embeds);
 
   RunConfig cfg_;

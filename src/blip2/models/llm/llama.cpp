@@ -17,7 +17,7 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) const {
 std::pair<torch::Tensor, torch::Tensor> rotary_cos_sin(const torch::Tensor& inv_freq,
                                                        const torch::Tensor& positions,
                                                        torch::Dtype dtype) {
-  auto freqs = positions.to(torch::kFloat32).unsqueeze(-1) * inv_freq.to(positions.device());
+  auto freqs = positions.to(torch::kFloat32).unsqueeze(-1) * inv_freq;
   auto emb = torch::cat({freqs, freqs}, -1);
   return {emb.cos().to(dtype), emb.sin().to(dtype)};
 }
@@ -111,9 +111,10 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& embeds, const t
                                             const torch::Tensor& positions, LlmCache* cache,
                                             bool last_only, bool vocab_local) {
   const int64_t n = embeds.size(1);
-  if (cache && cache->layers.empty()) cache->layers.resize(layers->size());
+  if (cache) cache->ensure_layers(layers->size());
+  if (inv_freq.device() != embeds.device()) inv_freq = inv_freq.to(embeds.device());  // once per device
   auto [cos, sin] = rotary_cos_sin(inv_freq, positions, embeds.scalar_type());
-  auto additive_mask = causal_mask(keep, n, embeds.scalar_type());
+  auto additive_mask = decoder_mask(keep, n, embeds.scalar_type(), cache);
   auto h = embeds;
   for (size_t i = 0; i < layers->size(); ++i)
     h = layers[i]->as<LlamaDecoderLayer>()->forward(h, cos, sin, additive_mask, cache ? &cache->layers[i] : nullptr);

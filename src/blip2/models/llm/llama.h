@@ -63,7 +63,8 @@ class LlamaForCausalLMImpl : public CausalLMImpl {
   torch::nn::ModuleList layers;
   RMSNorm norm{nullptr};
   Linear lm_head{nullptr};  // absent when tied to embed_tokens
-  torch::Tensor inv_freq;   // [head_dim / 2] fp32 on the CPU; not saved (as in transformers)
+  torch::Tensor inv_freq;   // [head_dim / 2] fp32, moved to the device of the first forward there;
+                            // not saved (as in transformers)
 };
 
 // The rotary inverse frequencies [head_dim / 2] (fp32) of rope_type default, linear or llama3,

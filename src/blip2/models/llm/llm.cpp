@@ -7,12 +7,24 @@
 
 namespace blip2 {
 
+int64_t LlmCache::length() const {
+  if (layers.empty() || !layers[0].key.defined()) return 0;
+  return layers[0].capacity > 0 ? layers[0].length : layers[0].key.size(2);
+}
+
 void LlmCache::select_rows(const torch::Tensor& rows) {
   for (auto& l : layers) {
     if (!l.key.defined()) continue;
     l.key = l.key.index_select(0, rows);
     l.value = l.value.index_select(0, rows);
   }
+  if (step_mask.defined()) step_mask = step_mask.index_select(0, rows);
+}
+
+void LlmCache::ensure_layers(size_t n) {
+  if (!layers.empty()) return;
+  layers.resize(n);
+  for (auto& l : layers) l.capacity = capacity;
 }
 
 std::shared_ptr<CausalLMImpl> make_causal_lm(const TextConfig& c, const InitOptions& init) {
@@ -47,6 +59,13 @@ torch::Tensor causal_mask(const torch::Tensor& keep, int64_t new_len, torch::Dty
       .unsqueeze(1);
 }
 
+torch::Tensor decoder_mask(const torch::Tensor& keep, int64_t n, torch::Dtype dtype, const LlmCache* cache) {
+  if (cache && cache->unpadded) return {};
+  if (cache && n == 1 && cache->step_mask.defined())
+    return cache->step_mask.narrow(3, 0, keep.size(1)).to(dtype);
+  return causal_mask(keep, n, dtype);
+}
+
 torch::Tensor positions_from_keep(const torch::Tensor& keep, int64_t new_len) {
   auto k = keep.to(torch::kLong);
   auto pos = (k.cumsum(1) - 1).masked_fill(k == 0, 0);
@@ -62,7 +81,24 @@ torch::Tensor output_logits(const torch::Tensor& hidden, const Linear& lm_head, 
 
 torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v,
                                const torch::Tensor& additive_mask, KVCache* cache, int64_t n_rep) {
-  if (cache) {
+  if (cache && cache->capacity > 0) {
+    const int64_t n = k.size(2);
+    if (!cache->key.defined()) {
+      auto shape = k.sizes().vec();
+      shape[2] = cache->capacity;
+      cache->key = torch::empty(shape, k.options());
+      cache->value = torch::empty(shape, v.options());
+      cache->length = 0;
+    }
+    check(cache->length + n <= cache->capacity, "KV cache: " + std::to_string(cache->length + n) +
+                                                    " positions exceed the " + std::to_string(cache->capacity) +
+                                                    " reserved");
+    cache->key.narrow(2, cache->length, n).copy_(k);
+    cache->value.narrow(2, cache->length, n).copy_(v);
+    cache->length += n;
+    k = cache->key.narrow(2, 0, cache->length);
+    v = cache->value.narrow(2, 0, cache->length);
+  } else if (cache) {
     if (cache->key.defined()) {
       k = torch::cat({cache->key, k}, 2);
       v = torch::cat({cache->value, v}, 2);
@@ -74,7 +110,14 @@ torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::T
     k = k.repeat_interleave(n_rep, 1);
     v = v.repeat_interleave(n_rep, 1);
   }
-  return at::scaled_dot_product_attention(q, k, v, additive_mask.to(q.scalar_type()));
+  const int64_t l = q.size(2), t = k.size(2);
+  if (additive_mask.defined())
+    return at::scaled_dot_product_attention(q, k, v, additive_mask.to(q.scalar_type()));
+  if (l == 1 || l == t)  // one new position sees everything; L of L positions: SDPA's own causal mask
+    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/l > 1);
+  // L new positions after a past, nothing padded: causal, aligned to the end.
+  auto keep = torch::ones({1, t}, torch::TensorOptions().dtype(torch::kLong).device(q.device()));
+  return at::scaled_dot_product_attention(q, k, v, causal_mask(keep, l, q.scalar_type()));
 }
 
 }  // namespace blip2

@@ -16,12 +16,22 @@
 
 namespace blip2 {
 
-// Keys/values of every layer, [B, heads, T, head_dim], grown by each forward.
+// Keys/values of every layer, [B, heads, T, head_dim], appended to by each forward. Generation
+// reserves the positions it will need (written in place, never reallocated) and says what it knows
+// of the padding, so that no step rebuilds a mask:
+//   unpadded   every position is a token: no mask at all (the prefill attends causally);
+//   step_mask  otherwise, the additive padding mask [B, 1, 1, capacity] over every position a
+//              one-token step can attend, built once; a step attends its first T columns.
 struct LlmCache {
   std::vector<KVCache> layers;
-  int64_t length() const { return layers.empty() || !layers[0].key.defined() ? 0 : layers[0].key.size(2); }
+  int64_t capacity = 0;  // > 0: positions reserved in every layer (see KVCache)
+  bool unpadded = false;
+  torch::Tensor step_mask;
+  int64_t length() const;
   // Keeps (and reorders) batch rows: beam search continues the beams it chose.
   void select_rows(const torch::Tensor& rows);
+  // Sizes `layers` for a model of n layers on its first forward.
+  void ensure_layers(size_t n);
 };
 
 class CausalLMImpl : public torch::nn::Module {
@@ -48,6 +58,9 @@ std::shared_ptr<CausalLMImpl> make_causal_lm(const TextConfig& c, const InitOpti
 // hidden. Masked entries are the dtype's lowest value (as transformers does), so a fully masked
 // row (a left pad) stays finite.
 torch::Tensor causal_mask(const torch::Tensor& keep, int64_t new_len, torch::Dtype dtype);
+// The mask a decoder forward over the last n of keep's positions uses: none when `cache` says
+// nothing is padded, its step mask for a one-token step, else causal_mask.
+torch::Tensor decoder_mask(const torch::Tensor& keep, int64_t n, torch::Dtype dtype, const LlmCache* cache);
 // Position of each of the last L columns of keep among the kept tokens (cumsum - 1; pads 0).
 torch::Tensor positions_from_keep(const torch::Tensor& keep, int64_t new_len);
 
@@ -57,8 +70,9 @@ torch::Tensor output_logits(const torch::Tensor& hidden, const Linear& lm_head, 
                             bool vocab_local = false);
 
 // Attention over cached + new keys/values: q [B,h,L,D], k/v [B,h/n_rep,L,D] appended to `cache`
-// (when given), additive_mask added to the scores. Each key/value head serves n_rep query heads (grouped-query
-// attention, as transformers' repeat_kv). Returns [B,h,L,D].
+// (when given), additive_mask added to the scores; an undefined mask means nothing is padded (the
+// L new positions attend causally: SDPA's fused kernels, no mask tensor). Each key/value head serves
+// n_rep query heads (grouped-query attention, as transformers' repeat_kv). Returns [B,h,L,D].
 torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v,
                                const torch::Tensor& additive_mask, KVCache* cache, int64_t n_rep = 1);
 

@@ -62,9 +62,9 @@ torch::Tensor OptForCausalLMImpl::forward(const torch::Tensor& embeds, const tor
                                           const torch::Tensor& positions, LlmCache* cache,
                                           bool last_only, bool vocab_local) {
   const int64_t n = embeds.size(1);
-  if (cache && cache->layers.empty()) cache->layers.resize(layers->size());
+  if (cache) cache->ensure_layers(layers->size());
   auto h = embeds + embed_positions(positions + kPositionOffset);
-  auto additive_mask = causal_mask(keep, n, embeds.scalar_type());
+  auto additive_mask = decoder_mask(keep, n, embeds.scalar_type(), cache);
   for (size_t i = 0; i < layers->size(); ++i)
     h = layers[i]->as<OptDecoderLayer>()->forward(h, additive_mask, cache ? &cache->layers[i] : nullptr);
   if (last_only) h = h.narrow(1, n - 1, 1);
