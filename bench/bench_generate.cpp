@@ -3,6 +3,10 @@
 // makes a random one; the same script times transformers' generate on it for the ratio).
 //
 //   blip2_bench_generate DIR [--batch 1] [--new 32] [--beams 1] [--repeats 5] [--no-cache]
+//                        [--dtype fp32|bf16] [--weights float|int8]
+//
+// --dtype bf16 holds the ViT and the LLM in bf16 (model_config.frozen_dtype: bfloat16); --weights
+// int8 quantises their linear layers (W8A16, model_config.weights: int8). The Q-Former stays fp32.
 //
 // Every row produces exactly --new tokens (min = max new tokens, EOS never ends a row early), the
 // prompt is BOS after the image queries. Time to first token = a generate() of one new token
@@ -25,10 +29,12 @@ static double median(std::vector<double> v) {
 }
 
 int main(int argc, char** argv) try {
-  check(argc >= 2, "usage: blip2_bench_generate DIR [--batch B] [--new N] [--beams K] [--repeats R] [--no-cache]");
+  check(argc >= 2, "usage: blip2_bench_generate DIR [--batch B] [--new N] [--beams K] [--repeats R] [--no-cache] "
+                   "[--dtype fp32|bf16] [--weights float|int8]");
   const std::string dir = argv[1];
   int64_t batch = 1, new_tokens = 32, beams = 1, repeats = 5;
   bool cache = true;
+  std::string dtype = "fp32", weights = "float";
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&] {
@@ -40,12 +46,22 @@ int main(int argc, char** argv) try {
     else if (a == "--beams") beams = next();
     else if (a == "--repeats") repeats = next();
     else if (a == "--no-cache") cache = false;
+    else if (a == "--dtype" && i + 1 < argc) dtype = argv[++i];
+    else if (a == "--weights" && i + 1 < argc) weights = argv[++i];
     else throw Error("unknown option " + a);
   }
   auto hf = load_hf_directory(dir);
   Blip2Llm model(hf.config);
+  check(dtype == "fp32" || dtype == "bf16", "--dtype must be fp32 or bf16");
+  check(weights == "float" || weights == "int8", "--weights must be float or int8");
   auto report = load_weights_into(*model, hf.tensors, dir);
   check(report.missing.empty(), dir + ": " + report.summary());
+  if (dtype == "bf16") {
+    model->vision_model->to(torch::kBFloat16);
+    model->vision_model->post_layernorm->to(torch::kFloat32);  // ln_vision stays fp32, as frozen_dtype does
+    model->language_model->to(torch::kBFloat16);
+  }
+  if (weights == "int8") linears_to_int8(*model, {"vision_model.", "language_model."}, /*quantise=*/true);
   model->eval();
   torch::manual_seed(0);
   const int64_t s = hf.config.vision_config.image_size;
@@ -72,7 +88,8 @@ int main(int argc, char** argv) try {
   }
   const double ttft = median(first), total = median(full);
   const double tps = static_cast<double>(batch * (new_tokens - 1)) / std::max(total - ttft, 1e-9);
-  std::cout << "blip2cpp: batch " << batch << ", " << new_tokens << " new tokens, beams " << beams
+  std::cout << "blip2cpp: batch " << batch << ", " << new_tokens << " new tokens, beams " << beams << ", " << dtype
+            << (weights == "int8" ? ", int8 weights" : "")
             << (cache ? "" : ", no cache") << ", threads " << torch::get_num_threads() << "\n"
             << "  time to first token " << format_float(ttft * 1000, 2) << " ms\n"
             << "  decoding " << format_float(tps, 1) << " tokens/s (generate of " << new_tokens << " tokens: "

@@ -90,42 +90,96 @@ TEST_P(Stage2Parity, GenerateMatchesTransformers) {
   auto full_mask = torch::ones_like(f.io.at("input_ids"));
   // The stop test read at once, and late as it is on a GPU (the extra steps change no output).
   for (int64_t delay : {0, 3}) {
-  SCOPED_TRACE("stop_check_delay " + std::to_string(delay));
+    SCOPED_TRACE("stop_check_delay " + std::to_string(delay));
+    auto o = options(f);
+    o.stop_check_delay = delay;
+    EXPECT_EQ(run(f, "padded_ids", padded_mask, o), rows_of(f.io.at("greedy")));
+    {  // the same without the key/value cache
+      auto u = o;
+      u.use_cache = false;
+      EXPECT_EQ(run(f, "padded_ids", padded_mask, u), rows_of(f.io.at("greedy")));
+    }
+    {
+      auto b = o;
+      b.num_beams = 3;
+      b.length_penalty = 1.0;
+      EXPECT_EQ(run(f, "padded_ids", padded_mask, b), rows_of(f.io.at("beam3")));
+      b.length_penalty = 0.0;
+      b.min_new_tokens = 2;
+      EXPECT_EQ(run(f, "padded_ids", padded_mask, b), rows_of(f.io.at("beam3_lp0_min2")));
+    }
+    {
+      auto b = o;
+      b.num_beams = 2;
+      b.length_penalty = 2.0;
+      EXPECT_EQ(run(f, "input_ids", full_mask, b), rows_of(f.io.at("beam2_lp2")));
+    }
+    {
+      auto r = o;
+      r.repetition_penalty = 1.5;
+      r.min_new_tokens = 5;
+      EXPECT_EQ(run(f, "input_ids", full_mask, r), rows_of(f.io.at("greedy_rep_min5")));
+    }
+    {  // no prompt: transformers starts from [<image> x Q, BOS]
+      auto bos = torch::full({2, 1}, f.config.text_config->bos_token_id, torch::kLong);
+      auto out = f.model->generate(f.io.at("pixel_values"), bos, torch::ones_like(bos), o);
+      EXPECT_EQ(out, rows_of(f.io.at("no_prompt")));
+    }
+  }
+}
+
+TEST_P(Stage2Parity, Int8WeightsStayCloseAndQuantizeEqualsQuantisingAtLoad) {
+  // The ViT's and the LLM's linear layers int8 (weight-only): quantised as the float weights load,
+  // and written quantised by `blip2 quantize` then loaded: the same model, bit for bit. Against
+  // the float model: the logits' largest difference and the greedy ids.
+  auto f = load_fixture(GetParam());
+  auto hf = load_hf_directory((kParity / ("hf_" + GetParam())).string());
+  Blip2Llm at_load(hf.config);
+  EXPECT_GT(linears_to_int8(*at_load, {"vision_model.", "language_model."}, false), 0);
+  auto report = load_weights_into(*at_load, hf.tensors, "hf");
+  EXPECT_TRUE(report.missing.empty()) << report.summary();
+  at_load->eval();
+
+  auto dir = temp_dir("int8_" + GetParam());
+  auto r = run_cli("quantize " + (kParity / ("hf_" + GetParam())).string() + " --out " + (dir / "q").string() +
+                   " --weights int8");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("quantised to int8"), std::string::npos) << r.out;
+  auto cfg = model_config_of((dir / "q").string());
+  EXPECT_EQ(cfg.weights, "int8");
+  cfg.checkpoint_name_or_path.clear();
+  Blip2Llm written(cfg);
+  linears_to_int8(*written, {"vision_model.", "language_model."}, false);
+  report = load_weights_into(*written, load_checkpoint_tensors((dir / "q").string()), "q");
+  EXPECT_TRUE(report.missing.empty()) << report.summary();
+  written->eval();
+  for (const auto& [name, t] : state_dict(*written)) EXPECT_TRUE(torch::equal(t, state_dict(*at_load).at(name))) << name;
+
+  torch::NoGradGuard no_grad;
+  auto ids = f.io.at("input_ids");
+  auto [text, keep] = strip_image_tokens(ids, torch::ones_like(ids), f.config.text_config->image_token_id);
+  auto ref = f.model->forward(f.io.at("pixel_values"), text, keep);
+  auto q = at_load->forward(f.io.at("pixel_values"), text, keep);
+  const double diff = max_abs_diff(q, ref), range = ref.abs().max().item<double>();
   auto o = options(f);
-  o.stop_check_delay = delay;
-  EXPECT_EQ(run(f, "padded_ids", padded_mask, o), rows_of(f.io.at("greedy")));
-  {  // the same without the key/value cache
-    auto u = o;
-    u.use_cache = false;
-    EXPECT_EQ(run(f, "padded_ids", padded_mask, u), rows_of(f.io.at("greedy")));
-  }
-  {
-    auto b = o;
-    b.num_beams = 3;
-    b.length_penalty = 1.0;
-    EXPECT_EQ(run(f, "padded_ids", padded_mask, b), rows_of(f.io.at("beam3")));
-    b.length_penalty = 0.0;
-    b.min_new_tokens = 2;
-    EXPECT_EQ(run(f, "padded_ids", padded_mask, b), rows_of(f.io.at("beam3_lp0_min2")));
-  }
-  {
-    auto b = o;
-    b.num_beams = 2;
-    b.length_penalty = 2.0;
-    EXPECT_EQ(run(f, "input_ids", full_mask, b), rows_of(f.io.at("beam2_lp2")));
-  }
-  {
-    auto r = o;
-    r.repetition_penalty = 1.5;
-    r.min_new_tokens = 5;
-    EXPECT_EQ(run(f, "input_ids", full_mask, r), rows_of(f.io.at("greedy_rep_min5")));
-  }
-  {  // no prompt: transformers starts from [<image> x Q, BOS]
-    auto bos = torch::full({2, 1}, f.config.text_config->bos_token_id, torch::kLong);
-    auto out = f.model->generate(f.io.at("pixel_values"), bos, torch::ones_like(bos), o);
-    EXPECT_EQ(out, rows_of(f.io.at("no_prompt")));
-  }
-  }
+  auto [pids, pkeep] = strip_image_tokens(f.io.at("padded_ids"), f.io.at("padded_mask"), f.config.text_config->image_token_id);
+  auto greedy_f = f.model->generate(f.io.at("pixel_values"), pids, pkeep, o);
+  auto greedy_q = at_load->generate(f.io.at("pixel_values"), pids, pkeep, o);
+  int64_t same = 0, total = 0;
+  for (size_t i = 0; i < greedy_f.size(); ++i)
+    for (size_t t = 0; t < std::min(greedy_f[i].size(), greedy_q[i].size()); ++t, ++total) same += greedy_f[i][t] == greedy_q[i][t];
+  std::cout << "  int8 vs float: logits max |diff| " << diff << " (largest |logit| " << range << "), greedy ids "
+            << same << "/" << total << " equal\n";
+  // W8A16 as TensorRT-LLM's weight-only int8: weights rounded to 8 bits per channel, activations to
+  // bf16. On these 48-wide random fixtures that moves the largest logit by 2% (OPT) and 6% (Llama;
+  // the weight rounding alone, in transformers with fp32 activations: 3.4%); the ids stay.
+  EXPECT_LT(diff, 0.1 * range);
+  EXPECT_EQ(same, total);
+  // The quantised directory refuses to be quantised again.
+  r = run_cli("quantize " + (dir / "q").string() + " --out " + (dir / "q2").string() + " --weights int8");
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("already"), std::string::npos) << r.out;
+  fs::remove_all(dir);
 }
 
 INSTANTIATE_TEST_SUITE_P(Llm, Stage2Parity, ::testing::Values("opt", "llama"));

@@ -78,6 +78,55 @@ TEST(Presets, FrozenVisionHasNoGradExceptLnVision) {
   EXPECT_TRUE(model->qformer->is_training());
 }
 
+TEST(Layers, InferenceLinearEqualsTorchLinearAndTrainingKeepsItsGradient) {
+  // Inference in fp32 on the CPU goes through oneDNN's inner product: the same products as
+  // torch's linear up to rounding, for a decode step's few rows and for many, with and without
+  // bias; with a gradient wanted it is torch's linear (autograd intact).
+  torch::manual_seed(0);
+  auto w = torch::randn({300, 96}), b = torch::randn({300});
+  for (int64_t rows : {1, 4, 257}) {
+    auto x = torch::randn({rows, 3, 96});
+    torch::NoGradGuard no_grad;
+    auto ref = torch::nn::functional::linear(x, w, b);
+    auto y = blip2::linear(x, w, b);
+    ASSERT_EQ(y.sizes(), ref.sizes());
+    EXPECT_LT((y - ref).abs().max().item<float>(), 1e-4) << rows;
+    EXPECT_LT((blip2::linear(x, w) - torch::nn::functional::linear(x, w)).abs().max().item<float>(), 1e-4);
+  }
+  auto wg = w.clone().requires_grad_(true);
+  auto x = torch::randn({4, 96});
+  auto y = blip2::linear(x, wg, b);
+  ASSERT_TRUE(y.requires_grad());
+  y.sum().backward();
+  EXPECT_TRUE(torch::allclose(wg.grad(), x.sum(0).unsqueeze(0).expand({300, 96})));
+}
+
+TEST(Layers, Int8WeightsAreQuantisedPerChannelAndMultiplyAsDequantised) {
+  torch::manual_seed(0);
+  auto w = torch::randn({300, 96}) * torch::linspace(0.01, 3.0, 300).unsqueeze(1), b = torch::randn({300});
+  auto [q, scale] = quantize_int8(w);
+  ASSERT_EQ(q.scalar_type(), torch::kInt8);
+  EXPECT_EQ(q.abs().amax(1).min().item<int>(), 127);  // every row uses its whole range
+  auto deq = q.to(torch::kFloat32) * scale.unsqueeze(1);
+  EXPECT_TRUE(((deq - w).abs() <= scale.unsqueeze(1) / 2 + 1e-6).all().item<bool>());
+  // The product: the dequantised weight's, up to the bf16 rounding of the activations (~0.4% of
+  // the outputs' range).
+  auto x = torch::randn({5, 2, 96});
+  torch::NoGradGuard no_grad;
+  auto ref = torch::nn::functional::linear(x, deq, b);
+  auto y = int8_linear(x, q, scale, b);
+  EXPECT_EQ(y.scalar_type(), torch::kFloat32);
+  EXPECT_LT((y - ref).abs().max().item<float>(), 1e-2 * ref.abs().max().item<float>());
+  // A layer turned int8 keeps its parameter's name, adds weight_scale, and computes the same.
+  Linear layer(96, 300, true, InitOptions{});
+  auto before = layer(x);
+  layer->to_int8(/*quantise=*/true);
+  auto params = layer->named_parameters();
+  EXPECT_EQ(params["weight"].scalar_type(), torch::kInt8);
+  EXPECT_TRUE(layer->named_buffers().contains("weight_scale"));
+  EXPECT_LT((layer(x) - before).abs().max().item<float>(), 2e-2 * before.abs().max().item<float>());
+}
+
 TEST(Masks, PaddingMaskIsAdditiveOverKeys) {
   auto keep = torch::tensor({{1, 1, 0}, {1, 0, 0}});
   auto m = padding_mask(keep);

@@ -270,6 +270,50 @@ TEST(Trust, LoadsCoverTheModelOrStop) {
   fs::remove_all(dir);
 }
 
+TEST(Trust, ModelsAboutToBeLoadedWholeSkipTheirRandomInitialisation) {
+  // A model whose loads cover it is built without drawing its initialisation (no random number
+  // is consumed) and holds the checkpoint's weights; one whose checkpoint lacks a part (the LM
+  // head, which evaluation may leave random) is built again with the draws: that part is then
+  // exactly what a plain build draws from the same seed.
+  auto dir = temp_dir("trust_draws");
+  const Blip2Config c = find_preset("tiny")->config;
+  torch::manual_seed(3);
+  WeightLedger scratch;
+  const auto saved = state_dict(*build_model(c, scratch));
+  TensorMap without_lm;
+  for (const auto& [name, t] : saved)
+    if (name.rfind("cls.", 0) != 0) without_lm.emplace(name, t);
+  save_safetensors((dir / "whole.safetensors").string(), saved);
+  save_safetensors((dir / "no_lm.safetensors").string(), without_lm);
+  auto build = [&](const std::string& file, WeightLedger& ledger) {
+    return build_loaded<Blip2Qformer>(true, [&](bool draw) {
+      ledger = WeightLedger();
+      auto m = build_model(c, ledger, torch::kCPU, draw);
+      load_model_weights(*m, (dir / file).string(), ledger);
+      return m;
+    }, ledger);
+  };
+  auto gen = at::detail::getDefaultCPUGenerator();
+  torch::manual_seed(5);
+  const auto before = gen.get_state();
+  WeightLedger ledger;
+  auto whole = build("whole.safetensors", ledger);
+  EXPECT_TRUE(torch::equal(gen.get_state(), before));  // nothing was drawn
+  EXPECT_TRUE(ledger.random().empty());
+  for (const auto& [name, t] : state_dict(*whole)) EXPECT_TRUE(torch::equal(t, saved.at(name))) << name;
+
+  torch::manual_seed(5);
+  auto partial = build("no_lm.safetensors", ledger);
+  torch::manual_seed(5);
+  WeightLedger plain_ledger;
+  auto plain = build_model(c, plain_ledger);  // drawn as it always was
+  const auto p = state_dict(*partial), q = state_dict(*plain);
+  EXPECT_FALSE(ledger.random().empty());
+  EXPECT_TRUE(torch::equal(p.at("cls.predictions.transform.dense.weight"), q.at("cls.predictions.transform.dense.weight")));
+  EXPECT_TRUE(torch::equal(p.at("itm_head.weight"), saved.at("itm_head.weight")));
+  fs::remove_all(dir);
+}
+
 TEST(Trust, ZeroShotLabelsFitTheQformerPositions) {
   // A Q-Former with 8 positions: the labels are padded to its max_txt_len, not to 32; asking for
   // 32 is refused by name instead of LibTorch's "index out of range in self".
@@ -397,6 +441,21 @@ TEST(Trust, OptionsThatWouldDoNothingAreRefused) {
   msg = error_of([&] { validate(c, "tiny.yaml"); });
   EXPECT_TRUE(contains(msg, "tiny.yaml: eval_dataset.rerank_chunk_size: 0 must be >= 1")) << msg;
   c.eval_dataset.rerank_chunk_size = 16;
+  c.model.model_config.weights = "int4";
+  msg = error_of([&] { validate(c, "tiny.yaml"); });
+  EXPECT_TRUE(contains(msg, "tiny.yaml: model.model_config.weights: 'int4' is not float|int8")) << msg;
+  c.model.model_config.weights = "int8";  // the embedded config trains
+  msg = error_of([&] { validate(c, "tiny.yaml"); });
+  EXPECT_TRUE(contains(msg, "tiny.yaml: model.model_config.weights: int8 is for evaluation and prediction")) << msg;
+  c.run_mode = "eval";
+  c.parallel_config.model_parallel = 2;
+  c.use_parallel = true;
+  msg = error_of([&] { validate(c, "tiny.yaml"); });
+  EXPECT_TRUE(contains(msg, "int8 with parallel_config.model_parallel 2")) << msg;
+  c.parallel_config.model_parallel = 1;
+  c.use_parallel = false;
+  c.model.model_config.weights = "float";
+  c.run_mode = "train";
   EXPECT_EQ(error_of([&] { validate(c, "tiny.yaml"); }), "<no error>");
   // Resuming outside training, pipeline parallelism, a processor that is not what runs.
   c.resume_training = true;

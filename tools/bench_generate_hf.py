@@ -2,7 +2,7 @@
 bench/bench_generate.cpp on the same weights and settings (issue 6).
 
     .venv/bin/python tools/bench_generate_hf.py --write DIR [--llm llama|opt]  # random model
-    .venv/bin/python tools/bench_generate_hf.py DIR [--batch 1] [--new 32] [--beams 1] [--repeats 5]
+    .venv/bin/python tools/bench_generate_hf.py DIR [--batch 1] [--new 32] [--beams 1] [--repeats 5] [--dtype fp32|bf16]
 
 The model written: a 224-px, 4-block ViT (width 256), a 4-layer Q-Former (width 256, 32 queries)
 and a 12-layer LLM of width 768 (Llama: FFN 2048, vocabulary 32000; OPT: FFN 3072, vocabulary
@@ -41,12 +41,13 @@ def write(out, llm):
     print("wrote", out, sum(p.numel() for p in model.parameters()) / 1e6, "M parameters")
 
 
-def run(path, batch, new, beams, repeats):
-    model = Blip2ForConditionalGeneration.from_pretrained(path).eval()
+def run(path, batch, new, beams, repeats, dtype):
+    model = Blip2ForConditionalGeneration.from_pretrained(
+        path, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).eval()
     c = model.config
     torch.manual_seed(0)
     s = c.vision_config.image_size
-    images = torch.randn(batch, 3, s, s)
+    images = torch.randn(batch, 3, s, s).to(model.dtype)
     ids = torch.tensor([[c.image_token_index] * c.num_query_tokens + [c.text_config.bos_token_id]] * batch)
 
     def timed(n):
@@ -65,7 +66,7 @@ def run(path, batch, new, beams, repeats):
         full.append(timed(new))
     ttft, total = statistics.median(first), statistics.median(full)
     tps = batch * (new - 1) / max(total - ttft, 1e-9)
-    print("transformers: batch %d, %d new tokens, beams %d, threads %d" % (batch, new, beams, torch.get_num_threads()))
+    print("transformers: batch %d, %d new tokens, beams %d, %s, threads %d" % (batch, new, beams, dtype, torch.get_num_threads()))
     print("  time to first token %.2f ms" % (ttft * 1000))
     print("  decoding %.1f tokens/s (generate of %d tokens: %.1f ms)" % (tps, new, total * 1000))
 
@@ -79,8 +80,9 @@ if __name__ == "__main__":
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--beams", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     a = ap.parse_args()
     if a.write:
         write(a.dir, a.llm)
     else:
-        run(a.dir, a.batch, a.new, a.beams, a.repeats)
+        run(a.dir, a.batch, a.new, a.beams, a.repeats, a.dtype)

@@ -179,6 +179,51 @@ int convert_checkpoint(const std::vector<std::string>& inputs, const std::string
   return 0;
 }
 
+// blip2 quantize IN --out DIR --weights int8: IN's weights with the ViT's and the LLM's linear
+// layers quantised (weight-only int8, per output channel, fp32 scales), as a blip2cpp model
+// directory whose config.yaml says weights: int8. Tensors are read memory-mapped and quantised one
+// at a time.
+int quantize_checkpoint(const std::string& in, const std::string& out, const std::string& weights) {
+  namespace fs = std::filesystem;
+  blip2::check(weights == "int8", "quantize: --weights must be int8, got '" + weights + "'");
+  auto cfg = model_config_of(in);
+  if (cfg.weights != "float")
+    throw blip2::Error(in + ": its weights are " + cfg.weights + " already (blip2 quantize wrote them)");
+  cfg.weights = weights;
+  cfg.checkpoint_name_or_path.clear();
+  auto model = meta_model(cfg);
+  const int64_t layers = blip2::linears_to_int8(*model, {"vision_model.", "language_model."}, false);
+  auto tensors = blip2::load_checkpoint_tensors(blip2::locate_weights(in));
+  const auto extra = blip2::unexpected_tensors(*model, tensors, in);
+  if (!extra.empty())
+    throw blip2::Error(in + ": " + blip2::name_list(extra) + " have no place in the model its config describes");
+  int64_t done = 0, bytes_in = 0, bytes_out = 0;
+  blip2::TensorMap result;
+  for (const auto& [name, t] : tensors) {
+    bytes_in += t.numel() * t.element_size();
+    auto params = model->named_parameters();
+    if (params.contains(name) && params[name].scalar_type() == torch::kInt8 && t.is_floating_point()) {
+      auto [q, scale] = blip2::quantize_int8(t);
+      result[name] = q;
+      result[name + "_scale"] = scale;
+      ++done;
+    } else {
+      result[name] = t;
+    }
+  }
+  for (const auto& [name, t] : result) bytes_out += t.numel() * t.element_size();
+  fs::create_directories(out);
+  blip2::save_safetensors((fs::path(out) / "model.safetensors").string(), result,
+                          {{"format", "blip2cpp"}, {"arch", cfg.text_config ? "Blip2Llm" : "Blip2Qformer"},
+                           {"weights", weights}});
+  blip2::atomic_write(fs::path(out) / "config.yaml", blip2::to_yaml(cfg));
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  std::cout << "wrote " << out << ": " << done << " of the model's " << layers << " ViT/LLM linear layers quantised to "
+            << weights << "; " << blip2::format_float(bytes_in / gib, 3) << " GiB -> "
+            << blip2::format_float(bytes_out / gib, 3) << " GiB\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -210,6 +255,10 @@ int main(int argc, char** argv) {
   bool allow_partial = false;
   run->add_flag("--allow_partial_load", allow_partial,
                 "load weights that leave some of the model's tensors random (the load report names them)");
+  std::string weights;
+  run->add_option("--weights", weights, "int8: quantise the ViT's and the LLM's linear layers as they load "
+                  "(model_config.weights; weight-only int8, evaluation and prediction)")
+      ->check(CLI::IsMember({"float", "int8"}));
   run->add_option("--output_dir", out_dir, "where results, logs and checkpoints go");
   run->add_option("--seed", seed, "random seed");
 
@@ -248,6 +297,12 @@ int main(int argc, char** argv) {
                       "architecture the weights fill: a preset name, a Hugging Face model directory, "
                       "or a config YAML (for LAVIS input; a Hugging Face input brings its own)");
 
+  auto* quantize = app.add_subcommand("quantize", "write a model directory with int8 ViT/LLM linear weights");
+  std::string quantize_in, quantize_out, quantize_weights;
+  quantize->add_option("input", quantize_in, "a blip2cpp model directory, a Hugging Face directory or a named model's weights")
+      ->required();
+  quantize->add_option("--out", quantize_out, "output directory")->required();
+  quantize->add_option("--weights", quantize_weights, "int8 (weight-only, per output channel)")->required();
   auto* exporter = app.add_subcommand("export", "write a blip2cpp model directory in another format");
   std::string export_to = "hf", export_in, export_out;
   exporter->add_option("--to", export_to, "target format")->check(CLI::IsMember({"hf"}));
@@ -270,6 +325,7 @@ int main(int argc, char** argv) {
     if (*inspect) return inspect_checkpoint(inspect_path, raw_names);
     if (*convert) return convert_checkpoint(convert_inputs, convert_out, convert_model, convert->count("--model") > 0);
     if (*exporter) return export_checkpoint(export_in, export_out);
+    if (*quantize) return quantize_checkpoint(quantize_in, quantize_out, quantize_weights);
     if (!run_mode.empty()) o.run_mode = run_mode;
     if (!device.empty()) o.device_target = device;
     if (!train_dir.empty()) o.train_dataset_dir = train_dir;
@@ -281,6 +337,7 @@ int main(int argc, char** argv) {
     if (run->count("--seed")) o.seed = seed;
     if (resume) o.resume_training = true;
     if (allow_partial) o.allow_partial_load = true;
+    if (!weights.empty()) o.weights = weights;
     const int rc = blip2::run(config, o);
     blip2::dist::shutdown();  // waits for every rank to finish
     return rc;

@@ -85,6 +85,13 @@ Blip2Model Blip2Model::from_pretrained(const std::string& name_or_path,
     }
     config.checkpoint_name_or_path.clear();  // the weights are loaded below, once
     config.allow_partial_load = o.allow_partial_load;  // the caller's policy, not a saved config's
+    if (!o.weights.empty()) {
+      check(o.weights == "float" || o.weights == "int8", "weights: '" + o.weights + "' is not float|int8");
+      if (config.weights != "float")
+        throw Error(name_or_path + ": its weights are " + config.weights + " already (blip2 quantize wrote them); "
+                    "leave FromPretrainedOptions::weights out");
+      config.weights = o.weights;
+    }
     const torch::Device device = pick_device(o.device);
 
     TokenizerConfig tc;
@@ -102,9 +109,13 @@ Blip2Model Blip2Model::from_pretrained(const std::string& name_or_path,
     }
 
     WeightLedger ledger(o.allow_partial_load);
-    Blip2Qformer module = build_model(config, ledger);
-    if (!weights.empty()) load_model_weights(*module, weights, ledger);
-    else log_info(name_or_path + ": random weights (nothing under " + blip2_home() + ")");
+    Blip2Qformer module = build_loaded<Blip2Qformer>(!weights.empty() && !o.allow_partial_load, [&](bool draw) {
+      ledger = WeightLedger(o.allow_partial_load);
+      auto m = build_model(config, ledger, torch::kCPU, draw);
+      if (!weights.empty()) load_model_weights(*m, weights, ledger);
+      return m;
+    }, ledger);
+    if (weights.empty()) log_info(name_or_path + ": random weights (nothing under " + blip2_home() + ")");
     CoveragePolicy policy;
     policy.allow_partial = o.allow_partial_load;
     ledger.check(*module, policy);
@@ -625,6 +636,11 @@ Blip2GenerationModel Blip2GenerationModel::from_pretrained(const std::string& na
   cfg.model.model_config.allow_partial_load = o.allow_partial_load;
   cfg.model.arch.type = "Blip2ImageToTextGeneration";
   const std::string source = use_stage2_model(cfg, name_or_path, o.allow_random_init) ? name_or_path : "random";
+  if (!o.weights.empty()) {  // quantise at load: the checkpoint's own config then has to say float
+    check(o.weights == "float" || o.weights == "int8", "weights: '" + o.weights + "' is not float|int8");
+    cfg.model.model_config.weights = o.weights;
+    cfg.given["model.model_config.weights"] = "GenerationModelOptions::weights";
+  }
   const auto& text = *cfg.model.model_config.text_config;
   cfg.eval_dataset = DatasetConfig{};
   cfg.eval_dataset.tokenizer.vocab_file = o.tokenizer;

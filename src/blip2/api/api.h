@@ -58,6 +58,9 @@ struct FromPretrainedOptions {
   // The architecture of a bare weight file (a .pth or .safetensors path): a preset name or a
   // config YAML. Directories bring their own (config.yaml or config.json).
   std::string config = "blip2_stage1_vit_g";
+  // "int8": quantise the ViT's linear layers as they load (model_config.weights); "" = as the
+  // weights are (a directory blip2 quantize wrote is int8 already).
+  std::string weights;
 };
 
 // A stage-1 BLIP-2 (EVA ViT + Q-Former with its ITC/ITM/LM heads) with the tokenizer it reads
@@ -214,6 +217,9 @@ struct GenerationModelOptions {
   // "" = the one in the LLM or model directory, else the built-in vocabulary (tiny_stage2).
   std::string tokenizer;
   bool allow_random_init = false;  // a preset name with no weights: random weights, no error
+  // "int8": quantise the ViT's and the LLM's linear layers as they load (model_config.weights);
+  // "" = as the weights are (a directory blip2 quantize wrote is int8 already).
+  std::string weights;
 };
 
 // A stage-2 BLIP-2 (ViT, Q-Former query path, language_projection, LLM) with its LLM

@@ -37,6 +37,10 @@ RunConfig resolve_config(const std::string& path, const RunOverrides& o) {
   if (o.seed) cfg.seed = *o.seed;
   if (o.resume_training) cfg.resume_training = *o.resume_training;
   if (o.allow_partial_load) cfg.model.model_config.allow_partial_load = *o.allow_partial_load;
+  if (o.weights) {
+    cfg.model.model_config.weights = *o.weights;
+    cfg.given["model.model_config.weights"] = "--weights";
+  }
   for (auto [set, key] : {std::pair{o.device_target.has_value(), "device_target"},
                           {o.load_checkpoint.has_value(), "load_checkpoint"}})
     if (set) cfg.given[key] = "the command line";

@@ -16,6 +16,7 @@ struct RunOverrides {
       device_target, load_checkpoint, output_dir;
   std::optional<int64_t> seed;
   std::optional<bool> resume_training, allow_partial_load;
+  std::optional<std::string> weights;  // model_config.weights (--weights int8: quantise at load)
   std::vector<std::string> predict_text;  // feature extraction: texts (with images: multimodal too)
 };
 

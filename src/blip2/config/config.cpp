@@ -397,6 +397,8 @@ static void validate_model(const Blip2Config& m, const std::string& s, const std
   if (!(m.temperature > 0)) bad(s, at + "temperature", "must be positive");
   if (m.frozen_dtype != "auto" && m.frozen_dtype != "float32" && m.frozen_dtype != "bfloat16")
     bad(s, at + "frozen_dtype", "'" + m.frozen_dtype + "' is not auto|float32|bfloat16");
+  if (m.weights != "float" && m.weights != "int8")
+    bad(s, at + "weights", "'" + m.weights + "' is not float|int8");
   if (m.itc_gather != "no_grad" && m.itc_gather != "with_grad")
     bad(s, at + "itc_gather", "'" + m.itc_gather + "' is not no_grad|with_grad");
   if (m.itm_negatives != "sample" && m.itm_negatives != "argmax")
@@ -495,6 +497,12 @@ void validate(const RunConfig& c, const std::string& s) {
       bad(s, at + "k_test", std::to_string(d->k_test) + " is below 10: retrieval reports R@10, which needs "
           "the 10 best candidates of each query re-ranked");
   }
+  if (c.model.model_config.weights == "int8" && c.run_mode == "train")
+    bad(s, "model.model_config.weights", "int8 is for evaluation and prediction: int8 layers pass no gradient "
+        "(train with float weights)");
+  if (c.model.model_config.weights == "int8" && c.parallel_config.model_parallel > 1)
+    bad(s, "model.model_config.weights", "int8 with parallel_config.model_parallel " +
+        std::to_string(c.parallel_config.model_parallel) + ": int8 layers are not split over ranks");
   if (c.parallel_config.data_parallel < 1 || c.parallel_config.model_parallel < 1)
     bad(s, "parallel_config", "data_parallel and model_parallel must be >= 1");
   if (c.parallel_config.gradient_reduction != "bucketed" && c.parallel_config.gradient_reduction != "coalesced")

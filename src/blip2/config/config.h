@@ -211,6 +211,12 @@ struct Blip2Config {
   // ("local_tokens", LAVIS: it depends on how tokens fall across ranks), or the mean over the
   // global batch's tokens ("global_tokens": token counts all-reduced; equal at every world size).
   std::string lm_loss_normalization = "local_tokens";
+  // How the ViT's and the LLM's linear layers hold their weights: "float" (the run's dtype) or
+  // "int8": weight-only, per output channel, with fp32 scales (on the CPU the products run
+  // through ATen's _weight_int8pack_mm with the activations rounded to bf16). Float weights are
+  // quantised as they load; `blip2 quantize` writes a directory of int8 weights, whose
+  // config.yaml says int8. Evaluation and prediction only, without tensor parallelism.
+  std::string weights = "float";
   VisionConfig vision_config;
   QFormerConfig qformer_config;
   std::optional<TextConfig> text_config;  // stage 2 only
@@ -222,7 +228,7 @@ struct Blip2Config {
     v("freeze_text", freeze_text); v("frozen_dtype", frozen_dtype); v("temperature", temperature);
     v("allow_partial_load", allow_partial_load);
     v("itc_gather", itc_gather); v("itm_negatives", itm_negatives);
-    v("lm_loss_normalization", lm_loss_normalization);
+    v("lm_loss_normalization", lm_loss_normalization); v("weights", weights);
     v("vision_config", vision_config); v("qformer_config", qformer_config);
     v("text_config", text_config);
   }

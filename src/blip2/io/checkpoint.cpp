@@ -85,8 +85,12 @@ LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors,
   // Tensor-parallel parameters take their slice of the whole tensor (of a memory-mapped file,
   // only that slice is read).
   const auto shards = tensor_shards(module);
+  // Weight-only int8 layers: a float weight is quantised as it is copied, its scale written with it.
+  auto buffers = module.named_buffers();
+  std::set<std::string> quantised;
   auto visit = [&](const std::string& name, torch::Tensor& target) {
     known.insert(name);
+    if (quantised.count(name)) return;
     auto it = tensors.find(name);
     if (it == tensors.end()) {
       report.missing.push_back(name);
@@ -100,6 +104,20 @@ LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors,
       throw Error(source + ": tensor '" + name + "' has shape " + shape_str(src.sizes().vec()) +
                   " but the model expects " + shape_str(whole));
     if (shard != shards.end()) src = take_shard(src, shard->second);
+    const bool int8_target = target.scalar_type() == torch::kInt8, int8_src = src.scalar_type() == torch::kInt8;
+    if (int8_src && !int8_target)
+      throw Error(source + ": tensor '" + name + "' is int8 (written by blip2 quantize) but the model's is " +
+                  std::string(c10::toString(target.scalar_type())) + ": load it with model_config.weights: int8");
+    if (int8_target && !int8_src && buffers.contains(name + "_scale")) {
+      auto [q, scale] = quantize_int8(src);
+      target.copy_(q);
+      buffers[name + "_scale"].copy_(scale);
+      quantised.insert(name + "_scale");
+      report.loaded.push_back(name + "_scale");
+      release_file_pages(it->second);
+      report.loaded.push_back(name);
+      return;
+    }
     target.copy_(src);
     release_file_pages(it->second);
     report.loaded.push_back(name);

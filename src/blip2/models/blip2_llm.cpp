@@ -21,7 +21,7 @@ Blip2LlmImpl::Blip2LlmImpl(const Blip2Config& c, const InitOptions& init, const 
   {
     torch::NoGradGuard no_grad;
     query_tokens = register_parameter("query_tokens", torch::empty({1, q.query_length, q.hidden_size}, init.options));
-    query_tokens.normal_(0.0, q.initializer_range);
+    if (init.draw) query_tokens.normal_(0.0, q.initializer_range);
   }
   qformer = register_module("qformer", QFormerModel(q, c.encoder_width(), bert_init, /*text_path=*/false));
   language_projection = register_module(

@@ -31,7 +31,7 @@ torch::Tensor EvaAttentionImpl::forward(const torch::Tensor& x) {
   const int64_t b = x.size(0), n = x.size(1);
   torch::Tensor bias;
   if (q_bias.defined()) bias = torch::cat({q_bias, torch::zeros_like(q_bias), v_bias});
-  auto qkv_out = F::linear(dist::copy_to_tp(x), qkv->weight, bias).view({b, n, 3, heads, -1});
+  auto qkv_out = qkv->forward_with_bias(dist::copy_to_tp(x), bias).view({b, n, 3, heads, -1});
   qkv_out = qkv_out.permute({2, 0, 3, 1, 4});  // [3, B, H, N, hd]
   auto ctx = at::scaled_dot_product_attention(qkv_out[0], qkv_out[1], qkv_out[2], {},
                                               is_training() ? dropout : 0.0);
@@ -64,13 +64,15 @@ EvaEmbeddingsImpl::EvaEmbeddingsImpl(const VisionConfig& c, const InitOptions& i
   class_embedding = register_parameter("class_embedding", torch::empty({1, 1, d}, init.options));
   position_embedding = register_parameter(
       "position_embedding", torch::empty({1, c.num_patches() + 1, d}, init.options));
-  class_embedding.normal_(0.0, init.std);
-  position_embedding.normal_(0.0, init.std);
+  if (init.draw) {
+    class_embedding.normal_(0.0, init.std);
+    position_embedding.normal_(0.0, init.std);
+  }
   // Registered under a child named patch_embedding so keys read patch_embedding.{weight,bias}.
   auto conv = std::make_shared<torch::nn::Module>();
   patch_weight = conv->register_parameter(
       "weight", torch::empty({d, c.num_channels, c.patch_size, c.patch_size}, init.options));
-  patch_weight.normal_(0.0, init.std);
+  if (init.draw) patch_weight.normal_(0.0, init.std);
   patch_bias = conv->register_parameter("bias", torch::zeros({d}, init.options));
   register_module("patch_embedding", conv);
 }

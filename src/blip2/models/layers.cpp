@@ -4,6 +4,10 @@
 
 #include <cmath>
 #include <map>
+#include <optional>
+
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include "blip2/util/common.h"
 
@@ -110,7 +114,8 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const InitOptions
   if (parallel == Parallel::column) tp_share(out, parts, "output features");
   if (parallel == Parallel::row) tp_share(in, 1, "input features");
   auto w = torch::empty({out, in}, init.options);
-  if (init.std >= 0) {
+  if (!init.draw) {
+  } else if (init.std >= 0) {
     w.normal_(0.0, init.std);
   } else {  // torch.nn.Linear: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
     double bound = 1.0 / std::sqrt(static_cast<double>(in));
@@ -119,7 +124,7 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const InitOptions
   torch::Tensor b;
   if (has_bias) {
     b = torch::zeros({out}, init.options);
-    if (init.std < 0) {
+    if (init.std < 0 && init.draw) {
       double bound = 1.0 / std::sqrt(static_cast<double>(in));
       b.uniform_(-bound, bound);
     }
@@ -134,19 +139,116 @@ LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const InitOptions
   if (b.defined()) bias = register_parameter("bias", b);
 }
 
-torch::Tensor LinearImpl::forward_copied(const torch::Tensor& x) const {
-  return torch::nn::functional::linear(x, weight, bias);
+namespace {
+
+using LinearPointwise = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                   c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                                   std::optional<c10::string_view>);
+
+// mkldnn::_linear_pointwise (oneDNN's inner product, what torch.compile's CPU backend calls), when
+// this LibTorch has it.
+const c10::TypedOperatorHandle<LinearPointwise>* onednn_linear_op() {
+  static const auto op = []() -> std::optional<c10::TypedOperatorHandle<LinearPointwise>> {
+    if (!at::hasMKLDNN()) return std::nullopt;
+    auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!h) return std::nullopt;
+    return h->typed<LinearPointwise>();
+  }();
+  return op ? &*op : nullptr;
 }
+
+bool use_onednn(const torch::Tensor& x, const torch::Tensor& w) {
+  if (!x.is_cpu() || !w.is_cpu() || x.scalar_type() != torch::kFloat32 || w.scalar_type() != torch::kFloat32)
+    return false;
+  if (torch::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad())) return false;
+  if (at::autocast::is_autocast_enabled(at::kCPU)) return false;  // autocast's linear runs in bf16
+  return x.dim() >= 1 && x.numel() > 0 && at::globalContext().userEnabledMkldnn() && onednn_linear_op();
+}
+
+}  // namespace
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias) {
+  if (!use_onednn(x, weight) || (bias.defined() && bias.requires_grad() && torch::GradMode::is_enabled()))
+    return torch::nn::functional::linear(x, weight, bias);
+  const int64_t in = x.size(-1);
+  auto shape = x.sizes().vec();
+  shape.back() = weight.size(0);
+  std::optional<at::Tensor> b;
+  if (bias.defined()) b = bias;
+  auto y = onednn_linear_op()->call(x.reshape({-1, in}).contiguous(), weight.contiguous(), b, "none",
+                                    c10::List<std::optional<c10::Scalar>>(), std::nullopt);
+  return y.view(shape);
+}
+
+std::pair<torch::Tensor, torch::Tensor> quantize_int8(const torch::Tensor& w) {
+  torch::NoGradGuard no_grad;
+  auto wf = w.to(torch::kFloat32);
+  auto scale = wf.abs().amax(1).clamp_min(1e-12) / 127.0;
+  auto q = (wf / scale.unsqueeze(1)).round().clamp(-127, 127).to(torch::kInt8);
+  return {q, scale};
+}
+
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                          const torch::Tensor& bias) {
+  torch::Tensor y;
+  // ATen's CPU kernel reads the input features in blocks of 16 (other widths crash it).
+  if (x.is_cpu() && x.size(-1) % 16 == 0) {
+    const int64_t in = x.size(-1);
+    auto shape = x.sizes().vec();
+    shape.back() = q.size(0);
+    auto x2 = x.reshape({-1, in}).to(torch::kBFloat16).contiguous();
+    y = at::_weight_int8pack_mm(x2, q, scale.to(torch::kBFloat16)).to(x.scalar_type()).view(shape);
+  } else {
+    y = torch::nn::functional::linear(x, q.to(x.scalar_type()) * scale.to(x.scalar_type()).unsqueeze(1));
+  }
+  return bias.defined() ? y + bias.to(y.scalar_type()) : y;
+}
+
+void LinearImpl::to_int8(bool quantise) {
+  torch::NoGradGuard no_grad;
+  check(parallel == Parallel::none, "model_config.weights: int8 is not available with tensor parallelism");
+  if (is_int8()) return;
+  torch::Tensor q, s;
+  if (quantise) {
+    std::tie(q, s) = quantize_int8(weight);
+  } else {
+    q = torch::empty(weight.sizes(), weight.options().dtype(torch::kInt8));
+    s = torch::ones({weight.size(0)}, weight.options().dtype(torch::kFloat32));
+  }
+  parameters_["weight"] = q;  // the same name: checkpoints and loads address it as before
+  weight = q;
+  weight_scale = register_buffer("weight_scale", s);
+}
+
+torch::Tensor LinearImpl::forward_with_bias(const torch::Tensor& x, const torch::Tensor& b) const {
+  return is_int8() ? int8_linear(x, weight, weight_scale, b) : blip2::linear(x, weight, b);
+}
+
+torch::Tensor LinearImpl::forward_copied(const torch::Tensor& x) const { return forward_with_bias(x, bias); }
 
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) const {
   switch (parallel) {
-    case Parallel::column: return torch::nn::functional::linear(dist::copy_to_tp(x), weight, bias);
+    case Parallel::column: return forward_with_bias(dist::copy_to_tp(x), bias);
     case Parallel::row: {
-      auto y = dist::reduce_from_tp(torch::nn::functional::linear(x, weight));
+      auto y = dist::reduce_from_tp(forward_with_bias(x, {}));
       return bias.defined() ? y + bias : y;
     }
-    default: return torch::nn::functional::linear(x, weight, bias);
+    default: return forward_with_bias(x, bias);
   }
+}
+
+int64_t linears_to_int8(torch::nn::Module& model, const std::vector<std::string>& prefixes, bool quantise) {
+  int64_t n = 0;
+  for (const auto& item : model.named_modules()) {
+    auto* linear = dynamic_cast<LinearImpl*>(item.value().get());
+    if (!linear) continue;
+    const std::string name = item.key() + ".";
+    if (std::none_of(prefixes.begin(), prefixes.end(), [&](const std::string& p) { return name.rfind(p, 0) == 0; }))
+      continue;
+    linear->to_int8(quantise);
+    ++n;
+  }
+  return n;
 }
 
 LayerNormImpl::LayerNormImpl(int64_t dim_, double eps_, const InitOptions& init, bool affine)
@@ -166,7 +268,7 @@ EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim, const InitOptions& init, 
   const int64_t rows = parallel == Parallel::vocab ? tp_share(num, 1, "vocabulary size") : num;
   first_row = parallel == Parallel::vocab ? dist::tp_rank() * rows : 0;
   auto w = torch::empty({num, dim}, init.options);  // drawn whole, as in one process (see Linear)
-  w.normal_(0.0, init.std);
+  if (init.draw) w.normal_(0.0, init.std);
   weight = register_parameter("weight", parallel == Parallel::vocab ? w.narrow(0, first_row, rows).clone() : w);
 }
 

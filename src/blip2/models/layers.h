@@ -19,9 +19,12 @@ bool is_activation(const std::string& name);
 std::vector<std::string> activation_names();
 
 // How to create parameters: device/dtype, and the N(0, std) used for weights (BERT init).
+// draw = false leaves the weights as allocated (uninitialised): for a model whose every tensor a
+// checkpoint is about to overwrite (build_loaded_model), where drawing them is wasted time.
 struct InitOptions {
   torch::TensorOptions options = torch::TensorOptions().dtype(torch::kFloat32);
   double std = 0.02;
+  bool draw = true;
 };
 
 // How a layer is split over the tensor-parallel group (Megatron-LM). With model_parallel 1 every
@@ -54,6 +57,22 @@ class ShardedParameters {
 // The sharded parameters of `model` by name (empty without tensor parallelism).
 std::map<std::string, TensorShard> tensor_shards(const torch::nn::Module& model);
 
+// y = x W^T + b (torch.nn.functional.linear). On the CPU, for inference in fp32 (no gradient
+// wanted, no autocast), through oneDNN's inner product instead of MKL's sgemm: on this project's 2-core AMD
+// EPYC it is faster at every shape measured (1.3-2.7x at the few rows of a decode step, ~1.4x at
+// one image's 257 ViT tokens; bench/bench_limits). Results differ from sgemm's by rounding only.
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias = {});
+
+// Weight-only int8, per output channel and symmetric: scale[o] = max_i |W[o,i]| / 127 (fp32),
+// q = round(W / scale) in [-127, 127]. Returns {q int8 [out, in], scale fp32 [out]}.
+std::pair<torch::Tensor, torch::Tensor> quantize_int8(const torch::Tensor& w);
+// x (q * scale)^T + b. On the CPU through ATen's _weight_int8pack_mm, with x rounded to bf16
+// for the product (that kernel's fast path; the result is in x's dtype) when the input width is a
+// multiple of 16 (what the kernel handles); otherwise, and on other devices, through the
+// dequantised weight.
+torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
+                          const torch::Tensor& bias = {});
+
 // y = x W^T + b. Weight [out, in] as torch.nn.Linear. `std` < 0 selects torch.nn.Linear's
 // default (Kaiming-uniform) init, which BLIP-2's projection and ITM heads use.
 class LinearImpl : public torch::nn::Module {
@@ -64,7 +83,14 @@ class LinearImpl : public torch::nn::Module {
   // A column-parallel layer whose input already went through dist::copy_to_tp: layers reading
   // one input (q/k/v, gate/up) then all-reduce its gradient once between them, as Megatron does.
   torch::Tensor forward_copied(const torch::Tensor& x) const;
-  torch::Tensor weight, bias;
+  // x W^T + `b` with another bias than the layer's own (EVA's q/v bias).
+  torch::Tensor forward_with_bias(const torch::Tensor& x, const torch::Tensor& b) const;
+  // Weight-only int8 (model_config.weights: int8): `weight` becomes int8 [out, in], with the
+  // buffer `weight_scale` [out] (fp32) beside it; `quantise` quantises the current weight,
+  // otherwise both wait for a load (which quantises float weights as it copies them).
+  void to_int8(bool quantise);
+  bool is_int8() const { return weight_scale.defined(); }
+  torch::Tensor weight, bias, weight_scale;
   Parallel parallel = Parallel::none;  // none when the layer is whole (model_parallel 1)
   int64_t parts = 1;
 };
@@ -114,6 +140,9 @@ struct KVCache {
 };
 
 int64_t count_parameters(const torch::nn::Module& m);
+// Turns every Linear of `model` under one of `prefixes` into a weight-only int8 layer
+// (LinearImpl::to_int8); returns how many.
+int64_t linears_to_int8(torch::nn::Module& model, const std::vector<std::string>& prefixes, bool quantise);
 
 // Next-token cross-entropy: logits[:, :-1] against labels[:, 1:], -100 ignored, with PyTorch's
 // label smoothing, in fp32. global_tokens: the mean over the whole data-parallel batch's tokens

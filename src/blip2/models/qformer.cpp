@@ -169,7 +169,7 @@ LMHeadImpl::LMHeadImpl(const QFormerConfig& c, const InitOptions& init) : act(ac
 torch::Tensor LMHeadImpl::forward(const torch::Tensor& hidden,
                                   const torch::Tensor& word_embeddings) {
   auto x = LayerNorm_(act(dense(hidden)));
-  return F::linear(x, word_embeddings, bias);
+  return blip2::linear(x, word_embeddings, bias);
 }
 
 std::vector<KVCache> select_rows(const std::vector<KVCache>& cross, const torch::Tensor& rows) {

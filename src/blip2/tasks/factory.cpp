@@ -15,9 +15,10 @@ torch::Dtype frozen_dtype(const Blip2Config& c, torch::Device device) {
   return device.is_cuda() ? torch::kBFloat16 : torch::kFloat32;
 }
 
-Blip2Llm build_stage2_model(const Blip2Config& c, WeightLedger& ledger, torch::Device device) {
-  const InitOptions frozen{torch::TensorOptions().dtype(frozen_dtype(c, device)).device(device), 0.02};
-  Blip2Llm model(c, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02}, frozen);
+Blip2Llm build_stage2_model(const Blip2Config& c, WeightLedger& ledger, torch::Device device, bool draw) {
+  const InitOptions frozen{torch::TensorOptions().dtype(frozen_dtype(c, device)).device(device), 0.02, draw};
+  Blip2Llm model(c, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02, draw}, frozen);
+  if (c.weights == "int8") linears_to_int8(*model, {"vision_model.", "language_model."}, draw);
   if (!c.vision_config.checkpoint_name_or_path.empty())
     load_model_weights(*model, c.vision_config.checkpoint_name_or_path, ledger, "vision_model.");
   if (!c.text_config->checkpoint_name_or_path.empty())
@@ -26,9 +27,10 @@ Blip2Llm build_stage2_model(const Blip2Config& c, WeightLedger& ledger, torch::D
   return model;
 }
 
-Blip2Qformer build_model(const Blip2Config& mc, WeightLedger& l, torch::Device device) {
-  const InitOptions frozen{torch::TensorOptions().dtype(frozen_dtype(mc, device)).device(device), 0.02};
-  Blip2Qformer model(mc, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02}, frozen);
+Blip2Qformer build_model(const Blip2Config& mc, WeightLedger& l, torch::Device device, bool draw) {
+  const InitOptions frozen{torch::TensorOptions().dtype(frozen_dtype(mc, device)).device(device), 0.02, draw};
+  Blip2Qformer model(mc, InitOptions{torch::TensorOptions().dtype(torch::kFloat32), 0.02, draw}, frozen);
+  if (mc.weights == "int8") linears_to_int8(*model, {"vision_model."}, draw);
   // The ViT alone (eva_vit_g.pth, or any checkpoint holding vision_model.*).
   if (!mc.vision_config.checkpoint_name_or_path.empty())
     load_model_weights(*model, mc.vision_config.checkpoint_name_or_path, l, "vision_model.");
@@ -67,6 +69,14 @@ void require_checkpoint_architecture(const Blip2Config& built, const std::string
   run.model.model_config = built;
   for (const auto& [key, value] : flatten(built)) run.given[key] = "the model as built";
   adopt_architecture(run, a->config, a->source, a->parts);  // any difference is an error
+}
+
+bool skip_draws(const RunConfig& cfg) {
+  const auto& mc = cfg.model.model_config;
+  const bool named = !cfg.load_checkpoint.empty() || !mc.checkpoint_name_or_path.empty() ||
+                     !mc.vision_config.checkpoint_name_or_path.empty() ||
+                     (mc.text_config && !mc.text_config->checkpoint_name_or_path.empty());
+  return cfg.run_mode != "train" && named && !mc.allow_partial_load;
 }
 
 CoveragePolicy coverage_policy(const RunConfig& cfg, bool training) {

@@ -22,11 +22,29 @@ torch::Dtype frozen_dtype(const Blip2Config& c, torch::Device device);
 // checkpoint_name_or_path name (random where none is named), loaded through `ledger` (whose
 // check() the caller runs once every load is done). The frozen ViT is created on `device` in
 // frozen_dtype, once; the rest in float32 on the CPU (the caller moves it).
-Blip2Qformer build_model(const Blip2Config& config, WeightLedger& ledger, torch::Device device = torch::kCPU);
+// draw = false skips the random initialisation (InitOptions::draw; see build_loaded).
+Blip2Qformer build_model(const Blip2Config& config, WeightLedger& ledger, torch::Device device = torch::kCPU,
+                         bool draw = true);
 // The stage-2 model the same way: the ViT (vision_config), the LLM (text_config.
 // checkpoint_name_or_path, a Hugging Face directory), then the whole model
 // (checkpoint_name_or_path: stage-1 or stage-2 weights).
-Blip2Llm build_stage2_model(const Blip2Config& c, WeightLedger& ledger, torch::Device device = torch::kCPU);
+Blip2Llm build_stage2_model(const Blip2Config& c, WeightLedger& ledger, torch::Device device = torch::kCPU,
+                            bool draw = true);
+
+// A model built and loaded by `build(draw)` (which starts `ledger` afresh). With skip_draws
+// (evaluation or prediction with weights named, no partial load: the loads overwrite every
+// tensor) it is first built without the random initialisation; should a tensor stay at its
+// initialisation after all (a part the coverage policy lets stay random, as a retrieval
+// checkpoint's missing LM head), it is built again with the draws, as it always was. Drawing
+// nothing consumes no random numbers, so the second build draws what a first one would have.
+template <class Model, class Build>
+Model build_loaded(bool skip_draws, const Build& build, const WeightLedger& ledger) {
+  if (skip_draws) {
+    Model m = build(false);
+    if (ledger.loaded_any() && ledger.random().empty()) return m;
+  }
+  return build(true);
+}
 
 // Loads weights from wherever locate_weights finds them (a checkpoint, a training output
 // directory's latest, a Hugging Face directory, a LAVIS .pth, a safetensors file; those under
@@ -40,6 +58,9 @@ void adopt_checkpoint_architectures(RunConfig& cfg);
 // Weights for a model built already: the architecture their config describes (if any) must be
 // `built`'s, field for field, else an Error naming the field, both values and the file.
 void require_checkpoint_architecture(const Blip2Config& built, const std::string& path);
+// Whether the run's loads are to overwrite every tensor (build_loaded): evaluation or prediction,
+// weights named (load_checkpoint or a checkpoint_name_or_path), no partial load.
+bool skip_draws(const RunConfig& cfg);
 // What a run may leave without checkpoint weights (CoveragePolicy) when `training` or not.
 CoveragePolicy coverage_policy(const RunConfig& cfg, bool training);
 // The tokenizer `tc` describes, checked against the Q-Former's vocabulary and special ids.

@@ -36,9 +36,13 @@ Stage1Task::Stage1Task(RunConfig cfg)
                 "(bert-base-uncased for the published BLIP-2 weights); \"\" means the synthetic "
                 "vocabulary, which only suits the SyntheticShapes data");
   tokenizer_ = model_tokenizer(data.tokenizer, mc.qformer_config, section);
-  model_ = build_model(mc, ledger_, device_);
   const bool resuming = cfg_.run_mode == "train" && cfg_.resume_training;
-  if (!cfg_.load_checkpoint.empty() && !resuming) load_model_weights(*model_, cfg_.load_checkpoint, ledger_);
+  model_ = build_loaded<Blip2Qformer>(skip_draws(cfg_), [&](bool draw) {
+    ledger_ = WeightLedger(mc.allow_partial_load);
+    auto m = build_model(mc, ledger_, device_, draw);
+    if (!cfg_.load_checkpoint.empty() && !resuming) load_model_weights(*m, cfg_.load_checkpoint, ledger_);
+    return m;
+  }, ledger_);
   if (!resuming) ledger_.check(*model_, coverage_policy(cfg_, cfg_.run_mode == "train"));
   model_->to(device_);
 }

@@ -133,9 +133,13 @@ Stage2Task::Stage2Task(RunConfig cfg)
   const bool train = cfg_.run_mode == "train";
   tokenizer_ = stage2_tokenizer(train ? cfg_.train_dataset : cfg_.eval_dataset, mc,
                                 train ? "train_dataset" : "eval_dataset");
-  model_ = build_stage2_model(mc, ledger_, device_);
   const bool resuming = train && cfg_.resume_training;
-  if (!cfg_.load_checkpoint.empty() && !resuming) load_model_weights(*model_, cfg_.load_checkpoint, ledger_);
+  model_ = build_loaded<Blip2Llm>(skip_draws(cfg_), [&](bool draw) {
+    ledger_ = WeightLedger(mc.allow_partial_load);
+    auto m = build_stage2_model(mc, ledger_, device_, draw);
+    if (!cfg_.load_checkpoint.empty() && !resuming) load_model_weights(*m, cfg_.load_checkpoint, ledger_);
+    return m;
+  }, ledger_);
   if (!resuming) ledger_.check(*model_, coverage_policy(cfg_, train));
   model_->to(device_);
 }

@@ -74,7 +74,7 @@ torch::Tensor positions_from_keep(const torch::Tensor& keep, int64_t new_len) {
 
 torch::Tensor output_logits(const torch::Tensor& hidden, const Linear& lm_head, const Embedding& embed_tokens,
                             bool vocab_local) {
-  auto logits = lm_head.is_empty() ? torch::matmul(dist::copy_to_tp(hidden), embed_tokens->weight.t())
+  auto logits = lm_head.is_empty() ? blip2::linear(dist::copy_to_tp(hidden), embed_tokens->weight)
                                    : lm_head->forward(hidden);
   return vocab_local ? logits : dist::gather_from_tp(logits, -1);
 }
