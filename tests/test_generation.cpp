@@ -175,10 +175,23 @@ TEST_P(Stage2Parity, Int8WeightsStayCloseAndQuantizeEqualsQuantisingAtLoad) {
   // the weight rounding alone, in transformers with fp32 activations: 3.4%); the ids stay.
   EXPECT_LT(diff, 0.1 * range);
   EXPECT_EQ(same, total);
-  // The quantised directory refuses to be quantised again.
+  // The quantised directory refuses to be quantised again, at load or by quantize, and to be
+  // exported as a float transformers model.
   r = run_cli("quantize " + (dir / "q").string() + " --out " + (dir / "q2").string() + " --weights int8");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("already"), std::string::npos) << r.out;
+  GenerationModelOptions again;
+  again.weights = "int8";
+  try {
+    Blip2GenerationModel::from_pretrained((dir / "q").string(), again);
+    ADD_FAILURE() << "int8 weights quantised again at load";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("already (blip2 quantize wrote them); leave out --weights"), std::string::npos)
+        << e.what();
+  }
+  r = run_cli("export --to hf " + (dir / "q").string() + " --out " + (dir / "hf").string());
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("export the float directory it was quantised from"), std::string::npos) << r.out;
   fs::remove_all(dir);
 }
 
@@ -268,6 +281,10 @@ TEST(Generation, BadSettingsAreOneLineErrors) {
   EXPECT_NE(msg.find("exceed the model's context of 64"), std::string::npos) << msg;
   msg = error_of([&] { f.model->generate(f.io.at("pixel_values").narrow(0, 0, 1), ids, keep, options(f)); });
   EXPECT_NE(msg.find("1 images but 2 prompts"), std::string::npos) << msg;
+  o = options(f);
+  o.stop_check_delay = -1;
+  msg = error_of([&] { f.model->generate(f.io.at("pixel_values"), ids, keep, o); });
+  EXPECT_NE(msg.find("stop_check_delay must be >= 0"), std::string::npos) << msg;
 }
 
 TEST(Generation, RepetitionPenaltyAndFilters) {

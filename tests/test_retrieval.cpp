@@ -11,26 +11,43 @@
 #include "blip2/util/device.h"
 #include "test_util.h"
 
+#include <map>
 #include <optional>
 
 #include <nlohmann/json.hpp>
 
 using namespace blip2;
 
-TEST(Retrieval, RerankingCoveringEverythingEqualsBruteForce) {
-  torch::manual_seed(0);
-  Blip2Config c = find_preset("tiny")->config;
-  Blip2Qformer model(c);
-  model->eval();
-  torch::NoGradGuard no_grad;
+namespace {
+
+// A random tiny stage-1 model in eval mode, and the retrieval inputs of `ni` random images and
+// `nt` random texts of 7 tokens, those with a row index in `padded` padded after `keep[t]` tokens.
+struct Split {
+  Blip2Qformer model{nullptr};
   RetrievalInputs in;
-  in.image_embeds = model->encode_image(torch::randn({4, 3, 32, 32}));
-  in.image_feats = model->image_features(model->query_pass(in.image_embeds, false).hidden);
-  in.text_ids = torch::randint(5, 50, {5, 7});
-  in.text_keep = torch::ones({5, 7}, torch::kLong);
-  in.text_keep[1].narrow(0, 4, 3).zero_();
+};
+
+Split random_split(uint64_t seed, int64_t ni, int64_t nt, const std::map<int64_t, int64_t>& kept) {
+  torch::manual_seed(seed);
+  Split s{Blip2Qformer(find_preset("tiny")->config), {}};
+  s.model->eval();
+  torch::NoGradGuard no_grad;
+  auto& in = s.in;
+  in.image_embeds = s.model->encode_image(torch::randn({ni, 3, 32, 32}));
+  in.image_feats = s.model->image_features(s.model->query_pass(in.image_embeds, false).hidden);
+  in.text_ids = torch::randint(5, 50, {nt, 7});
+  in.text_keep = torch::ones({nt, 7}, torch::kLong);
+  for (const auto& [t, n] : kept) in.text_keep[t].narrow(0, n, 7 - n).zero_();
   in.text_ids.masked_fill_(in.text_keep == 0, 0);
-  in.text_feats = model->text_features(model->text_pass(in.text_ids, in.text_keep));
+  in.text_feats = s.model->text_features(s.model->text_pass(in.text_ids, in.text_keep));
+  return s;
+}
+
+}  // namespace
+
+TEST(Retrieval, RerankingCoveringEverythingEqualsBruteForce) {
+  auto [model, in] = random_split(0, 4, 5, {{1, 4}});
+  torch::NoGradGuard no_grad;
   auto sim = max_over_queries(in.image_feats, in.text_feats);
   auto brute = torch::empty({4, 5});
   for (int i = 0; i < 4; ++i)
@@ -61,20 +78,11 @@ TEST(Retrieval, ChunkedRerankingEqualsThePerQueryPath) {
   // k_test below both counts, so the two directions choose different pairs (some shared): every
   // chunk size gives the same bits, and the per-query path (keys/values recomputed inside each
   // ITM call, no sharing) the same scores. The ViT outputs stay on the host.
-  torch::manual_seed(1);
-  Blip2Config c = find_preset("tiny")->config;
-  Blip2Qformer model(c);
-  model->eval();
-  torch::NoGradGuard no_grad;
   const int64_t ni = 9, nt = 23;
-  RetrievalInputs in;
-  in.image_embeds = model->encode_image(torch::randn({ni, 3, 32, 32}));
-  in.image_feats = model->image_features(model->query_pass(in.image_embeds, false).hidden);
-  in.text_ids = torch::randint(5, 50, {nt, 7});
-  in.text_keep = torch::ones({nt, 7}, torch::kLong);
-  for (int64_t t = 0; t < nt; t += 3) in.text_keep[t].narrow(0, 3 + t % 4, 4 - t % 4).zero_();
-  in.text_ids.masked_fill_(in.text_keep == 0, 0);
-  in.text_feats = model->text_features(model->text_pass(in.text_ids, in.text_keep));
+  std::map<int64_t, int64_t> kept;
+  for (int64_t t = 0; t < nt; t += 3) kept[t] = 3 + t % 4;
+  auto [model, in] = random_split(1, ni, nt, kept);
+  torch::NoGradGuard no_grad;
   EXPECT_TRUE(torch::equal(itc_similarity(in.image_feats, in.text_feats, 2),
                            max_over_queries(in.image_feats, in.text_feats)));
   RerankOptions o;

@@ -107,6 +107,9 @@ std::shared_ptr<torch::nn::Module> meta_model(const blip2::Blip2Config& cfg) {
 // are dropped.
 int export_checkpoint(const std::string& in, const std::string& out) {
   const auto cfg = model_config_of(in);
+  if (cfg.weights != "float")
+    throw blip2::Error(in + ": its weights are " + cfg.weights + " (blip2 quantize wrote them); transformers' "
+                       "BLIP-2 holds float weights: export the float directory it was quantised from");
   const auto tensors = blip2::load_checkpoint_tensors(blip2::locate_weights(in));
   std::vector<std::string> missing;
   for (const auto& p : meta_model(cfg)->named_parameters())

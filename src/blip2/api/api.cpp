@@ -639,7 +639,7 @@ Blip2GenerationModel Blip2GenerationModel::from_pretrained(const std::string& na
   if (!o.weights.empty()) {  // quantise at load: the checkpoint's own config then has to say float
     check(o.weights == "float" || o.weights == "int8", "weights: '" + o.weights + "' is not float|int8");
     cfg.model.model_config.weights = o.weights;
-    cfg.given["model.model_config.weights"] = "GenerationModelOptions::weights";
+    cfg.given["model.model_config.weights"] = kQuantiseAtLoad;
   }
   const auto& text = *cfg.model.model_config.text_config;
   cfg.eval_dataset = DatasetConfig{};

@@ -39,7 +39,7 @@ RunConfig resolve_config(const std::string& path, const RunOverrides& o) {
   if (o.allow_partial_load) cfg.model.model_config.allow_partial_load = *o.allow_partial_load;
   if (o.weights) {
     cfg.model.model_config.weights = *o.weights;
-    cfg.given["model.model_config.weights"] = "--weights";
+    cfg.given["model.model_config.weights"] = kQuantiseAtLoad;
   }
   for (auto [set, key] : {std::pair{o.device_target.has_value(), "device_target"},
                           {o.load_checkpoint.has_value(), "load_checkpoint"}})

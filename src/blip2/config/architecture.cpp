@@ -190,17 +190,21 @@ void adopt_architecture(RunConfig& run, const Blip2Config& from, const std::stri
     a.setting("", "freeze_vision", c.freeze_vision, from.freeze_vision);
     a.setting("", "freeze_text", c.freeze_text, from.freeze_text);
   }
-  // Weights written int8 (blip2 quantize) make the model's layers int8; quantising them at load
-  // again would be asking for what is already done.
+  // Weights written int8 (blip2 quantize) make the model's layers int8. A model said to be float
+  // cannot hold them, and a request to quantise at load (--weights, the API's option) asks for
+  // what is already done: both are errors. (Another int8 checkpoint, or a model built int8, agree.)
   if (from.weights != "float") {
     const std::string key = "model.model_config.weights";
     auto given = run.given.find(key);
-    if (given != run.given.end() && given->second != from_source)
-      throw Error(from_source + ": its weights are " + from.weights + " already (blip2 quantize wrote them); "
-                  "model_config.weights (--weights) quantises float weights at load: leave it out (set by " +
-                  given->second + ")");
+    if (given != run.given.end()) {
+      const bool request = given->second == kQuantiseAtLoad;
+      if (request || c.weights != from.weights)
+        throw Error(from_source + ": its weights are " + from.weights + " already (blip2 quantize wrote them); " +
+                    (request ? "leave out --weights (it quantises float weights at load)"
+                             : "the model is " + c.weights + " (model_config.weights, set by " + given->second + ")"));
+    }
     c.weights = from.weights;
-    run.given[key] = from_source;
+    if (given == run.given.end()) run.given[key] = from_source;
   }
   if (parts.vision) adopt_vision(a, c.vision_config, from.vision_config, parts.settings);
   if (parts.qformer) adopt_qformer(a, c, from, parts.settings);

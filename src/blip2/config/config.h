@@ -213,7 +213,8 @@ struct Blip2Config {
   std::string lm_loss_normalization = "local_tokens";
   // How the ViT's and the LLM's linear layers hold their weights: "float" (the run's dtype) or
   // "int8": weight-only, per output channel, with fp32 scales (on the CPU the products run
-  // through ATen's _weight_int8pack_mm with the activations rounded to bf16). Float weights are
+  // through ATen's _weight_int8pack_mm in bf16: activations, scales and the product's output are
+  // rounded to bf16, W8A16). Float weights are
   // quantised as they load; `blip2 quantize` writes a directory of int8 weights, whose
   // config.yaml says int8. Evaluation and prediction only, without tensor parallelism.
   std::string weights = "float";
@@ -512,6 +513,10 @@ void require_given_model_settings(const RunConfig& run, const Blip2Config& model
 // ---- the architecture of a run comes from its weights when they carry one ----
 
 // The parts of a BLIP-2 model a checkpoint's own config (config.json, config.yaml) describes.
+// The source recorded in RunConfig::given for model_config.weights when the command line or an API
+// option asks for float weights to be quantised as they load.
+inline constexpr const char* kQuantiseAtLoad = "--weights (quantise at load)";
+
 struct ArchitectureParts {
   bool vision = false, qformer = false, text = false;
   // Whether the checkpoint's token ids (Q-Former [DEC]/[SEP]/[PAD], the LLM's BOS/EOS/PAD) and

@@ -352,6 +352,8 @@ std::vector<std::vector<int64_t>> generate(CausalLMImpl& lm, const torch::Tensor
   check_options(o);
   torch::NoGradGuard no_grad;
   check(ids.dim() == 2 && keep.sizes() == ids.sizes(), "generation: ids and keep must both be [batch, length]");
+  check(o.stop_check_delay == 0 || ids.device().is_cpu(),
+        "generation: stop_check_delay is for the CPU (a device's stop test is read asynchronously already)");
   const int64_t b = ids.size(0);
   const int64_t p = prefix.defined() ? prefix.size(1) : 0;
   check(p + ids.size(1) > 0, "generation: nothing to condition on (no prefix and an empty prompt)");

@@ -36,7 +36,7 @@ struct GenerationOptions {
   int64_t prefix_token_id = -1;
   // The loop never waits for the device to ask whether to stop: on a GPU the answer arrives
   // asynchronously, a step or two late (the extra steps change no output). On the CPU it is read
-  // at once, or this many steps late (tests of the device's behaviour; >= 0).
+  // at once, or this many steps late (tests of the device's behaviour; >= 0; the CPU only).
   int64_t stop_check_delay = 0;
 
   // The text_config's generation settings (LAVIS captioning defaults unless the config says).

@@ -66,10 +66,10 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const 
 // Weight-only int8, per output channel and symmetric: scale[o] = max_i |W[o,i]| / 127 (fp32),
 // q = round(W / scale) in [-127, 127]. Returns {q int8 [out, in], scale fp32 [out]}.
 std::pair<torch::Tensor, torch::Tensor> quantize_int8(const torch::Tensor& w);
-// x (q * scale)^T + b. On the CPU through ATen's _weight_int8pack_mm, with x rounded to bf16
-// for the product (that kernel's fast path; the result is in x's dtype) when the input width is a
-// multiple of 16 (what the kernel handles); otherwise, and on other devices, through the
-// dequantised weight.
+// x (q * scale)^T + b. On the CPU through ATen's _weight_int8pack_mm, with x and the scales
+// rounded to bf16 for the product (that kernel's path; its bf16 output is returned in x's dtype)
+// when the input width is a multiple of 16 (what the kernel handles); otherwise, and on other
+// devices, through the dequantised weight (built for the call).
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                           const torch::Tensor& bias = {});
 
