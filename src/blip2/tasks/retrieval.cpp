@@ -77,11 +77,10 @@ torch::Tensor itc_similarity(const torch::Tensor& image_feats, const torch::Tens
 
 RetrievalScores rerank_top_k(Blip2Qformer& model, const RetrievalInputs& in, const RerankOptions& o,
                              const std::function<void(int64_t, int64_t)>& progress) {
-  check(o.chunk_images >= 1, "retrieval: the chunk size must be >= 1, got " + std::to_string(o.chunk_images));
   torch::NoGradGuard no_grad;
   const auto dev = in.text_ids.device();
   const int64_t ni = in.image_feats.size(0), nt = in.text_feats.size(0);
-  auto sim = itc_similarity(in.image_feats, in.text_feats, o.chunk_images);  // [Ni, Nt]
+  auto sim = itc_similarity(in.image_feats, in.text_feats, o.chunk_images);  // [Ni, Nt]; checks the chunk size
   const int64_t k_txt = std::min(o.k_test, nt), k_img = std::min(o.k_test, ni);
   auto [top_txt_val, top_txt] = sim.topk(k_txt, 1);       // [Ni, k]
   auto top_img = std::get<1>(sim.t().topk(k_img, 1));     // [Nt, k]
