@@ -179,8 +179,9 @@ TEST(Trust, ExportRefusesWhatTransformersWouldFillAtRandom) {
   EXPECT_FALSE(fs::exists(dir / "hf" / "model.safetensors"));
   // A Hugging Face model.safetensors given as a file brings the config.json beside it.
   const auto relu = kVariants / "stage1_qformer_config.hidden_act_1";
-  auto m = Blip2Model::from_pretrained((relu / "model.safetensors").string(),
-                                       FromPretrainedOptions{.vocab_file = (relu / "vocab.txt").string()});
+  FromPretrainedOptions relu_options;
+  relu_options.vocab_file = (relu / "vocab.txt").string();
+  auto m = Blip2Model::from_pretrained((relu / "model.safetensors").string(), relu_options);
   EXPECT_EQ(m.config().qformer_config.hidden_act, "relu");
   // transformers' default encoder_hidden_size (1408) when config.json leaves it out.
   auto j = read_json_file((base / "config.json").string());
@@ -272,9 +273,9 @@ TEST(Trust, LoadsCoverTheModelOrStop) {
 
 TEST(Trust, ModelsAboutToBeLoadedWholeSkipTheirRandomInitialisation) {
   // A model whose loads cover it is built without drawing its initialisation (no random number
-  // is consumed) and holds the checkpoint's weights; one whose checkpoint lacks a part (the LM
-  // head, which evaluation may leave random) is built again with the draws: that part is then
-  // exactly what a plain build draws from the same seed.
+  // is consumed) and holds the checkpoint's weights. One whose checkpoint lacks what evaluation
+  // may leave random (the LM head and temperature, as a Hugging Face directory) draws those
+  // tensors alone, by their modules' rules: the only draw is then the head's dense weight.
   auto dir = temp_dir("trust_draws");
   const Blip2Config c = find_preset("tiny")->config;
   torch::manual_seed(3);
@@ -282,7 +283,7 @@ TEST(Trust, ModelsAboutToBeLoadedWholeSkipTheirRandomInitialisation) {
   const auto saved = state_dict(*build_model(c, scratch));
   TensorMap without_lm;
   for (const auto& [name, t] : saved)
-    if (name.rfind("cls.", 0) != 0) without_lm.emplace(name, t);
+    if (name.rfind("cls.", 0) != 0 && name != "temp") without_lm.emplace(name, t);
   save_safetensors((dir / "whole.safetensors").string(), saved);
   save_safetensors((dir / "no_lm.safetensors").string(), without_lm);
   auto build = [&](const std::string& file, WeightLedger& ledger) {
@@ -304,13 +305,61 @@ TEST(Trust, ModelsAboutToBeLoadedWholeSkipTheirRandomInitialisation) {
 
   torch::manual_seed(5);
   auto partial = build("no_lm.safetensors", ledger);
+  const auto after = gen.get_state();
   torch::manual_seed(5);
-  WeightLedger plain_ledger;
-  auto plain = build_model(c, plain_ledger);  // drawn as it always was
-  const auto p = state_dict(*partial), q = state_dict(*plain);
-  EXPECT_FALSE(ledger.random().empty());
-  EXPECT_TRUE(torch::equal(p.at("cls.predictions.transform.dense.weight"), q.at("cls.predictions.transform.dense.weight")));
-  EXPECT_TRUE(torch::equal(p.at("itm_head.weight"), saved.at("itm_head.weight")));
+  const int64_t h = c.qformer_config.hidden_size;
+  const auto dense = torch::empty({h, h}).normal_(0.0, c.qformer_config.initializer_range);
+  EXPECT_TRUE(torch::equal(gen.get_state(), after));  // that draw, and no other
+  const auto p = state_dict(*partial);
+  EXPECT_EQ(ledger.random().size(), 6u);  // cls.* (5) and temp
+  EXPECT_TRUE(torch::equal(p.at("cls.predictions.transform.dense.weight"), dense));
+  EXPECT_EQ(p.at("cls.predictions.transform.dense.bias").abs().max().item<float>(), 0.0f);
+  EXPECT_EQ(p.at("cls.predictions.transform.LayerNorm.weight").min().item<float>(), 1.0f);
+  EXPECT_EQ(p.at("cls.predictions.transform.LayerNorm.bias").abs().max().item<float>(), 0.0f);
+  EXPECT_EQ(p.at("cls.predictions.bias").abs().max().item<float>(), 0.0f);
+  EXPECT_FLOAT_EQ(p.at("temp").item<float>(), static_cast<float>(c.temperature));
+  for (const auto& [name, t] : without_lm) EXPECT_TRUE(torch::equal(p.at(name), t)) << name;
+  // A tensor no module has a rule for (EVA's class token) cannot be drawn alone: build_loaded
+  // then builds the model again with every draw.
+  EXPECT_FALSE(init_parameters(*partial, {"vision_model.embeddings.class_embedding"}));
+  EXPECT_TRUE(init_parameters(*partial, {"itm_head.weight", "temp"}));
+  fs::remove_all(dir);
+}
+
+TEST(Trust, AHandedOverLoadTakesTheFileWithoutACopyAndAliasesNothingElse) {
+  // A map handed over (a temporary) gives its tensors to the model: the weight is then the
+  // file's memory-mapped storage (not resizable, unlike an allocation), and writing to it
+  // reaches neither the file nor a later load. A map the caller keeps is copied from: the
+  // model's writes never reach the caller's tensors.
+  auto dir = temp_dir("trust_adopt");
+  const auto file = (dir / "w.safetensors").string();
+  torch::manual_seed(1);
+  const TensorMap saved = {{"weight", torch::randn({16, 8})}, {"bias", torch::randn({16})}};
+  save_safetensors(file, saved);
+  auto fresh = [] { return Linear(8, 16, true, InitOptions{}); };
+
+  auto taken = fresh();
+  load_into(*taken, load_safetensors(file), file);
+  EXPECT_FALSE(taken->weight.storage().resizable());  // the mapping's memory
+  EXPECT_TRUE(torch::equal(taken->weight, saved.at("weight")));
+  {
+    torch::NoGradGuard no_grad;
+    taken->weight.add_(1.0);
+  }
+  EXPECT_TRUE(torch::equal(load_safetensors(file).at("weight"), saved.at("weight")));
+
+  const TensorMap kept = load_safetensors(file);
+  auto copied = fresh();
+  load_into(*copied, kept, file);
+  EXPECT_TRUE(copied->weight.storage().resizable());  // its own allocation
+  {
+    torch::NoGradGuard no_grad;
+    copied->weight.mul_(3.0);
+  }
+  EXPECT_TRUE(torch::equal(kept.at("weight"), saved.at("weight")));
+  auto again = fresh();
+  load_into(*again, kept, file);
+  EXPECT_TRUE(torch::equal(again->weight, saved.at("weight")));
   fs::remove_all(dir);
 }
 

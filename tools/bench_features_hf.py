@@ -16,8 +16,9 @@ from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 
 def write(out):
+    # As Salesforce/blip2-itm-vit-g: the Q-Former vocabulary is BERT's 30,522 + [DEC].
     torch.manual_seed(0)
-    config = Blip2Config(vision_config=dict(), qformer_config=dict(use_qformer_text_input=True), num_query_tokens=32)
+    config = Blip2Config(vision_config=dict(), qformer_config=dict(use_qformer_text_input=True, vocab_size=30523), num_query_tokens=32)
     model = Blip2ForImageTextRetrieval(config).eval()
     model.save_pretrained(out, safe_serialization=True)
     print("wrote", out, sum(p.numel() for p in model.parameters()) / 1e6, "M parameters")

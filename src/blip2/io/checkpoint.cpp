@@ -77,8 +77,7 @@ TensorMap load_checkpoint_tensors(const std::string& name_or_path) {
   throw Error(path + ": unknown checkpoint format (expected .safetensors, .pth, .bin or a directory)");
 }
 
-LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors,
-                     const std::string& source) {
+LoadReport load_into(torch::nn::Module& module, TensorMap tensors, const std::string& source) {
   LoadReport report;
   torch::NoGradGuard no_grad;
   std::set<std::string> known;
@@ -96,6 +95,9 @@ LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors,
       report.missing.push_back(name);
       return;
     }
+    // Nothing but this map holds the tensor or its memory (a caller's copy of the map would):
+    // it may become the model's own (below).
+    const bool sole = it->second.use_count() == 1 && it->second.storage().use_count() == 1;
     torch::Tensor src = it->second;
     auto shard = shards.find(name);
     std::vector<int64_t> whole = target.sizes().vec();
@@ -118,8 +120,16 @@ LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors,
       report.loaded.push_back(name);
       return;
     }
-    target.copy_(src);
-    release_file_pages(it->second);
+    if (sole && shard == shards.end() && target.device().is_cpu() && src.device().is_cpu() &&
+        src.scalar_type() == target.scalar_type() && src.is_contiguous()) {
+      // The model's tensor takes the storage instead of a copy: a memory-mapped file's pages
+      // are then read where the model uses them (MAP_PRIVATE: a write copies the page), and the
+      // model's never-touched allocation is freed.
+      target.set_data(src);
+    } else {
+      target.copy_(src);
+      release_file_pages(it->second);
+    }
     report.loaded.push_back(name);
   };
   for (auto& p : module.named_parameters()) visit(p.key(), p.value());
@@ -151,7 +161,7 @@ LoadReport load_weights_into(torch::nn::Module& model, TensorMap tensors, const 
              " tokens (bicubic)");
     tensors[pos] = interpolate_pos_embed(tensors.at(pos), params[pos].size(1));
   }
-  return load_into(model, tensors, source);
+  return load_into(model, std::move(tensors), source);
 }
 
 std::string explain_missing(const std::vector<std::string>& missing) {

@@ -17,11 +17,15 @@ namespace blip2 {
 
 TensorMap load_checkpoint_tensors(const std::string& path);
 
-// Copies matching tensors into `module`'s parameters and buffers; a shape mismatch is an error
+// Puts matching tensors into `module`'s parameters and buffers; a shape mismatch is an error
 // naming `source` and the key. A tensor-parallel parameter takes its slice of the whole tensor.
-// The file pages of each tensor copied from a memory-mapped safetensors file are given back at
-// once, so loading holds one copy of the weights, not two (and a tp rank reads only its slices).
-LoadReport load_into(torch::nn::Module& module, const TensorMap& tensors, const std::string& source);
+// A tensor nothing else holds (the map was handed over, e.g. std::move'd or a temporary) whose
+// dtype, shape and device (CPU) are the model's becomes the model's tensor without a copy; for a
+// memory-mapped safetensors file (private mapping: writes copy the page, never reach the file)
+// its pages are then read when first used. Anything else is copied, and the file pages of each
+// tensor copied from a mapping are given back at once: loading holds one copy of the weights,
+// not two (and a tp rank reads only its slices).
+LoadReport load_into(torch::nn::Module& module, TensorMap tensors, const std::string& source);
 // The module's tensors by name (its trainable parameters and the buffers, with trainable_only);
 // tensor-parallel shards gathered whole under their canonical names, so every tp rank must call it.
 TensorMap state_dict(const torch::nn::Module& module, bool trainable_only = false);

@@ -43,6 +43,17 @@ Blip2QformerImpl::Blip2QformerImpl(const Blip2Config& c, const InitOptions& init
   }
 }
 
+bool Blip2QformerImpl::init_parameter(const std::string& name) {
+  if (name == "temp") {
+    temp.fill_(config_.temperature);
+  } else if (name == "query_tokens") {
+    query_tokens.normal_(0.0, config_.qformer_config.initializer_range);
+  } else {
+    return false;
+  }
+  return true;
+}
+
 void Blip2QformerImpl::train(bool on) {
   torch::nn::Module::train(on);
   if (config_.freeze_vision) {

@@ -39,7 +39,7 @@ struct QueryOutput {
   std::vector<KVCache> past;   // self-attention keys/values of the queries, per layer
 };
 
-class Blip2QformerImpl : public torch::nn::Module {
+class Blip2QformerImpl : public torch::nn::Module, public ParameterInit {
  public:
   // `frozen`: where and in which dtype the frozen ViT is created (default: as `init`).
   explicit Blip2QformerImpl(const Blip2Config& config, const InitOptions& init = {},
@@ -86,6 +86,7 @@ class Blip2QformerImpl : public torch::nn::Module {
   void train(bool on = true) override;
 
   const Blip2Config& config() const { return config_; }
+  bool init_parameter(const std::string& name) override;  // temp, query_tokens (the rest: its layers')
 
   EvaVisionModel vision_model{nullptr};
   torch::Tensor query_tokens;  // [1, Q, H]

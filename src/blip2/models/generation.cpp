@@ -383,7 +383,7 @@ std::vector<std::vector<int64_t>> generate(CausalLMImpl& lm, const torch::Tensor
     prompt = prompt.index_select(0, rows);
     prompt_keep = prompt_keep.index_select(0, rows);
   }
-  Decoder dec{lm, o.use_cache};
+  Decoder dec{lm, o.use_cache, {}, {}, {}, 0, {}};
   const auto t0 = std::chrono::steady_clock::now();
   auto scores = dec.prefill(e, k, e.size(1) + o.max_new_tokens);
   if (stats) stats->prefill_s += seconds_since(t0);

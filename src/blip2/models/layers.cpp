@@ -104,30 +104,42 @@ static TensorShard local_shard(int64_t dim, int64_t parts) {
   return s;
 }
 
+namespace {
+// BERT's N(0, std), or torch.nn.Linear's default for std < 0: kaiming_uniform(a=sqrt(5)) ==
+// U(-1/sqrt(in), 1/sqrt(in)) for the weight, and the same bound for the bias (else zero).
+void draw_linear_weight(torch::Tensor& w, double std) {
+  if (std >= 0) {
+    w.normal_(0.0, std);
+  } else {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(w.size(1)));
+    w.uniform_(-bound, bound);
+  }
+}
+void draw_linear_bias(torch::Tensor& b, int64_t in, double std) {
+  if (std >= 0) {
+    b.zero_();
+  } else {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+    b.uniform_(-bound, bound);
+  }
+}
+}  // namespace
+
 // A split layer's parameters are drawn whole, as one process draws them (the same random numbers
 // in the same order), and this rank keeps its slice: the ranks' shards together are the
 // one-process layer, and what is initialised after it is too.
 LinearImpl::LinearImpl(int64_t in, int64_t out, bool has_bias, const InitOptions& init, Parallel p, int64_t parts_)
-    : parallel(dist::tp_size() > 1 ? p : Parallel::none), parts(parts_) {
+    : parallel(dist::tp_size() > 1 ? p : Parallel::none), parts(parts_), init_std(init.std) {
   torch::NoGradGuard no_grad;
   check(p == Parallel::none || p == Parallel::column || p == Parallel::row, "Linear: vocab split is for embeddings");
   if (parallel == Parallel::column) tp_share(out, parts, "output features");
   if (parallel == Parallel::row) tp_share(in, 1, "input features");
   auto w = torch::empty({out, in}, init.options);
-  if (!init.draw) {
-  } else if (init.std >= 0) {
-    w.normal_(0.0, init.std);
-  } else {  // torch.nn.Linear: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in))
-    double bound = 1.0 / std::sqrt(static_cast<double>(in));
-    w.uniform_(-bound, bound);
-  }
+  if (init.draw) draw_linear_weight(w, init.std);
   torch::Tensor b;
   if (has_bias) {
     b = torch::zeros({out}, init.options);
-    if (init.std < 0 && init.draw) {
-      double bound = 1.0 / std::sqrt(static_cast<double>(in));
-      b.uniform_(-bound, bound);
-    }
+    if (init.draw) draw_linear_bias(b, in, init.std);
   }
   if (parallel == Parallel::column) {
     w = take_shard(w, local_shard(0, parts)).clone();
@@ -251,6 +263,19 @@ int64_t linears_to_int8(torch::nn::Module& model, const std::vector<std::string>
   return n;
 }
 
+bool LinearImpl::init_parameter(const std::string& name) {
+  if (parallel != Parallel::none || is_int8()) return false;
+  if (name == "weight") {
+    draw_linear_weight(weight, init_std);
+    return true;
+  }
+  if (name == "bias" && bias.defined()) {
+    draw_linear_bias(bias, weight.size(1), init_std);
+    return true;
+  }
+  return false;
+}
+
 LayerNormImpl::LayerNormImpl(int64_t dim_, double eps_, const InitOptions& init, bool affine)
     : eps(eps_), dim(dim_) {
   if (!affine) return;
@@ -258,18 +283,52 @@ LayerNormImpl::LayerNormImpl(int64_t dim_, double eps_, const InitOptions& init,
   bias = register_parameter("bias", torch::zeros({dim}, init.options));
 }
 
+bool LayerNormImpl::init_parameter(const std::string& name) {
+  if (name == "weight" && weight.defined()) weight.fill_(1.0);
+  else if (name == "bias" && bias.defined()) bias.zero_();
+  else return false;
+  return true;
+}
+
 torch::Tensor LayerNormImpl::forward(const torch::Tensor& x) const {
   return torch::layer_norm(x, {dim}, weight, bias, eps);
 }
 
 EmbeddingImpl::EmbeddingImpl(int64_t num, int64_t dim, const InitOptions& init, bool vocab_parallel)
-    : parallel(vocab_parallel && dist::tp_size() > 1 ? Parallel::vocab : Parallel::none) {
+    : parallel(vocab_parallel && dist::tp_size() > 1 ? Parallel::vocab : Parallel::none), init_std(init.std) {
   torch::NoGradGuard no_grad;
   const int64_t rows = parallel == Parallel::vocab ? tp_share(num, 1, "vocabulary size") : num;
   first_row = parallel == Parallel::vocab ? dist::tp_rank() * rows : 0;
   auto w = torch::empty({num, dim}, init.options);  // drawn whole, as in one process (see Linear)
   if (init.draw) w.normal_(0.0, init.std);
   weight = register_parameter("weight", parallel == Parallel::vocab ? w.narrow(0, first_row, rows).clone() : w);
+}
+
+bool EmbeddingImpl::init_parameter(const std::string& name) {
+  if (parallel != Parallel::none || name != "weight") return false;
+  weight.normal_(0.0, init_std);
+  return true;
+}
+
+bool init_parameters(torch::nn::Module& model, const std::vector<std::string>& names) {
+  torch::NoGradGuard no_grad;
+  std::map<std::string, ParameterInit*> owners;  // by module path ("" = the model)
+  for (const auto& item : model.named_modules("", /*include_self=*/true))
+    if (auto* p = dynamic_cast<ParameterInit*>(item.value().get())) owners[item.key()] = p;
+  for (const auto& name : names) {
+    // The nearest enclosing module first: "a.b.weight" asks "a.b", then "a", then the model.
+    bool done = false;
+    std::string path = name;
+    while (!done && !path.empty()) {
+      const size_t dot = path.rfind('.');
+      path = dot == std::string::npos ? "" : path.substr(0, dot);
+      const std::string local = path.empty() ? name : name.substr(path.size() + 1);
+      auto it = owners.find(path);
+      done = it != owners.end() && it->second->init_parameter(local);
+    }
+    if (!done) return false;
+  }
+  return true;
 }
 
 torch::Tensor EmbeddingImpl::forward(const torch::Tensor& ids) const {

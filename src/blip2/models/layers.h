@@ -73,9 +73,25 @@ std::pair<torch::Tensor, torch::Tensor> quantize_int8(const torch::Tensor& w);
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale,
                           const torch::Tensor& bias = {});
 
+// A module that can initialise some of its own parameters again as its constructor does with
+// InitOptions::draw (the same rule, fresh random numbers): for a model built without drawing
+// whose loads left a few tensors random (build_loaded), so only those are drawn.
+class ParameterInit {
+ public:
+  virtual ~ParameterInit() = default;
+  // Initialises the parameter `name` (relative to this module, e.g. "weight" or
+  // "predictions.bias"); false when this module has no rule for it here (then nothing is drawn).
+  virtual bool init_parameter(const std::string& name) = 0;
+};
+// Initialises each of `names` (the model's parameter names, in the order given) through the
+// nearest enclosing ParameterInit module that has a rule for it. False as soon as one has none
+// (a layer split over the tensor-parallel group, an int8 layer, a parameter of no known module):
+// the caller then builds the model again with every draw.
+bool init_parameters(torch::nn::Module& model, const std::vector<std::string>& names);
+
 // y = x W^T + b. Weight [out, in] as torch.nn.Linear. `std` < 0 selects torch.nn.Linear's
 // default (Kaiming-uniform) init, which BLIP-2's projection and ITM heads use.
-class LinearImpl : public torch::nn::Module {
+class LinearImpl : public torch::nn::Module, public ParameterInit {
  public:
   LinearImpl(int64_t in, int64_t out, bool bias, const InitOptions& init, Parallel parallel = Parallel::none,
              int64_t parts = 1);
@@ -90,31 +106,36 @@ class LinearImpl : public torch::nn::Module {
   // otherwise both wait for a load (which quantises float weights as it copies them).
   void to_int8(bool quantise);
   bool is_int8() const { return weight_scale.defined(); }
+  bool init_parameter(const std::string& name) override;  // whole float layers only
   torch::Tensor weight, bias, weight_scale;
   Parallel parallel = Parallel::none;  // none when the layer is whole (model_parallel 1)
   int64_t parts = 1;
+  double init_std = 0.02;  // InitOptions::std it was built with
 };
 TORCH_MODULE(Linear);
 
-class LayerNormImpl : public torch::nn::Module {
+class LayerNormImpl : public torch::nn::Module, public ParameterInit {
  public:
   // affine false: no weight and bias (OPT's layer_norm_elementwise_affine false).
   LayerNormImpl(int64_t dim, double eps, const InitOptions& init, bool affine = true);
   torch::Tensor forward(const torch::Tensor& x) const;
+  bool init_parameter(const std::string& name) override;
   torch::Tensor weight, bias;
   double eps;
   int64_t dim;
 };
 TORCH_MODULE(LayerNorm);
 
-class EmbeddingImpl : public torch::nn::Module {
+class EmbeddingImpl : public torch::nn::Module, public ParameterInit {
  public:
   // vocab_parallel: rows split over the tp group (Parallel::vocab).
   EmbeddingImpl(int64_t num, int64_t dim, const InitOptions& init, bool vocab_parallel = false);
   torch::Tensor forward(const torch::Tensor& ids) const;
+  bool init_parameter(const std::string& name) override;  // whole tables only
   torch::Tensor weight;
   Parallel parallel = Parallel::none;
   int64_t first_row = 0;  // the first vocabulary row this rank holds
+  double init_std = 0.02;
 };
 TORCH_MODULE(Embedding);
 

@@ -166,6 +166,12 @@ LMHeadImpl::LMHeadImpl(const QFormerConfig& c, const InitOptions& init) : act(ac
                                          torch::zeros({c.embedding_vocab_size()}, init.options));
 }
 
+bool LMHeadImpl::init_parameter(const std::string& name) {
+  if (name != "predictions.bias") return false;
+  bias.zero_();
+  return true;
+}
+
 torch::Tensor LMHeadImpl::forward(const torch::Tensor& hidden,
                                   const torch::Tensor& word_embeddings) {
   auto x = LayerNorm_(act(dense(hidden)));

@@ -117,10 +117,11 @@ TORCH_MODULE(TextEmbeddings);
 
 // BertOnlyMLMHead: transform (dense, GELU, LayerNorm) then the decoder tied to the word
 // embeddings plus its own bias. Named cls.predictions.* (LAVIS' name; HF has no stage-1 LM).
-class LMHeadImpl : public torch::nn::Module {
+class LMHeadImpl : public torch::nn::Module, public ParameterInit {
  public:
   LMHeadImpl(const QFormerConfig& c, const InitOptions& init);
   torch::Tensor forward(const torch::Tensor& hidden, const torch::Tensor& word_embeddings);
+  bool init_parameter(const std::string& name) override;  // predictions.bias (its layers: theirs)
   Linear dense{nullptr};
   LayerNorm LayerNorm_{nullptr};
   torch::Tensor bias;

@@ -32,16 +32,17 @@ Blip2Llm build_stage2_model(const Blip2Config& c, WeightLedger& ledger, torch::D
                             bool draw = true);
 
 // A model built and loaded by `build(draw)` (which starts `ledger` afresh). With skip_draws
-// (evaluation or prediction with weights named, no partial load: the loads overwrite every
-// tensor) it is first built without the random initialisation; should a tensor stay at its
-// initialisation after all (a part the coverage policy lets stay random, as a retrieval
-// checkpoint's missing LM head), it is built again with the draws, as it always was. Drawing
-// nothing consumes no random numbers, so the second build draws what a first one would have.
+// (evaluation or prediction with weights named, no partial load: the loads overwrite all but
+// what the coverage policy lets stay random) it is built without the random initialisation, and
+// the tensors the loads left random (a Hugging Face directory's missing stage-1 LM head and
+// temperature) are then initialised alone, by their modules' rules (init_parameters): the same
+// distributions, other random numbers than a whole-model draw would have given them. Where a
+// module has no such rule, the model is built again with every draw, as it always was.
 template <class Model, class Build>
 Model build_loaded(bool skip_draws, const Build& build, const WeightLedger& ledger) {
   if (skip_draws) {
     Model m = build(false);
-    if (ledger.loaded_any() && ledger.random().empty()) return m;
+    if (ledger.loaded_any() && (ledger.random().empty() || init_parameters(*m, ledger.random()))) return m;
   }
   return build(true);
 }
