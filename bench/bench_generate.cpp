@@ -3,7 +3,7 @@
 // makes a random one; the same script times transformers' generate on it for the ratio).
 //
 //   blip2_bench_generate DIR [--batch 1] [--new 32] [--beams 1] [--repeats 5] [--no-cache]
-//                        [--dtype fp32|bf16] [--weights float|int8]
+//                        [--dtype fp32|bf16] [--weights float|int8] [--copy]
 //
 // --dtype bf16 holds the ViT and the LLM in bf16 (model_config.frozen_dtype: bfloat16); --weights
 // int8 quantises their linear layers (W8A16, model_config.weights: int8). The Q-Former stays fp32.
@@ -19,7 +19,9 @@
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/models/blip2_llm.h"
+#include "blip2/tasks/factory.h"
 #include "blip2/util/common.h"
+#include "bench_util.h"
 
 using namespace blip2;
 
@@ -30,10 +32,10 @@ static double median(std::vector<double> v) {
 
 int main(int argc, char** argv) try {
   check(argc >= 2, "usage: blip2_bench_generate DIR [--batch B] [--new N] [--beams K] [--repeats R] [--no-cache] "
-                   "[--dtype fp32|bf16] [--weights float|int8]");
+                   "[--dtype fp32|bf16] [--weights float|int8] [--copy]");
   const std::string dir = argv[1];
   int64_t batch = 1, new_tokens = 32, beams = 1, repeats = 5;
-  bool cache = true;
+  bool cache = true, copy = false;
   std::string dtype = "fp32", weights = "float";
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];
@@ -46,23 +48,31 @@ int main(int argc, char** argv) try {
     else if (a == "--beams") beams = next();
     else if (a == "--repeats") repeats = next();
     else if (a == "--no-cache") cache = false;
+    else if (a == "--copy") copy = true;
     else if (a == "--dtype" && i + 1 < argc) dtype = argv[++i];
     else if (a == "--weights" && i + 1 < argc) weights = argv[++i];
     else throw Error("unknown option " + a);
   }
-  auto hf = load_hf_directory(dir);
-  Blip2Llm model(hf.config);
   check(dtype == "fp32" || dtype == "bf16", "--dtype must be fp32 or bf16");
   check(weights == "float" || weights == "int8", "--weights must be float or int8");
-  auto report = load_weights_into(*model, hf.tensors, dir);
+  // As `blip2 run` and from_pretrained build it for prediction: the frozen ViT and LLM created in
+  // their dtype (int8 layers waiting for the load, which quantises), no random initialisation.
+  const auto t0 = std::chrono::steady_clock::now();
+  auto hf = load_hf_directory(dir);
+  Blip2Config config = hf.config;
+  config.frozen_dtype = dtype == "bf16" ? "bfloat16" : "float32";
+  config.weights = weights;
+  WeightLedger ledger;
+  Blip2Llm model = build_stage2_model(config, ledger, torch::kCPU, /*draw=*/false);
+  // --copy keeps the file's map, so every tensor is copied into the model's own memory instead
+  // of the model taking the memory-mapped file's pages (load_into).
+  const TensorMap kept = copy ? hf.tensors : TensorMap{};
+  auto report = load_weights_into(*model, std::move(hf.tensors), dir);
   check(report.missing.empty(), dir + ": " + report.summary());
-  if (dtype == "bf16") {
-    model->vision_model->to(torch::kBFloat16);
-    model->vision_model->post_layernorm->to(torch::kFloat32);  // ln_vision stays fp32, as frozen_dtype does
-    model->language_model->to(torch::kBFloat16);
-  }
-  if (weights == "int8") linears_to_int8(*model, {"vision_model.", "language_model."}, /*quantise=*/true);
   model->eval();
+  std::cout << "loaded in " << format_float(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1)
+            << " s; resident " << format_float(bench::current_rss_gib(), 2) << " GiB (peak "
+            << format_float(bench::peak_rss_gib(), 2) << " GiB)\n";
   torch::manual_seed(0);
   const int64_t s = hf.config.vision_config.image_size;
   auto images = torch::randn({batch, 3, s, s});
@@ -93,7 +103,9 @@ int main(int argc, char** argv) try {
             << (cache ? "" : ", no cache") << ", threads " << torch::get_num_threads() << "\n"
             << "  time to first token " << format_float(ttft * 1000, 2) << " ms\n"
             << "  decoding " << format_float(tps, 1) << " tokens/s (generate of " << new_tokens << " tokens: "
-            << format_float(total * 1000, 1) << " ms)\n";
+            << format_float(total * 1000, 1) << " ms)\n"
+            << "  resident " << format_float(bench::current_rss_gib(), 2) << " GiB, peak "
+            << format_float(bench::peak_rss_gib(), 2) << " GiB\n";
   return 0;
 } catch (const std::exception& e) {
   std::cerr << "error: " << e.what() << "\n";

@@ -64,7 +64,9 @@ int main(int argc, char** argv) try {
                                   {2056, 6144, 1408, "ViT-g fc2, 8 images"},
                                   {256, 768, 3072, "Q-Former FFN, 8 x 32 queries"},
                                   {1, 4096, 11008, "Llama-7B MLP, decode batch 1"},
-                                  {4, 4096, 11008, "Llama-7B MLP, decode batch 4"}};
+                                  {4, 4096, 11008, "Llama-7B MLP, decode batch 4"},
+                                  {1, 2560, 10240, "OPT-2.7B fc1, decode batch 1"},
+                                  {1, 2560, 50272, "OPT-2.7B lm_head, decode batch 1"}};
   for (const auto& s : shapes) {
     auto a = torch::randn({s.m, s.k}), b = torch::randn({s.k, s.n}), w = b.t().contiguous();
     const double mkl = median_seconds(repeats, [&] { (void)torch::mm(a, b); });

@@ -5,11 +5,9 @@
 //
 // --load runs in a fresh process: it builds the model (no random init, as from_pretrained does;
 // --draw draws it first, as before issue 14),
-// loads DIR's model.safetensors into it (memory-mapped; each tensor's file pages given back
-// after its copy) and reports the peak resident set size (getrusage) against the size of the
-// weights and against the process before loading.
-#include <sys/resource.h>
-
+// loads DIR's model.safetensors into it (memory-mapped; a tensor in the model's dtype becomes
+// the model's without a copy, any other is copied and its file pages given back) and reports the
+// peak resident set size against the size of the weights and against the process before loading.
 #include <chrono>
 #include <filesystem>
 #include <iostream>
@@ -22,23 +20,12 @@
 #include "blip2/tasks/stage1.h"
 #include "blip2/util/common.h"
 #include "blip2/util/device.h"
+#include "bench_util.h"
 
 namespace fs = std::filesystem;
 
-static double peak_rss_gib() {
-  rusage u{};
-  getrusage(RUSAGE_SELF, &u);
-  return static_cast<double>(u.ru_maxrss) / (1024.0 * 1024.0);  // ru_maxrss is in KiB
-}
-
-static double current_rss_gib() {
-  long pages = 0, resident = 0;
-  if (FILE* f = fopen("/proc/self/statm", "r")) {
-    if (fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
-    fclose(f);
-  }
-  return static_cast<double>(resident) * sysconf(_SC_PAGESIZE) / (1024.0 * 1024.0 * 1024.0);
-}
+using blip2::bench::current_rss_gib;
+using blip2::bench::peak_rss_gib;
 
 int main(int argc, char** argv) try {
   std::string mode = argc > 2 ? argv[1] : "", dir = argc > 2 ? argv[2] : "";

@@ -20,18 +20,13 @@
 #include "blip2/models/blip2_qformer.h"
 #include "blip2/tasks/retrieval.h"
 #include "blip2/util/common.h"
+#include "bench_util.h"
 
 using namespace blip2;
 
 namespace {
 
-double peak_rss_gib() {  // VmHWM of /proc/self/status
-  std::ifstream f("/proc/self/status");
-  std::string line;
-  while (std::getline(f, line))
-    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / (1024.0 * 1024.0);
-  return 0;
-}
+using bench::peak_rss_gib;
 
 double seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

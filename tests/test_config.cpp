@@ -88,6 +88,16 @@ TEST(Config, MalformedYamlGivesTheLine) {
   EXPECT_NE(msg.find("bad.yaml: malformed YAML at line"), std::string::npos) << msg;
 }
 
+TEST(Config, AKeyGivenTwiceIsRefusedNotHalfIgnored) {
+  // yaml-cpp would keep both and every lookup would see the first: the second silently ignored.
+  auto msg = error_of([] { parse_run_config("seed: 7\nrun_mode: eval\nseed: 42\n", "twice.yaml"); });
+  EXPECT_EQ(msg, "twice.yaml: seed is given twice (lines 1 and 3); keep one") << msg;
+  msg = error_of([] {
+    parse_run_config(tiny_with("      patch_size: 4", "      patch_size: 4\n      patch_size: 8"), "t.yaml");
+  });
+  EXPECT_NE(msg.find("t.yaml: model.model_config.vision_config.patch_size is given twice"), std::string::npos) << msg;
+}
+
 TEST(Config, BrokenConstraintsAreNamed) {
   auto check_msg = [](const std::string& yaml, const std::string& want) {
     auto msg = error_of([&] {

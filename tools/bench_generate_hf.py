@@ -1,12 +1,13 @@
 """Generation speed of transformers' Blip2ForConditionalGeneration, to compare with
 bench/bench_generate.cpp on the same weights and settings (issue 6).
 
-    .venv/bin/python tools/bench_generate_hf.py --write DIR [--llm llama|opt]  # random model
+    .venv/bin/python tools/bench_generate_hf.py --write DIR [--llm llama|opt|opt-2.7b]  # random model
     .venv/bin/python tools/bench_generate_hf.py DIR [--batch 1] [--new 32] [--beams 1] [--repeats 5] [--dtype fp32|bf16]
 
 The model written: a 224-px, 4-block ViT (width 256), a 4-layer Q-Former (width 256, 32 queries)
 and a 12-layer LLM of width 768 (Llama: FFN 2048, vocabulary 32000; OPT: FFN 3072, vocabulary
-50272), fp32. Timing as the C++ bench: every row makes exactly --new tokens (min = max new
+50272), fp32; or (opt-2.7b) OPT-2.7B's shape: 32 layers of width 2560, FFN 10240, 2.65 B
+parameters (10.6 GB in fp32). Timing as the C++ bench: every row makes exactly --new tokens (min = max new
 tokens), the prompt is [<image> x 32, BOS]; time to first token = generate() of one new token;
 decoding tokens/s = batch x (new - 1) / (full generate - first token); medians after a warm-up.
 """
@@ -29,6 +30,9 @@ def write(out, llm):
         dict(model_type="opt", vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12,
              num_attention_heads=12, max_position_embeddings=512, word_embed_proj_dim=768,
              bos_token_id=2, eos_token_id=50118, pad_token_id=1)
+    if llm == "opt-2.7b":
+        text.update(hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
+                    max_position_embeddings=2048, word_embed_proj_dim=2560)
     config = Blip2Config(
         vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                            num_attention_heads=4, image_size=224, patch_size=14, qkv_bias=True),
@@ -75,7 +79,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("dir")
     ap.add_argument("--write", action="store_true")
-    ap.add_argument("--llm", default="llama", choices=["llama", "opt"])
+    ap.add_argument("--llm", default="llama", choices=["llama", "opt", "opt-2.7b"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--beams", type=int, default=1)

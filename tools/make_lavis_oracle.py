@@ -21,7 +21,8 @@ Files written:
 
 Nothing is re-implemented: the model, its losses, the optimizer grouping
 (Blip2Base.get_optimizer_params through RunnerBase.optimizer) and the learning-rate scheduler are
-LAVIS' code. Only what would download or import unrelated packages is bypassed:
+LAVIS' code. Only what would download or import unrelated packages is bypassed (tools/lavis_offline.py,
+shared with tools/bench_lavis.py):
   * `lavis`, `lavis.models`, `lavis.runners`, `timm`, `timm.models` are registered as bare
     packages pointing at the real folders (their __init__ files import every model / dataset, or
     torchvision); torchvision, webdataset and lavis.datasets are stubbed only while importing;
@@ -58,19 +59,15 @@ prints how the losses and the query_tokens gradient norm change.
 import argparse
 import collections
 import copy
-import importlib
-import importlib.machinery
-import importlib.util
 import os
-import sys
 import tempfile
-import types
-from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+
+from lavis_offline import (ModuleView, import_lavis, init_process_group,
+                           install_offline_constructors, make_optimizer_and_scheduler)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DEFAULT_OUT = os.path.join(ROOT, "tests", "fixtures", "lavis_oracle")
@@ -126,152 +123,7 @@ def write_vocab(path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Importing LAVIS' code without its package __init__ files
-
-
-def _bare_package(name, path):
-    module = types.ModuleType(name)
-    module.__path__ = [path]
-    module.__file__ = os.path.join(path, "__init__.py")
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-    module.__spec__.submodule_search_locations = [path]
-    sys.modules[name] = module
-    parent, _, child = name.rpartition(".")
-    if parent:
-        setattr(sys.modules[parent], child, module)
-    return module
-
-
-def _stub_modules(names_to_attrs):
-    """Installs stub modules; returns the names installed (to remove afterwards)."""
-    installed = []
-    for name, attrs in names_to_attrs.items():
-        if name in sys.modules:
-            continue
-        module = types.ModuleType(name)
-        for attr in attrs:
-            def unavailable(*args, _attr=attr, **kwargs):
-                raise RuntimeError("stubbed while importing LAVIS: " + _attr)
-            setattr(module, attr, unavailable)
-        sys.modules[name] = module
-        installed.append(name)
-    return installed
-
-
-def import_lavis(lavis_src):
-    lavis_dir = os.path.join(os.path.abspath(lavis_src), "lavis")
-    if not os.path.isfile(os.path.join(lavis_dir, "models", "blip2_models", "blip2_qformer.py")):
-        sys.exit("no LAVIS source under %s (see the docstring: git archive 506965b ...)" % lavis_src)
-    sys.path.insert(0, os.path.abspath(lavis_src))
-
-    # transformers first, so that its timm / torchvision probes see the real (or no) packages.
-    importlib.import_module("transformers")
-    importlib.import_module("transformers.modeling_utils")
-    importlib.import_module("transformers.models.bert.tokenization_bert")
-
-    # timm's own __init__ imports every model (and torchvision); its layers/hub are what LAVIS uses.
-    timm_spec = importlib.util.find_spec("timm")
-    timm_dir = timm_spec.submodule_search_locations[0]
-    timm = _bare_package("timm", timm_dir)
-    _bare_package("timm.models", os.path.join(timm_dir, "models"))
-    timm.__version__ = importlib.import_module("timm.version").__version__
-
-    _bare_package("lavis", lavis_dir)
-    lavis_models = _bare_package("lavis.models", os.path.join(lavis_dir, "models"))
-    stubs = _stub_modules({
-        "torchvision": [], "torchvision.datasets": [],
-        "torchvision.datasets.utils": ["check_integrity", "download_file_from_google_drive",
-                                       "extract_archive"],
-    })
-    try:
-        importlib.import_module("lavis.common.utils")
-    finally:
-        for name in stubs:
-            del sys.modules[name]
-    base_model = importlib.import_module("lavis.models.base_model")
-    lavis_models.BaseModel = base_model.BaseModel  # what registry.register_model imports
-
-    mods = types.SimpleNamespace()
-    mods.base_model = base_model
-    mods.blip2 = importlib.import_module("lavis.models.blip2_models.blip2")
-    mods.qformer = importlib.import_module("lavis.models.blip2_models.Qformer")
-    mods.blip2_qformer = importlib.import_module("lavis.models.blip2_models.blip2_qformer")
-    mods.eva_vit = importlib.import_module("lavis.models.eva_vit")
-    mods.optims = importlib.import_module("lavis.common.optims")
-
-    # RunnerBase (for its optimizer property) imports webdataset and the dataset code.
-    _bare_package("lavis.runners", os.path.join(lavis_dir, "runners"))
-    stubs = _stub_modules({
-        "webdataset": [],
-        "lavis.datasets": [], "lavis.datasets.datasets": [],
-        "lavis.datasets.data_utils": ["concat_datasets", "reorg_datasets_by_split"],
-        "lavis.datasets.datasets.dataloader_utils": ["IterLoader", "MultiIterLoader",
-                                                     "PrefetchLoader"],
-    })
-    try:
-        mods.runner_base = importlib.import_module("lavis.runners.runner_base")
-    finally:
-        for name in stubs:
-            del sys.modules[name]
-    return mods
-
-
-def install_offline_constructors(mods, vocab_path, vocab_size):
-    from transformers import BertConfig, BertTokenizer
-
-    def tokenizer_from_pretrained(name, **kwargs):
-        assert name == "bert-base-uncased", name
-        return BertTokenizer(vocab_file=vocab_path, do_lower_case=True, **kwargs)
-
-    def config_from_pretrained(name, **kwargs):
-        assert name == "bert-base-uncased" and not kwargs, (name, kwargs)
-        return BertConfig(vocab_size=vocab_size, **QFORMER)
-
-    def lm_from_pretrained(name, config):
-        assert name == "bert-base-uncased", name
-        model = mods.qformer.BertLMHeadModel(config)  # LAVIS' class, LAVIS' _init_weights
-        return model.eval()  # as PreTrainedModel.from_pretrained leaves it
-
-    def tiny_create_eva_vit_g(img_size=224, drop_path_rate=0.4, use_checkpoint=False,
-                              precision="fp16"):
-        # create_eva_vit_g's fixed arguments, at a tiny size; no weights are loaded and, in fp32,
-        # create_eva_vit_g does nothing else to the model.
-        assert precision == "fp32", precision
-        assert img_size == VIT["img_size"], img_size
-        return mods.eva_vit.VisionTransformer(
-            img_size=img_size,
-            patch_size=VIT["patch_size"],
-            use_mean_pooling=False,
-            embed_dim=VIT["embed_dim"],
-            depth=VIT["depth"],
-            num_heads=VIT["num_heads"],
-            mlp_ratio=VIT["mlp_ratio"],
-            qkv_bias=True,
-            drop_path_rate=drop_path_rate,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
-            use_checkpoint=use_checkpoint,
-        )
-
-    mods.blip2.BertTokenizer = types.SimpleNamespace(from_pretrained=tokenizer_from_pretrained)
-    mods.blip2.BertConfig = types.SimpleNamespace(from_pretrained=config_from_pretrained)
-    mods.blip2.BertLMHeadModel = types.SimpleNamespace(from_pretrained=lm_from_pretrained)
-    mods.blip2.create_eva_vit_g = tiny_create_eva_vit_g
-
-
-# ---------------------------------------------------------------------------------------------
 # Recording what forward does
-
-
-class _ModuleView:
-    """A stand-in for a module object (torch, F) as one LAVIS module sees it: every attribute is
-    the real one except those given."""
-
-    def __init__(self, real, **overrides):
-        self._real = real
-        self.__dict__.update(overrides)
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
 
 
 class Recorder:
@@ -319,25 +171,6 @@ class TokenizerView:
         return len(self._tokenizer)
 
 
-def init_process_group(tmpdir):
-    if dist.is_initialized():
-        return
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(tmpdir, "pg"),
-                            rank=0, world_size=1)
-
-
-def make_optimizer(mods, model):
-    """LAVIS' RunnerBase.optimizer property, run on a minimal runner holding the model and the
-    run config (it calls model.get_optimizer_params(weight_decay, lr_layer_decay))."""
-    from omegaconf import OmegaConf
-    runner = types.SimpleNamespace(
-        _optimizer=None, _model=model,
-        config=types.SimpleNamespace(run_cfg=OmegaConf.create(dict(
-            init_lr=RUN_CFG["init_lr"], weight_decay=RUN_CFG["weight_decay"],
-            beta2=RUN_CFG["beta2"]))))
-    return mods.runner_base.RunnerBase.optimizer.fget(runner)
-
-
 def run_case(mods, model, initial_state, samples, recorder):
     """One LAVIS training iteration from the initial weights: forward, backward, scheduler step
     (cur_epoch=0, cur_step=1), optimizer step. Returns everything recorded."""
@@ -347,11 +180,7 @@ def run_case(mods, model, initial_state, samples, recorder):
     assert not model.visual_encoder.training
     recorder.reset()
 
-    optimizer = make_optimizer(mods, model)
-    scheduler = mods.optims.LinearWarmupCosineLRScheduler(
-        optimizer, max_epoch=RUN_CFG["max_epoch"], min_lr=RUN_CFG["min_lr"],
-        init_lr=RUN_CFG["init_lr"], warmup_steps=RUN_CFG["warmup_steps"],
-        warmup_start_lr=RUN_CFG["warmup_lr"])
+    optimizer, scheduler = make_optimizer_and_scheduler(mods, model, RUN_CFG)
     scheduler.step(cur_epoch=0, cur_step=1)  # as BaseTask._train_inner_loop, before forward
 
     output = model(samples)
@@ -409,12 +238,12 @@ def main():
         f.write("\n".join(CAPTIONS) + "\n")
 
     mods = import_lavis(args.lavis_src)
-    install_offline_constructors(mods, vocab_path, vocab_size)
+    install_offline_constructors(mods, vocab_path, vocab_size, QFORMER, VIT)
 
     recorder = Recorder()
     qf = mods.blip2_qformer
-    qf.torch = _ModuleView(torch, multinomial=recorder.multinomial)
-    qf.F = _ModuleView(F, softmax=recorder.softmax_fn(F.softmax))
+    qf.torch = ModuleView(torch, multinomial=recorder.multinomial)
+    qf.F = ModuleView(F, softmax=recorder.softmax_fn(F.softmax))
 
     with tempfile.TemporaryDirectory() as tmpdir:
         init_process_group(tmpdir)

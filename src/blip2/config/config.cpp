@@ -173,13 +173,36 @@ std::string emit(const T& cfg) {
   return std::string(em.c_str()) + "\n";
 }
 
+// yaml-cpp keeps both entries of a key given twice in one mapping and its lookups see only the
+// first: the second would be silently ignored. Refused instead, naming the key and both lines.
+void refuse_duplicate_keys(const YAML::Node& node, const std::string& source, const std::string& path) {
+  if (node.IsSequence()) {
+    for (size_t i = 0; i < node.size(); ++i)
+      refuse_duplicate_keys(node[i], source, path + "[" + std::to_string(i) + "]");
+  }
+  if (!node.IsMap()) return;
+  std::map<std::string, int> lines;
+  for (const auto& item : node) {
+    const std::string key = item.first.Scalar(), full = path.empty() ? key : path + "." + key;
+    const int line = item.first.Mark().line + 1;
+    auto [it, fresh] = lines.emplace(key, line);
+    if (!fresh)
+      throw Error(source + ": " + full + " is given twice (lines " + std::to_string(it->second) + " and " +
+                  std::to_string(line) + "); keep one");
+    refuse_duplicate_keys(item.second, source, full);
+  }
+}
+
 YAML::Node parse_yaml(const std::string& text, const std::string& source) {
+  YAML::Node root;
   try {
-    return YAML::Load(text);
+    root = YAML::Load(text);
   } catch (const YAML::Exception& e) {
     throw Error(source + ": malformed YAML at line " + std::to_string(e.mark.line + 1) + ": " +
                 e.msg);
   }
+  refuse_duplicate_keys(root, source, "");
+  return root;
 }
 
 [[noreturn]] void bad(const std::string& source, const std::string& path, const std::string& what) {

@@ -1,5 +1,7 @@
 #include "blip2/io/checkpoint.h"
 
+#include <malloc.h>
+
 #include <cstdlib>
 #include <map>
 #include <regex>
@@ -136,6 +138,12 @@ LoadReport load_into(torch::nn::Module& module, TensorMap tensors, const std::st
   for (auto& b : module.named_buffers()) visit(b.key(), b.value());
   for (const auto& [name, t] : tensors)
     if (!known.count(name)) report.unexpected.push_back(name);
+#ifdef __GLIBC__
+  // Converting loads (int8 quantisation, dtype casts) free many temporaries of 4-32 MB, which
+  // glibc keeps in its heap once its mmap threshold has grown: without this, an OPT-2.7B loaded
+  // int8 stays at 6.7 GiB resident instead of 2.5.
+  malloc_trim(0);
+#endif
   return report;
 }
 

@@ -147,7 +147,7 @@ RetrievalReport retrieval_report(const RetrievalScores& s,
   r.txt_r_mean = (r.txt_r1 + r.txt_r5 + r.txt_r10) / 3;
   r.img_r_mean = (r.img_r1 + r.img_r5 + r.img_r10) / 3;
   r.r_mean = (r.txt_r_mean + r.img_r_mean) / 2;
-  r.agg_metrics = r.r_mean;
+  r.agg_metrics = r.txt_r_mean;  // LAVIS' _report_metrics: the text-retrieval mean, not r_mean
   return r;
 }
 

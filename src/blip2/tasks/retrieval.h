@@ -61,7 +61,8 @@ torch::Tensor itc_similarity(const torch::Tensor& image_feats, const torch::Tens
 struct RetrievalReport {
   double txt_r1 = 0, txt_r5 = 0, txt_r10 = 0, txt_r_mean = 0;
   double img_r1 = 0, img_r5 = 0, img_r10 = 0, img_r_mean = 0;
-  double r_mean = 0, agg_metrics = 0;
+  double r_mean = 0;       // mean of txt_r_mean and img_r_mean
+  double agg_metrics = 0;  // LAVIS': txt_r_mean
   nlohmann::json to_json() const;
 };
 
