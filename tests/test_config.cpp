@@ -207,6 +207,13 @@ TEST(Safetensors, RoundTripAndLyingHeaders) {
   EXPECT_NE(write_raw(R"({"w":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}})", 1)
                 .find("unsupported dtype"), std::string::npos);
   EXPECT_NE(write_raw("{not json", 0).find("malformed header JSON"), std::string::npos);
+  // Two entries over the same bytes would be two tensors sharing memory: refused, naming both.
+  EXPECT_NE(write_raw(R"({"v":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+                      R"("w":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", 16)
+                .find("tensors 'v' and 'w' overlap in the data section"), std::string::npos);
+  EXPECT_NE(write_raw(R"({"v":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                      R"("w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8)
+                .find("overlap in the data section"), std::string::npos);
   std::ofstream(dir / "bad.safetensors", std::ios::binary) << "\xff\xff\xff\xff\xff\xff\xff\x7f{}";
   EXPECT_NE(error_of([&] { load_safetensors((dir / "bad.safetensors").string()); })
                 .find("exceeds the file size"), std::string::npos);

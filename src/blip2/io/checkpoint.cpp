@@ -138,6 +138,7 @@ LoadReport load_into(torch::nn::Module& module, TensorMap tensors, const std::st
   for (auto& b : module.named_buffers()) visit(b.key(), b.value());
   for (const auto& [name, t] : tensors)
     if (!known.count(name)) report.unexpected.push_back(name);
+  tensors.clear();  // what was copied from (a .pth's tensors, converted copies) is freed before the trim
 #ifdef __GLIBC__
   // Converting loads (int8 quantisation, dtype casts) free many temporaries of 4-32 MB, which
   // glibc keeps in its heap once its mmap threshold has grown: without this, an OPT-2.7B loaded

@@ -22,7 +22,8 @@ TensorMap load_checkpoint_tensors(const std::string& path);
 // A tensor nothing else holds (the map was handed over, e.g. std::move'd or a temporary) whose
 // dtype, shape and device (CPU) are the model's becomes the model's tensor without a copy; for a
 // memory-mapped safetensors file (private mapping: writes copy the page, never reach the file)
-// its pages are then read when first used. Anything else is copied, and the file pages of each
+// its pages are then read when first used, for as long as the model lives: the file must not be
+// rewritten in place meanwhile (a rename over it is safe). Anything else is copied, and the file pages of each
 // tensor copied from a mapping are given back at once: loading holds one copy of the weights,
 // not two (and a tp rank reads only its slices).
 LoadReport load_into(torch::nn::Module& module, TensorMap tensors, const std::string& source);

@@ -5,11 +5,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <map>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <nlohmann/json.hpp>
 
 #include "blip2/util/common.h"
@@ -103,8 +105,11 @@ void release_file_pages(const torch::Tensor& t) {
   --it;
   if (end > it->first + it->second) return;  // not (wholly) inside a mapping: heap memory
   static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const uintptr_t lo = begin & ~(page - 1);
-  const uintptr_t hi = std::min((end + page - 1) & ~(page - 1), it->first + it->second);
+  // Only the pages wholly inside the tensor: a page it shares with a neighbour may hold that
+  // neighbour's data, written to already if the model took it without a copy (load_into).
+  const uintptr_t lo = (begin + page - 1) & ~(page - 1);
+  const uintptr_t hi = end & ~(page - 1);
+  if (hi <= lo) return;
   // Clean file-backed pages: dropped from memory, read again from the file if touched.
   madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
@@ -128,6 +133,7 @@ TensorMap load_safetensors(const std::string& path) {
   const uint64_t data_size = bytes.size() - 8 - n;
   const char* data = bytes.data() + 8 + n;
   TensorMap out;
+  std::vector<std::tuple<uint64_t, uint64_t, std::string>> spans;  // (begin, end, name), non-empty only
   for (const auto& [name, info] : header.items()) {
     if (name == "__metadata__") continue;
     auto bad = [&](const std::string& what) { fail("tensor '" + name + "': " + what); };
@@ -159,6 +165,7 @@ TensorMap load_safetensors(const std::string& path) {
       bad("shape " + shape_str(shape) + " x " + dt->name + " needs " +
           std::to_string(nbytes) + " bytes but data_offsets span " +
           std::to_string(end - begin));
+    if (end > begin) spans.emplace_back(begin, end, name);
     torch::Tensor t;
     const char* at = data + begin;
     if (numel == 0) {
@@ -171,6 +178,16 @@ TensorMap load_safetensors(const std::string& path) {
       std::memcpy(t.data_ptr(), at, end - begin);
     }
     out.emplace(name, t);
+  }
+  // Two entries over the same bytes would become two tensors sharing memory (a write to one, the
+  // other changed): refused, as the safetensors library refuses them.
+  std::sort(spans.begin(), spans.end());
+  uint64_t last_end = 0;
+  std::string last;  // the entry reaching furthest so far
+  for (size_t i = 0; i < spans.size(); ++i) {
+    const auto& [begin, end, name] = spans[i];
+    if (i > 0 && begin < last_end) fail("tensors '" + last + "' and '" + name + "' overlap in the data section");
+    if (i == 0 || end > last_end) last_end = end, last = name;
   }
   return out;
 }

@@ -316,6 +316,10 @@ bool EmbeddingImpl::init_parameter(const std::string& name) {
 
 bool init_parameters(torch::nn::Module& model, const std::vector<std::string>& names) {
   torch::NoGradGuard no_grad;
+  // On failure the generator goes back to where it was: the caller's whole-model rebuild then
+  // draws what a plain build from the same state draws.
+  auto gen = at::detail::getDefaultCPUGenerator();
+  const auto state = gen.get_state();
   std::map<std::string, ParameterInit*> owners;  // by module path ("" = the model)
   for (const auto& item : model.named_modules("", /*include_self=*/true))
     if (auto* p = dynamic_cast<ParameterInit*>(item.value().get())) owners[item.key()] = p;
@@ -330,7 +334,10 @@ bool init_parameters(torch::nn::Module& model, const std::vector<std::string>& n
       auto it = owners.find(path);
       done = it != owners.end() && it->second->init_parameter(local);
     }
-    if (!done) return false;
+    if (!done) {
+      gen.set_state(state);
+      return false;
+    }
   }
   return true;
 }
