@@ -2,11 +2,16 @@
 // cached-K/V LM pass, and the synthetic data the tiny model learns from.
 #include <gtest/gtest.h>
 
+#include <limits>
+
 #include "blip2/config/config.h"
 #include "blip2/data/synthetic.h"
+#include "blip2/io/checkpoint.h"
 #include "blip2/models/blip2_qformer.h"
+#include "test_util.h"
 
 using namespace blip2;
+using blip2::testing::error_of;
 
 namespace {
 
@@ -125,6 +130,16 @@ TEST(Layers, Int8WeightsAreQuantisedPerChannelAndMultiplyAsDequantised) {
   EXPECT_EQ(params["weight"].scalar_type(), torch::kInt8);
   EXPECT_TRUE(layer->named_buffers().contains("weight_scale"));
   EXPECT_LT((layer(x) - before).abs().max().item<float>(), 2e-2 * before.abs().max().item<float>());
+  // A NaN or inf weight has no int8 value: refused, naming the file, the tensor and the row.
+  auto broken = w.clone();
+  broken[7][3] = std::numeric_limits<float>::infinity();
+  Linear target(96, 300, true, InitOptions{});
+  target->to_int8(/*quantise=*/false);
+  auto msg = error_of([&] { load_into(*target, TensorMap{{"weight", broken}, {"bias", b}}, "w.safetensors"); });
+  EXPECT_EQ(msg, "w.safetensors: tensor 'weight': a non-finite weight (NaN or inf) in output row 7: int8 "
+                 "cannot represent it") << msg;
+  broken[7][3] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_NE(error_of([&] { quantize_int8(broken); }).find("output row 7"), std::string::npos);
 }
 
 TEST(Masks, PaddingMaskIsAdditiveOverKeys) {

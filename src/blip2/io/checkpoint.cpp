@@ -113,7 +113,12 @@ LoadReport load_into(torch::nn::Module& module, TensorMap tensors, const std::st
       throw Error(source + ": tensor '" + name + "' is int8 (written by blip2 quantize) but the model's is " +
                   std::string(c10::toString(target.scalar_type())) + ": load it with model_config.weights: int8");
     if (int8_target && !int8_src && buffers.contains(name + "_scale")) {
-      auto [q, scale] = quantize_int8(src);
+      torch::Tensor q, scale;
+      try {
+        std::tie(q, scale) = quantize_int8(src);
+      } catch (const Error& e) {
+        throw Error(source + ": tensor '" + name + "': " + e.what());
+      }
       target.copy_(q);
       buffers[name + "_scale"].copy_(scale);
       quantised.insert(name + "_scale");

@@ -198,7 +198,12 @@ std::pair<torch::Tensor, torch::Tensor> quantize_int8(const torch::Tensor& w) {
   // max |w| per row from one pass (aminmax) and a single temporary for the rounding: the same
   // numbers as abs().amax() and round().clamp(), at a third of the time on a 2.7B model.
   auto [lo, hi] = torch::aminmax(wf, 1);
-  auto scale = torch::maximum(hi, -lo).clamp_min(1e-12) / 127.0;
+  auto amax = torch::maximum(hi, -lo);  // NaN where a row has one, inf where a row has one
+  auto bad = torch::isfinite(amax).logical_not().nonzero();
+  if (bad.numel() > 0)
+    throw Error("a non-finite weight (NaN or inf) in output row " + std::to_string(bad[0].item<int64_t>()) +
+                ": int8 cannot represent it");
+  auto scale = amax.clamp_min(1e-12) / 127.0;
   auto t = wf / scale.unsqueeze(1);
   t.round_().clamp_(-127, 127);
   return {t.to(torch::kInt8), scale};
@@ -261,7 +266,11 @@ int64_t linears_to_int8(torch::nn::Module& model, const std::vector<std::string>
     const std::string name = item.key() + ".";
     if (std::none_of(prefixes.begin(), prefixes.end(), [&](const std::string& p) { return name.rfind(p, 0) == 0; }))
       continue;
-    linear->to_int8(quantise);
+    try {
+      linear->to_int8(quantise);
+    } catch (const Error& e) {
+      throw Error(item.key() + ".weight: " + e.what());
+    }
     ++n;
   }
   return n;

@@ -64,7 +64,8 @@ std::map<std::string, TensorShard> tensor_shards(const torch::nn::Module& model)
 torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias = {});
 
 // Weight-only int8, per output channel and symmetric: scale[o] = max_i |W[o,i]| / 127 (fp32),
-// q = round(W / scale) in [-127, 127]. Returns {q int8 [out, in], scale fp32 [out]}.
+// q = round(W / scale) in [-127, 127]. Returns {q int8 [out, in], scale fp32 [out]}. A NaN or inf
+// weight is an Error naming its row (the quantised row would be meaningless).
 std::pair<torch::Tensor, torch::Tensor> quantize_int8(const torch::Tensor& w);
 // x (q * scale)^T + b. On the CPU through ATen's _weight_int8pack_mm, with x and the scales
 // rounded to bf16 for the product (that kernel's path; its bf16 output is returned in x's dtype)
