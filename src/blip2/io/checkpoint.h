@@ -23,9 +23,9 @@ TensorMap load_checkpoint_tensors(const std::string& path);
 // dtype, shape and device (CPU) are the model's becomes the model's tensor without a copy; for a
 // memory-mapped safetensors file (private mapping: writes copy the page, never reach the file)
 // its pages are then read when first used, for as long as the model lives: the file must not be
-// rewritten in place meanwhile (a rename over it is safe). Anything else is copied, and the file pages of each
-// tensor copied from a mapping are given back at once: loading holds one copy of the weights,
-// not two (and a tp rank reads only its slices).
+// rewritten in place meanwhile (a rename over it is safe). Anything else is copied, and the file
+// pages of each tensor copied from a mapping are given back at once: loading holds one copy of
+// the weights, not two (and a tp rank reads only its slices).
 LoadReport load_into(torch::nn::Module& module, TensorMap tensors, const std::string& source);
 // The module's tensors by name (its trainable parameters and the buffers, with trainable_only);
 // tensor-parallel shards gathered whole under their canonical names, so every tp rank must call it.

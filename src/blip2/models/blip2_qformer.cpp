@@ -24,7 +24,7 @@ Blip2QformerImpl::Blip2QformerImpl(const Blip2Config& c, const InitOptions& init
     torch::NoGradGuard no_grad;
     query_tokens = register_parameter(
         "query_tokens", torch::empty({1, q.query_length, q.hidden_size}, init.options));
-    if (init.draw) query_tokens.normal_(0.0, q.initializer_range);
+    if (init.draw) init_parameter("query_tokens");  // the one rule, also for a draw after loading
   }
   embeddings = register_module("embeddings", TextEmbeddings(q, bert_init));
   qformer = register_module("qformer", QFormerModel(q, c.encoder_width(), bert_init));
