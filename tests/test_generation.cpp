@@ -4,10 +4,13 @@
 // of `generate` (greedy, beam search, repetition penalty, min_new_tokens, left padding).
 #include <gtest/gtest.h>
 
+#include <map>
+
 #include "blip2/api/api.h"
 #include "blip2/io/checkpoint.h"
 #include "blip2/io/hf.h"
 #include "blip2/models/blip2_llm.h"
+#include "blip2/models/slot_decoder.h"
 #include "blip2/tasks/factory.h"
 #include "blip2/tasks/metrics.h"
 #include "blip2/tasks/stage2.h"
@@ -196,6 +199,98 @@ TEST_P(Stage2Parity, Int8WeightsStayCloseAndQuantizeEqualsQuantisingAtLoad) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Llm, Stage2Parity, ::testing::Values("opt", "llama"));
+
+// Continuous batching: sequences that join a running batch at different steps and leave when they
+// finish produce what generate() gives each of them alone, with every option mixed in one batch.
+class SlotDecoding : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(SlotDecoding, RowsJoiningAndLeavingProduceWhatGenerateGivesEachAlone) {
+  auto f = load_fixture(GetParam());
+  auto& lm = *f.model->language_model;
+  const auto& t = *f.config.text_config;
+  torch::manual_seed(3);
+  struct Req {
+    torch::Tensor prefix;
+    std::vector<int64_t> prompt;
+    GenerationOptions o;
+  };
+  std::vector<Req> reqs;
+  const std::vector<std::vector<int64_t>> prompts = {{t.bos_token_id}, {t.bos_token_id, 5, 9, 11}, {}, {t.bos_token_id, 7}};
+  for (int i = 0; i < 8; ++i) {
+    Req r;
+    if (i % 4 != 3) r.prefix = torch::randn({1, 3, t.hidden_size}) * 0.5;
+    r.prompt = prompts[i % 4];
+    if (r.prompt.empty() && !r.prefix.defined()) r.prompt = {t.bos_token_id};
+    r.o = options(f);
+    r.o.max_new_tokens = 4 + i % 5;
+    if (i % 2) {  // sampling, each its own seed and filters
+      r.o.do_sample = true;
+      r.o.seed = 100 + i;
+      r.o.temperature = 0.7 + 0.1 * i;
+      r.o.top_k = i % 3 ? 20 : 0;
+      r.o.top_p = i % 3 == 1 ? 0.9 : 1.0;
+    }
+    if (i % 3 == 0) r.o.repetition_penalty = 1.4;
+    if (i == 4) r.o.min_new_tokens = 3;
+    if (i == 6) r.o.eos_token_ids = {t.eos_token_id, 6};
+    reqs.push_back(r);
+  }
+  std::vector<std::vector<int64_t>> expected;
+  for (const auto& r : reqs) {
+    auto ids = torch::tensor(r.prompt, torch::kLong).view({1, static_cast<int64_t>(r.prompt.size())});
+    auto o = r.o;
+    if (!r.prefix.defined()) o.prefix_token_id = -1;
+    expected.push_back(generate(lm, r.prefix, ids, torch::ones_like(ids), o)[0]);
+  }
+
+  SlotDecoder dec(lm, 3);
+  std::map<int64_t, size_t> which;  // sequence id -> request
+  std::vector<std::vector<int64_t>> got(reqs.size());
+  std::vector<bool> finished(reqs.size(), false);
+  size_t next = 0;
+  int64_t peak = 0, steps = 0;
+  auto take = [&](const SlotDecoder::Emit& e) {
+    const size_t i = which.at(e.id);
+    ASSERT_FALSE(finished[i]);
+    got[i].push_back(e.token);
+    finished[i] = e.finished;
+  };
+  while (next < reqs.size() || dec.active() > 0) {
+    if (next < reqs.size() && dec.active() < dec.slots()) {  // one joins per step
+      auto o = reqs[next].o;
+      if (!reqs[next].prefix.defined()) o.prefix_token_id = -1;
+      auto e = dec.admit(reqs[next].prefix, reqs[next].prompt, o);
+      which[e.id] = next++;
+      take(e);
+    }
+    peak = std::max(peak, dec.active());
+    for (const auto& e : dec.step()) take(e);
+    ASSERT_LT(++steps, 200);
+  }
+  EXPECT_EQ(peak, 3);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_TRUE(finished[i]) << i;
+    EXPECT_EQ(got[i], expected[i]) << "request " << i;
+  }
+
+  // A cancelled sequence frees its row; a full decoder refuses one more.
+  auto o = options(f);
+  o.max_new_tokens = 20;
+  std::vector<int64_t> ids;
+  for (int i = 0; i < 3; ++i) ids.push_back(dec.admit({}, {t.bos_token_id}, o).id);
+  EXPECT_EQ(dec.active(), 3);
+  EXPECT_THROW(dec.admit({}, {t.bos_token_id}, o), Error);
+  dec.release(ids[1]);
+  EXPECT_EQ(dec.active(), 2);
+  EXPECT_FALSE(dec.has(ids[1]));
+  o.num_beams = 2;
+  EXPECT_THROW(dec.admit({}, {t.bos_token_id}, o), Error);
+  o.num_beams = 1;
+  o.max_new_tokens = t.max_position_embeddings;
+  EXPECT_THROW(dec.admit({}, {t.bos_token_id}, o), Error);
+}
+
+INSTANTIATE_TEST_SUITE_P(Llm, SlotDecoding, ::testing::Values("opt", "llama"));
 
 TEST(Stage2Weights, LavisStage2FileWithSeparateVitAndLlm) {
   // LAVIS' blip2_pretrained_opt*.pth keeps the query path, ln_vision and opt_proj; the ViT and

@@ -15,6 +15,7 @@
 #include "blip2/io/pth.h"
 #include "blip2/models/blip2_llm.h"
 #include "blip2/models/blip2_qformer.h"
+#include "blip2/serve/server.h"
 #include "blip2/tasks/factory.h"
 #include "blip2/tasks/metrics.h"
 #include "blip2/tasks/stage1.h"
@@ -312,6 +313,34 @@ int main(int argc, char** argv) {
   exporter->add_option("input", export_in, "blip2cpp model or checkpoint directory")->required();
   exporter->add_option("--out", export_out, "output directory")->required();
 
+  auto* server = app.add_subcommand("serve", "serve the models over HTTP: an OpenAI-compatible API "
+                                     "(chat/completions, completions, embeddings), classify, match and a web page");
+  blip2::serve::ServeOptions so;
+  server->add_option("--model", so.model, "stage-2 model for the text endpoints: a preset name or a directory");
+  server->add_option("--stage1", so.stage1, "stage-1 model for embeddings, classify and match: a preset name or a directory");
+  server->add_option("--host", so.host, "address to listen on (default 127.0.0.1: this machine only)");
+  server->add_option("--port", so.port, "port (0 = any free port; the 'listening on' line says which)");
+  server->add_option("--api-key", so.api_key, "require 'Authorization: Bearer KEY' on /v1/* and /metrics");
+  server->add_option("--max-batch", so.max_batch, "rows decoded together (1 = no batching across requests)")
+      ->check(CLI::PositiveNumber);
+  server->add_option("--max-queue", so.max_queue, "requests that may wait before 503 + Retry-After")
+      ->check(CLI::PositiveNumber);
+  server->add_option("--max-body", so.max_body, "largest request body in bytes (413 beyond)")->check(CLI::PositiveNumber);
+  server->add_option("--max-image-pixels", so.max_image_pixels,
+                     "largest image (width x height) accepted, checked before decoding")->check(CLI::PositiveNumber);
+  server->add_option("--allow-files", so.allow_files, "directory that file:// image URLs may read from");
+  server->add_option("--device_target", so.device, "cpu | cuda | cuda:N")
+      ->check(CLI::Validator(
+          [](std::string& v) { return blip2::is_device_target(v) ? std::string() : "'" + v + "' is not cpu|cuda|cuda:N"; },
+          "cpu|cuda|cuda:N"));
+  server->add_option("--weights", so.weights, "int8: quantise the ViT's and the LLM's linear layers as they load")
+      ->check(CLI::IsMember({"float", "int8"}));
+  server->add_option("--tokenizer", so.tokenizer, "the LLM tokenizer, when it is not beside the model");
+  server->add_option("--threads", so.threads, "HTTP worker threads (default max-batch + max-queue + 8)")
+      ->check(CLI::NonNegativeNumber);
+  server->add_option("--drain-timeout", so.drain_timeout_s, "seconds in-flight requests may take to finish on SIGTERM")
+      ->check(CLI::NonNegativeNumber);
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -329,6 +358,7 @@ int main(int argc, char** argv) {
     if (*convert) return convert_checkpoint(convert_inputs, convert_out, convert_model, convert->count("--model") > 0);
     if (*exporter) return export_checkpoint(export_in, export_out);
     if (*quantize) return quantize_checkpoint(quantize_in, quantize_out, quantize_weights);
+    if (*server) return blip2::serve::serve(so);
     if (!run_mode.empty()) o.run_mode = run_mode;
     if (!device.empty()) o.device_target = device;
     if (!train_dir.empty()) o.train_dataset_dir = train_dir;

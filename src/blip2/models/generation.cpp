@@ -96,7 +96,9 @@ torch::Tensor process(torch::Tensor scores, const torch::Tensor& prompt, const t
   return scores;
 }
 
-void check_options(const GenerationOptions& o) {
+}  // namespace
+
+void check_generation_options(const GenerationOptions& o) {
   check(o.num_beams >= 1, "generation: num_beams must be >= 1, got " + std::to_string(o.num_beams));
   check(o.max_new_tokens >= 1, "generation: max_new_tokens must be >= 1, got " + std::to_string(o.max_new_tokens));
   check(o.min_new_tokens >= 0 && o.min_new_tokens <= o.max_new_tokens,
@@ -108,6 +110,8 @@ void check_options(const GenerationOptions& o) {
   check(!(o.do_sample && o.num_beams > 1),
         "generation: sampling with num_beams > 1 (beam sampling) is not supported; use num_beams 1");
 }
+
+namespace {
 
 // "Stop now?" (every row finished) read without waiting for the device: each step's answer is
 // copied to pinned host memory behind an event, and the loop acts on the newest answer that has
@@ -152,14 +156,6 @@ class StopFlag {
   bool pending_ = false, done_ = false;
 };
 
-// A generator seeded with o.seed on the device that samples: the CPU's (the stream transformers
-// draws from on the CPU) or the device's own.
-at::Generator sampling_generator(uint64_t seed, torch::Device d) {
-  if (d.is_cpu()) return at::detail::createCPUGenerator(seed);
-  auto g = at::globalContext().defaultGenerator(d).clone();
-  g.set_current_seed(seed);
-  return g;
-}
 
 std::vector<std::vector<int64_t>> greedy_or_sample(Decoder& dec, const torch::Tensor& ids,
                                                    const torch::Tensor& keep, torch::Tensor scores,
@@ -300,6 +296,13 @@ std::vector<std::vector<int64_t>> beam_search(Decoder& dec, const torch::Tensor&
 
 }  // namespace
 
+at::Generator sampling_generator(uint64_t seed, torch::Device d) {
+  if (d.is_cpu()) return at::detail::createCPUGenerator(seed);
+  auto g = at::globalContext().defaultGenerator(d).clone();
+  g.set_current_seed(seed);
+  return g;
+}
+
 GenerationOptions GenerationOptions::from(const TextConfig& t) {
   GenerationOptions o;
   o.num_beams = t.num_beams;
@@ -349,7 +352,7 @@ torch::Tensor apply_top_k_top_p(torch::Tensor scores, int64_t top_k, double top_
 std::vector<std::vector<int64_t>> generate(CausalLMImpl& lm, const torch::Tensor& prefix,
                                            const torch::Tensor& ids, const torch::Tensor& keep,
                                            const GenerationOptions& o, GenerationStats* stats) {
-  check_options(o);
+  check_generation_options(o);
   torch::NoGradGuard no_grad;
   check(ids.dim() == 2 && keep.sizes() == ids.sizes(), "generation: ids and keep must both be [batch, length]");
   check(o.stop_check_delay == 0 || ids.device().is_cpu(),

@@ -60,5 +60,10 @@ std::vector<std::vector<int64_t>> generate(CausalLMImpl& lm, const torch::Tensor
 torch::Tensor apply_repetition_penalty(torch::Tensor scores, const torch::Tensor& seen,
                                        const torch::Tensor& seen_keep, double penalty);
 torch::Tensor apply_top_k_top_p(torch::Tensor scores, int64_t top_k, double top_p);
+// The generator sampling draws from, seeded with `seed`: the CPU's stream (transformers' on the
+// CPU) or a clone of the device's own.
+at::Generator sampling_generator(uint64_t seed, torch::Device d);
+// Refuses options generate() cannot run (one line naming the option).
+void check_generation_options(const GenerationOptions& o);
 
 }  // namespace blip2

@@ -154,11 +154,15 @@ torch::Tensor causal_prefix_mask(const torch::Tensor& keep, int64_t prefix_len);
 
 // Keys and values of one self-attention layer, [B, heads, L, head_dim]. With a capacity (LLM
 // decoding), key/value are allocated once for `capacity` positions and written in place: the
-// first `length` are filled.
+// first `length` are filled. With write_pos (continuous batching: rows at different lengths),
+// a one-position step writes row b's key/value at column write_pos[b] and attends the first
+// `span` columns (what lies past a row's own length is hidden by the caller's keep mask).
 struct KVCache {
   torch::Tensor key, value;
   int64_t capacity = 0;  // 0: key/value are exactly the cache, grown by concatenation
   int64_t length = 0;
+  torch::Tensor write_pos = {};  // [B] long, or undefined: every row writes at `length`
+  int64_t span = 0;
 };
 
 int64_t count_parameters(const torch::nn::Module& m);

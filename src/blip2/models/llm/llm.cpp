@@ -81,7 +81,15 @@ torch::Tensor output_logits(const torch::Tensor& hidden, const Linear& lm_head, 
 
 torch::Tensor cached_attention(const torch::Tensor& q, torch::Tensor k, torch::Tensor v,
                                const torch::Tensor& additive_mask, KVCache* cache, int64_t n_rep) {
-  if (cache && cache->capacity > 0) {
+  if (cache && cache->write_pos.defined()) {
+    check(k.size(2) == 1 && cache->key.defined() && cache->span <= cache->key.size(2),
+          "KV cache: per-row writes take one position per row within the reserved columns");
+    auto idx = cache->write_pos.view({-1, 1, 1, 1}).expand({k.size(0), k.size(1), 1, k.size(3)});
+    cache->key.scatter_(2, idx, k);
+    cache->value.scatter_(2, idx, v);
+    k = cache->key.narrow(2, 0, cache->span);
+    v = cache->value.narrow(2, 0, cache->span);
+  } else if (cache && cache->capacity > 0) {
     const int64_t n = k.size(2);
     if (!cache->key.defined()) {
       auto shape = k.sizes().vec();

@@ -1,0 +1,247 @@
+#include "blip2/serve/engine.h"
+
+#include "blip2/serve/openai.h"
+#include "blip2/util/common.h"
+
+namespace blip2::serve {
+
+Engine::Engine(EngineOptions options, Metrics& metrics) : options_(options), metrics_(metrics) {
+  check(options_.max_batch >= 1, "serve: --max-batch must be >= 1");
+  check(options_.max_queue >= 1, "serve: --max-queue must be >= 1");
+}
+
+Engine::~Engine() { stop(); }
+
+void Engine::start(std::optional<Blip2GenerationModel> text_model, std::optional<Blip2Model> stage1_model) {
+  text_ = std::move(text_model);
+  stage1_ = std::move(stage1_model);
+  if (text_) decoder_ = std::make_unique<SlotDecoder>(*text_->module()->language_model, options_.max_batch);
+  thread_ = std::thread([this] { loop(); });
+}
+
+bool Engine::submit(std::shared_ptr<GenJob> job) {
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    if (stopping_ || static_cast<int64_t>(gen_queue_.size() + stage1_queue_.size()) >= options_.max_queue) return false;
+    job->choices.resize(static_cast<size_t>(job->n));
+    gen_queue_.push_back(std::move(job));
+    metrics_.set_queue(static_cast<int64_t>(gen_queue_.size() + stage1_queue_.size()));
+  }
+  cv_.notify_one();
+  return true;
+}
+
+std::optional<std::future<nlohmann::json>> Engine::submit(Stage1Fn fn) {
+  auto job = std::make_shared<Stage1Job>();
+  job->fn = std::move(fn);
+  auto fut = job->result.get_future();
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    if (stopping_ || static_cast<int64_t>(gen_queue_.size() + stage1_queue_.size()) >= options_.max_queue)
+      return std::nullopt;
+    stage1_queue_.push_back(std::move(job));
+    metrics_.set_queue(static_cast<int64_t>(gen_queue_.size() + stage1_queue_.size()));
+  }
+  cv_.notify_one();
+  return fut;
+}
+
+void Engine::stop() {
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+int64_t Engine::queue_length() const {
+  std::lock_guard<std::mutex> lock(m_);
+  return static_cast<int64_t>(gen_queue_.size() + stage1_queue_.size());
+}
+
+void Engine::fail(const std::shared_ptr<GenJob>& job, const std::string& message) {
+  {
+    std::lock_guard<std::mutex> lock(job->m);
+    job->error = message;
+    job->finished = true;
+    ++job->version;
+  }
+  job->cv.notify_all();
+}
+
+void Engine::deliver(const std::shared_ptr<GenJob>& job, size_t choice, int64_t token, bool row_finished, int64_t seq) {
+  const auto& tok = *text_->tokenizer();
+  bool release = false;
+  {
+    std::lock_guard<std::mutex> lock(job->m);
+    auto& c = job->choices[choice];
+    c.tokens.push_back(token);
+    std::string text = tok.decode(c.tokens);
+    const auto start = text.find_first_not_of(" \n\t");
+    text = start == std::string::npos ? "" : text.substr(start);
+    const bool stopped = cut_at_stop(text, job->stop);
+    if (stopped || row_finished) {
+      c.done = true;
+      const auto& eos = job->options.eos_token_ids;
+      c.finish_reason = stopped || std::find(eos.begin(), eos.end(), token) != eos.end() ? "stop" : "length";
+      text = trim_text(text);
+      release = stopped && !row_finished;
+    }
+    c.text = std::move(text);
+    if (!job->first_token_seen) {
+      job->first_token_seen = true;
+      metrics_.first_token(std::chrono::duration<double>(std::chrono::steady_clock::now() - job->arrived).count());
+    }
+    job->finished = std::all_of(job->choices.begin(), job->choices.end(), [](const auto& x) { return x.done; });
+    ++job->version;
+  }
+  metrics_.tokens(1);
+  if (seq >= 0 && (release || row_finished)) {
+    if (release) decoder_->release(seq);
+    active_.erase(seq);
+  }
+  job->cv.notify_all();
+}
+
+void Engine::admit(std::vector<std::shared_ptr<GenJob>>& jobs) {
+  // The images of every joining request in one pass through the ViT and the Q-Former.
+  std::vector<torch::Tensor> images;
+  for (const auto& j : jobs)
+    if (j->image.defined()) images.push_back(j->image);
+  torch::Tensor prefixes;
+  auto module = text_->module();
+  if (!images.empty()) {
+    try {
+      prefixes = module->image_prefix(torch::stack(images).to(text_->device()));
+    } catch (const std::exception& e) {
+      for (const auto& j : jobs) fail(j, first_line(e.what()));
+      return;
+    }
+  }
+  int64_t next_image = 0;
+  for (const auto& j : jobs) {
+    torch::Tensor prefix;
+    if (j->image.defined()) prefix = prefixes.narrow(0, next_image++, 1);
+    for (int64_t c = 0; c < j->n; ++c) {
+      auto o = j->options;
+      if (!prefix.defined()) o.prefix_token_id = -1;
+      o.seed = j->options.seed + static_cast<uint64_t>(c);  // choice c: the next seed
+      try {
+        const auto e = decoder_->admit(prefix, j->prompt, o);
+        if (!e.finished) active_[e.id] = {j, static_cast<size_t>(c)};
+        deliver(j, static_cast<size_t>(c), e.token, e.finished, e.finished ? -1 : e.id);
+      } catch (const std::exception& e) {
+        for (auto it = active_.begin(); it != active_.end();)  // its other choices leave too
+          if (it->second.job == j) {
+            decoder_->release(it->first);
+            it = active_.erase(it);
+          } else {
+            ++it;
+          }
+        fail(j, first_line(e.what()));
+        break;
+      }
+    }
+  }
+}
+
+void Engine::run_beams(const std::shared_ptr<GenJob>& job) {
+  try {
+    auto module = text_->module();
+    torch::Tensor prefix;
+    auto o = job->options;
+    if (job->image.defined()) prefix = module->image_prefix(job->image.unsqueeze(0).to(text_->device()));
+    else o.prefix_token_id = -1;
+    auto ids = torch::tensor(job->prompt, torch::kLong).view({1, -1}).to(text_->device());
+    auto out = generate(*module->language_model, prefix, ids, torch::ones_like(ids), o)[0];
+    if (out.empty()) out.push_back(o.eos_token_ids.empty() ? 0 : o.eos_token_ids[0]);
+    for (size_t i = 0; i < out.size(); ++i) {
+      {
+        std::lock_guard<std::mutex> lock(job->m);
+        if (job->choices[0].done) break;  // cut at a stop string
+      }
+      deliver(job, 0, out[i], i + 1 == out.size(), -1);
+    }
+  } catch (const std::exception& e) {
+    fail(job, first_line(e.what()));
+  }
+}
+
+void Engine::loop() {
+  torch::NoGradGuard no_grad;
+  for (;;) {
+    std::vector<std::shared_ptr<GenJob>> joining, beams;
+    std::vector<std::shared_ptr<Stage1Job>> stage1;
+    {
+      std::unique_lock<std::mutex> lock(m_);
+      const bool busy = decoder_ && decoder_->active() > 0;
+      if (!busy)
+        cv_.wait_for(lock, std::chrono::milliseconds(100),
+                     [&] { return stopping_ || !gen_queue_.empty() || !stage1_queue_.empty(); });
+      if (stopping_ && !busy && gen_queue_.empty() && stage1_queue_.empty()) break;
+      // In arrival order, as many text requests as there are free rows (one that does not fit
+      // waits, and so do those behind it); beam requests and stage-1 jobs always run.
+      int64_t free_rows = decoder_ ? decoder_->slots() - decoder_->active() : 0;
+      while (!gen_queue_.empty()) {
+        auto& j = gen_queue_.front();
+        if (j->cancelled) {
+          gen_queue_.pop_front();
+          continue;
+        }
+        if (j->options.num_beams > 1) {
+          beams.push_back(j);
+        } else if (j->n <= free_rows) {
+          free_rows -= j->n;
+          joining.push_back(j);
+        } else {
+          break;
+        }
+        gen_queue_.pop_front();
+      }
+      while (!stage1_queue_.empty()) {
+        stage1.push_back(std::move(stage1_queue_.front()));
+        stage1_queue_.pop_front();
+      }
+      metrics_.set_queue(static_cast<int64_t>(gen_queue_.size() + stage1_queue_.size()));
+    }
+    // Rows of requests whose client went away.
+    for (auto it = active_.begin(); it != active_.end();) {
+      if (it->second.job->cancelled) {
+        decoder_->release(it->first);
+        it = active_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (!joining.empty()) admit(joining);
+    for (auto& s : stage1) {
+      try {
+        s->result.set_value(s->fn(*stage1_));
+      } catch (...) {
+        s->result.set_exception(std::current_exception());
+      }
+    }
+    for (const auto& b : beams) run_beams(b);
+    if (decoder_ && decoder_->active() > 0) {
+      metrics_.decode_step(decoder_->active());
+      try {
+        for (const auto& e : decoder_->step()) {
+          auto it = active_.find(e.id);
+          if (it == active_.end()) continue;
+          auto a = it->second;
+          deliver(a.job, a.choice, e.token, e.finished, e.id);
+        }
+      } catch (const std::exception& e) {
+        for (auto& [id, a] : active_) {
+          decoder_->release(id);
+          fail(a.job, first_line(e.what()));
+        }
+        active_.clear();
+      }
+    }
+    metrics_.set_active(decoder_ ? decoder_->active() : 0);
+  }
+}
+
+}  // namespace blip2::serve
