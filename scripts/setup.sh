@@ -16,7 +16,9 @@ DEBIAN_PACKAGES=(
   libjpeg62-turbo-dev libpng-dev  # image decoding (Pillow's decoder family)
   libutf8proc-dev      # Unicode properties for the BERT tokenizer
   libgloo-dev          # gloo's headers for src/blip2/dist (torch ships gloo's code, not its headers)
+  libcpp-httplib-dev   # blip2 serve (HTTP server and client)
   libgtest-dev libgmock-dev  # tests
+  chromium chromium-driver   # the web page's browser test (headless, driven over WebDriver)
 )
 TORCH_VERSION=2.13.0
 

@@ -53,8 +53,8 @@ class ChildProcess {
   bool wait_for(const std::string& needle, double timeout_s) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
     while (output_.find(needle) == std::string::npos) {
-      if (std::chrono::steady_clock::now() > deadline) return false;
-      if (!read_some(100)) return output_.find(needle) != std::string::npos;
+      if (std::chrono::steady_clock::now() > deadline || eof_) return false;
+      read_some(100);
     }
     return true;
   }
@@ -94,17 +94,22 @@ class ChildProcess {
 
  private:
   bool read_some(int timeout_ms) {  // false at end of output or when nothing came in time
+    if (eof_) return false;
     pollfd p{fd_, POLLIN, 0};
     if (::poll(&p, 1, timeout_ms) <= 0) return false;
     char buf[4096];
     const auto n = ::read(fd_, buf, sizeof buf);
-    if (n <= 0) return false;
+    if (n <= 0) {
+      eof_ = true;
+      return false;
+    }
     output_.append(buf, static_cast<size_t>(n));
     return true;
   }
   pid_t pid_ = -1;
   int fd_ = -1;
   bool exited_ = false;
+  bool eof_ = false;
   std::string output_;
 };
 

@@ -1,5 +1,7 @@
 #include "blip2/api/api.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+
 #include <filesystem>
 #include <iostream>
 
@@ -18,6 +20,8 @@
 
 namespace blip2 {
 namespace fs = std::filesystem;
+
+constexpr uint64_t kRandomInitSeed = 42;  // the embedded config's seed
 
 Blip2Config model_config_of(const std::string& what) {
   if (const auto* p = find_preset(what)) return p->config;
@@ -109,6 +113,17 @@ Blip2Model Blip2Model::from_pretrained(const std::string& name_or_path,
     }
 
     WeightLedger ledger(o.allow_partial_load);
+    // What stays random is drawn from a fixed seed (the embedded config's), so that a random
+    // model is the same in every process (a server and its client, a test and the CLI); the
+    // caller's generator is left as it was.
+    auto gen = at::detail::getDefaultCPUGenerator();
+    const auto saved = gen.get_state();
+    gen.set_current_seed(kRandomInitSeed);
+    struct Restore {
+      at::Generator g;
+      at::Tensor state;
+      ~Restore() { g.set_state(state); }
+    } restore{gen, saved};
     Blip2Qformer module = build_loaded<Blip2Qformer>(!weights.empty() && !o.allow_partial_load, [&](bool draw) {
       ledger = WeightLedger(o.allow_partial_load);
       auto m = build_model(config, ledger, torch::kCPU, draw);

@@ -487,12 +487,14 @@ void Service::routes(httplib::Server& svr) {
   svr.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
     if (req.has_header("Transfer-Encoding") && req.get_header_value("Transfer-Encoding") != "identity") {
       send_json(res, 411, error_body(411, "send the body with a Content-Length (chunked bodies are refused)"));
+      res.set_header("Connection", "close");  // the unread body must not be taken for the next request
       metrics_.request(req.path, 411, 0);
       return httplib::Server::HandlerResponse::Handled;
     }
     if (req.has_header("Content-Encoding") && req.get_header_value("Content-Encoding") != "identity") {
       send_json(res, 415, error_body(415, "compressed bodies (Content-Encoding: " +
                                               req.get_header_value("Content-Encoding") + ") are refused"));
+      res.set_header("Connection", "close");
       metrics_.request(req.path, 415, 0);
       return httplib::Server::HandlerResponse::Handled;
     }

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include <jpeglib.h>
+#include <jerror.h>
 #include <png.h>
 
 #include "blip2/util/common.h"
@@ -27,7 +28,15 @@ void jpeg_fail(j_common_ptr cinfo) {
   (*cinfo->err->format_message)(cinfo, err->message);
   std::longjmp(err->jump, 1);
 }
-void jpeg_quiet(j_common_ptr, int) {}
+// Warnings are quiet, except the one that says the data ran out: Pillow refuses a truncated
+// JPEG ("image file is truncated") where libjpeg would fill the missing rows with grey.
+void jpeg_quiet(j_common_ptr cinfo, int level) {
+  if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF) {
+    auto* err = reinterpret_cast<JpegError*>(cinfo->err);
+    std::snprintf(err->message, sizeof err->message, "the image file is truncated");
+    std::longjmp(err->jump, 1);
+  }
+}
 
 // Pillow's cmyk2rgb: nk = 255 - k; channel = nk - c * nk / 255 (rounded as MULDIV255).
 inline uint8_t cmyk_channel(int c, int k) {
