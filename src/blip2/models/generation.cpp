@@ -208,39 +208,57 @@ std::vector<std::vector<int64_t>> greedy_or_sample(Decoder& dec, const torch::Te
   return result;
 }
 
-std::vector<std::vector<int64_t>> beam_search(Decoder& dec, const torch::Tensor& ids,
-                                              const torch::Tensor& keep, torch::Tensor logits,
-                                              int64_t batch, const GenerationOptions& o,
-                                              GenerationStats* stats) {
-  const int64_t k = o.num_beams, k2 = 2 * k, n = o.max_new_tokens;
-  const auto dev = logits.device();
-  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
-  const auto fopt = torch::TensorOptions().dtype(torch::kFloat32).device(dev);
-  const auto bopt = torch::TensorOptions().dtype(torch::kBool).device(dev);
-  auto eos = eos_tensor(o, dev);
-  const int64_t vocab = logits.size(1);
+// Beam search, one token per call of advance(): its state between steps (what beam_search kept
+// in locals), so that a server can interleave a beam group with other work.
+struct BeamState {
+  Decoder dec;
+  torch::Tensor ids, keep, logits;  // prompts [B*K, L] and the next step's logits [B*K, V]
+  int64_t batch, k, k2, n, vocab;
+  GenerationOptions o;
+  torch::Tensor eos, running, running_scores, fin_tokens, fin_scores, fin_len, is_fin, improvable, top_k_mask,
+      batch_offset;
+  StopFlag stop;
+  int64_t cur = 0;
+  bool finished = false;
 
-  auto running = torch::zeros({batch, k, 0}, lopt);           // new tokens of each live beam
-  auto running_scores = torch::full({batch, k}, kMasked, fopt);
-  running_scores.select(1, 0).zero_();
-  auto fin_tokens = torch::full({batch, k, n}, -1, lopt);      // the k best finished hypotheses
-  auto fin_scores = torch::full({batch, k}, kMasked, fopt);
-  auto fin_len = torch::zeros({batch, k}, lopt);
-  auto is_fin = torch::zeros({batch, k}, bopt);
-  auto improvable = torch::ones({batch}, bopt);
-  auto top_k_mask = torch::cat({torch::ones({k}, bopt), torch::zeros({k}, bopt)});
-  auto batch_offset = (torch::arange(batch, lopt) * k).unsqueeze(1);
-  StopFlag stop(dev, o.stop_check_delay);
-  auto gather = [](const torch::Tensor& t, const torch::Tensor& idx) {  // t [B, M, ...], idx [B, K']
+  BeamState(Decoder d, torch::Tensor ids_, torch::Tensor keep_, torch::Tensor logits_, int64_t b,
+            const GenerationOptions& opts)
+      : dec(std::move(d)), ids(std::move(ids_)), keep(std::move(keep_)), logits(std::move(logits_)), batch(b),
+        k(opts.num_beams), k2(2 * opts.num_beams), n(opts.max_new_tokens), vocab(logits.size(1)), o(opts),
+        stop(logits.device(), opts.stop_check_delay) {
+    const auto dev = logits.device();
+    const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
+    const auto fopt = torch::TensorOptions().dtype(torch::kFloat32).device(dev);
+    const auto bopt = torch::TensorOptions().dtype(torch::kBool).device(dev);
+    eos = eos_tensor(o, dev);
+    running = torch::zeros({batch, k, 0}, lopt);           // new tokens of each live beam
+    running_scores = torch::full({batch, k}, kMasked, fopt);
+    running_scores.select(1, 0).zero_();
+    fin_tokens = torch::full({batch, k, n}, -1, lopt);      // the k best finished hypotheses
+    fin_scores = torch::full({batch, k}, kMasked, fopt);
+    fin_len = torch::zeros({batch, k}, lopt);
+    is_fin = torch::zeros({batch, k}, bopt);
+    improvable = torch::ones({batch}, bopt);
+    top_k_mask = torch::cat({torch::ones({k}, bopt), torch::zeros({k}, bopt)});
+    batch_offset = (torch::arange(batch, lopt) * k).unsqueeze(1);
+  }
+
+  static torch::Tensor gather(const torch::Tensor& t, const torch::Tensor& idx) {  // t [B, M, ...], idx [B, K']
     auto index = idx;
     for (int64_t d = 2; d < t.dim(); ++d) index = index.unsqueeze(-1);
     std::vector<int64_t> shape = t.sizes().vec();
     shape[1] = idx.size(1);
     return t.gather(1, index.expand(shape));
-  };
-  const auto t0 = std::chrono::steady_clock::now();
-  int64_t cur = 0;
-  for (;;) {
+  }
+
+  // Scores the candidates of the current logits, keeps the best beams and finished hypotheses,
+  // then (unless done) runs the model one step on the kept beams. True when done.
+  bool advance() {
+    if (finished) return true;
+    const auto dev = logits.device();
+    const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
+    const auto fopt = torch::TensorOptions().dtype(torch::kFloat32).device(dev);
+    const auto bopt = torch::TensorOptions().dtype(torch::kBool).device(dev);
     auto flat_out = running.reshape({batch * k, cur});
     auto logp = process(torch::log_softmax(logits, -1), ids, keep, flat_out, cur, o, eos);
     auto acc = (logp.view({batch, k, vocab}) + running_scores.unsqueeze(2)).view({batch, k * vocab});
@@ -278,20 +296,70 @@ std::vector<std::vector<int64_t>> beam_search(Decoder& dec, const torch::Tensor&
                               torch::full({batch, k}, kMasked, fopt));
     improvable = improvable & (best_possible.unsqueeze(1) > worst).any(1);
     stop.post(improvable.any().logical_not() | hits.all());
-    if (cur >= n || stop.done()) break;
+    if (cur >= n || stop.done()) return finished = true;
     dec.select_rows(rows);
     logits = dec.step(running.select(2, cur - 1).reshape({-1}));
+    return false;
   }
-  if (stats) {
-    stats->decode_s += seconds_since(t0);
-    stats->steps += cur - 1;
+
+  std::vector<std::vector<int64_t>> result() const {
+    std::vector<std::vector<int64_t>> out(batch);
+    auto tok = fin_tokens.select(1, 0).cpu();
+    auto len = fin_len.select(1, 0).cpu();
+    for (int64_t i = 0; i < batch; ++i)
+      for (int64_t t = 0; t < len[i].item<int64_t>(); ++t) out[i].push_back(tok[i][t].item<int64_t>());
+    return out;
   }
-  std::vector<std::vector<int64_t>> result(batch);
-  auto tok = fin_tokens.select(1, 0).cpu();
-  auto len = fin_len.select(1, 0).cpu();
-  for (int64_t i = 0; i < batch; ++i)
-    for (int64_t t = 0; t < len[i].item<int64_t>(); ++t) result[i].push_back(tok[i][t].item<int64_t>());
-  return result;
+};
+
+// The model's inputs for a generation: prefix + prompt embeddings and keep mask, each row
+// repeated num_beams times for beam search; the prompt ids the repetition penalty sees.
+struct Prepared {
+  torch::Tensor embeds, keep, prompt, prompt_keep;
+  GenerationOptions opts;
+  int64_t batch = 0;
+};
+
+Prepared prepare(CausalLMImpl& lm, const torch::Tensor& prefix, const torch::Tensor& ids, const torch::Tensor& keep,
+                 const GenerationOptions& o) {
+  check_generation_options(o);
+  check(ids.dim() == 2 && keep.sizes() == ids.sizes(), "generation: ids and keep must both be [batch, length]");
+  check(o.stop_check_delay == 0 || ids.device().is_cpu(),
+        "generation: stop_check_delay is for the CPU (a device's stop test is read asynchronously already)");
+  Prepared r;
+  r.batch = ids.size(0);
+  const int64_t b = r.batch;
+  const int64_t p = prefix.defined() ? prefix.size(1) : 0;
+  check(p + ids.size(1) > 0, "generation: nothing to condition on (no prefix and an empty prompt)");
+  // The LLM's positions bound the context whatever the options say (OPT's are a table).
+  const int64_t context = o.max_context > 0 ? std::min(o.max_context, lm.config.max_position_embeddings)
+                                            : lm.config.max_position_embeddings;
+  if (p + ids.size(1) + o.max_new_tokens > context)
+    throw Error("generation: " + std::to_string(p) + " image queries + a prompt of " +
+                std::to_string(ids.size(1)) + " tokens + max_new_tokens " +
+                std::to_string(o.max_new_tokens) + " exceed the model's context of " +
+                std::to_string(context) + " positions");
+  auto e = lm.embed(ids);
+  auto k = keep.to(torch::kLong);
+  if (p) {
+    check(prefix.size(0) == b, "generation: prefix and prompts differ in batch size");
+    e = torch::cat({prefix.to(e.scalar_type()), e}, 1);
+    k = torch::cat({torch::ones({b, p}, k.options()), k}, 1);
+  }
+  r.prompt = ids.to(torch::kLong);
+  r.prompt_keep = keep.to(torch::kLong);
+  r.opts = o;
+  if (!p) r.opts.prefix_token_id = -1;
+  if (o.num_beams > 1) {  // every row becomes num_beams rows
+    auto rows = torch::arange(b, r.prompt.options()).repeat_interleave(o.num_beams);
+    e = e.index_select(0, rows);
+    k = k.index_select(0, rows);
+    r.prompt = r.prompt.index_select(0, rows);
+    r.prompt_keep = r.prompt_keep.index_select(0, rows);
+  }
+  r.embeds = e;
+  r.keep = k;
+  return r;
 }
 
 }  // namespace
@@ -352,49 +420,57 @@ torch::Tensor apply_top_k_top_p(torch::Tensor scores, int64_t top_k, double top_
 std::vector<std::vector<int64_t>> generate(CausalLMImpl& lm, const torch::Tensor& prefix,
                                            const torch::Tensor& ids, const torch::Tensor& keep,
                                            const GenerationOptions& o, GenerationStats* stats) {
-  check_generation_options(o);
   torch::NoGradGuard no_grad;
-  check(ids.dim() == 2 && keep.sizes() == ids.sizes(), "generation: ids and keep must both be [batch, length]");
-  check(o.stop_check_delay == 0 || ids.device().is_cpu(),
-        "generation: stop_check_delay is for the CPU (a device's stop test is read asynchronously already)");
-  const int64_t b = ids.size(0);
-  const int64_t p = prefix.defined() ? prefix.size(1) : 0;
-  check(p + ids.size(1) > 0, "generation: nothing to condition on (no prefix and an empty prompt)");
-  // The LLM's positions bound the context whatever the options say (OPT's are a table).
-  const int64_t context = o.max_context > 0 ? std::min(o.max_context, lm.config.max_position_embeddings)
-                                            : lm.config.max_position_embeddings;
-  if (p + ids.size(1) + o.max_new_tokens > context)
-    throw Error("generation: " + std::to_string(p) + " image queries + a prompt of " +
-                std::to_string(ids.size(1)) + " tokens + max_new_tokens " +
-                std::to_string(o.max_new_tokens) + " exceed the model's context of " +
-                std::to_string(context) + " positions");
-  auto e = lm.embed(ids);
-  auto k = keep.to(torch::kLong);
-  if (p) {
-    check(prefix.size(0) == b, "generation: prefix and prompts differ in batch size");
-    e = torch::cat({prefix.to(e.scalar_type()), e}, 1);
-    k = torch::cat({torch::ones({b, p}, k.options()), k}, 1);
-  }
-  auto prompt = ids.to(torch::kLong);
-  auto prompt_keep = keep.to(torch::kLong);
-  GenerationOptions opts = o;
-  if (!p) opts.prefix_token_id = -1;
-  if (o.num_beams > 1) {  // every row becomes num_beams rows
-    auto rows = torch::arange(b, prompt.options()).repeat_interleave(o.num_beams);
-    e = e.index_select(0, rows);
-    k = k.index_select(0, rows);
-    prompt = prompt.index_select(0, rows);
-    prompt_keep = prompt_keep.index_select(0, rows);
-  }
+  auto in = prepare(lm, prefix, ids, keep, o);
   Decoder dec{lm, o.use_cache, {}, {}, {}, 0, {}};
   const auto t0 = std::chrono::steady_clock::now();
-  auto scores = dec.prefill(e, k, e.size(1) + o.max_new_tokens);
+  auto scores = dec.prefill(in.embeds, in.keep, in.embeds.size(1) + o.max_new_tokens);
   if (stats) stats->prefill_s += seconds_since(t0);
-  auto out = o.num_beams > 1 ? beam_search(dec, prompt, prompt_keep, scores, b, opts, stats)
-                             : greedy_or_sample(dec, prompt, prompt_keep, scores, opts, stats);
+  std::vector<std::vector<int64_t>> out;
+  if (o.num_beams > 1) {
+    const auto t1 = std::chrono::steady_clock::now();
+    BeamState beams(std::move(dec), in.prompt, in.prompt_keep, scores, in.batch, in.opts);
+    while (!beams.advance()) {
+    }
+    if (stats) {
+      stats->decode_s += seconds_since(t1);
+      stats->steps += beams.cur - 1;
+    }
+    out = beams.result();
+  } else {
+    out = greedy_or_sample(dec, in.prompt, in.prompt_keep, scores, in.opts, stats);
+  }
   if (stats)
     for (const auto& r : out) stats->new_tokens += static_cast<int64_t>(r.size());
   return out;
 }
+
+struct BeamSearch::State {
+  std::optional<BeamState> beams;
+};
+
+BeamSearch::BeamSearch(CausalLMImpl& lm, const torch::Tensor& prefix, const torch::Tensor& ids,
+                       const torch::Tensor& keep, const GenerationOptions& o)
+    : s_(std::make_unique<State>()) {
+  check(o.num_beams > 1, "beam search: num_beams must be > 1");
+  torch::NoGradGuard no_grad;
+  auto in = prepare(lm, prefix, ids, keep, o);
+  Decoder dec{lm, o.use_cache, {}, {}, {}, 0, {}};
+  auto scores = dec.prefill(in.embeds, in.keep, in.embeds.size(1) + o.max_new_tokens);
+  s_->beams.emplace(std::move(dec), in.prompt, in.prompt_keep, scores, in.batch, in.opts);
+}
+
+BeamSearch::~BeamSearch() = default;
+BeamSearch::BeamSearch(BeamSearch&&) noexcept = default;
+BeamSearch& BeamSearch::operator=(BeamSearch&&) noexcept = default;
+
+bool BeamSearch::step() {
+  torch::NoGradGuard no_grad;
+  return s_->beams->advance();
+}
+
+bool BeamSearch::done() const { return s_->beams->finished; }
+
+std::vector<std::vector<int64_t>> BeamSearch::result() const { return s_->beams->result(); }
 
 }  // namespace blip2

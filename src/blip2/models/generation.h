@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "blip2/models/llm/llm.h"
@@ -55,6 +56,25 @@ struct GenerationStats {
 std::vector<std::vector<int64_t>> generate(CausalLMImpl& lm, const torch::Tensor& prefix,
                                            const torch::Tensor& ids, const torch::Tensor& keep,
                                            const GenerationOptions& o, GenerationStats* stats = nullptr);
+
+// Beam search one step at a time (what generate() runs for num_beams > 1, with the same results):
+// the constructor prefills, each step() scores one token for every beam and runs the model on
+// the kept ones; a server interleaves a beam group with its other work this way.
+class BeamSearch {
+ public:
+  BeamSearch(CausalLMImpl& lm, const torch::Tensor& prefix, const torch::Tensor& ids, const torch::Tensor& keep,
+             const GenerationOptions& o);
+  ~BeamSearch();
+  BeamSearch(BeamSearch&&) noexcept;
+  BeamSearch& operator=(BeamSearch&&) noexcept;
+  bool step();  // true when finished (then result() holds each row's best hypothesis)
+  bool done() const;
+  std::vector<std::vector<int64_t>> result() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
 
 // The score processors, exposed for tests. seen [B, S] ids (seen_keep marks which count).
 torch::Tensor apply_repetition_penalty(torch::Tensor scores, const torch::Tensor& seen,

@@ -139,11 +139,29 @@ std::vector<SlotDecoder::Emit> SlotDecoder::step() {
   auto scores = lm_.forward(lm_.embed(tokens), keep, write_pos.view({n, 1}), &cache, true)
                     .select(1, 0)
                     .to(torch::kFloat32);
+  // Plain greedy rows (no penalty, past min_new_tokens) take one batched argmax and one copy to
+  // the host; the others go through their processors one by one.
+  std::vector<int64_t> plain;
+  for (int64_t i = 0; i < n; ++i) {
+    const auto& o = rows_[i].o;
+    if (!o.do_sample && o.repetition_penalty == 1.0 &&
+        static_cast<int64_t>(rows_[i].out.size()) >= o.min_new_tokens)
+      plain.push_back(i);
+  }
+  std::vector<int64_t> greedy(static_cast<size_t>(n), -1);
+  if (!plain.empty()) {
+    auto idx = torch::tensor(plain, lopt).to(dev);
+    auto best = scores.index_select(0, idx).argmax(-1).cpu().contiguous();
+    const auto* b = best.data_ptr<int64_t>();
+    for (size_t k = 0; k < plain.size(); ++k) greedy[static_cast<size_t>(plain[k])] = b[k];
+  }
   std::vector<size_t> finished;
   for (int64_t i = 0; i < n; ++i) {
     auto& r = rows_[i];
     ++r.len;
-    const int64_t t = pick(r, scores.narrow(0, i, 1));
+    int64_t t = greedy[static_cast<size_t>(i)];
+    if (t >= 0) r.out.push_back(t);
+    else t = pick(r, scores.narrow(0, i, 1));
     const bool fin = done(r, t);
     out.push_back({r.id, t, fin});
     if (fin) finished.push_back(static_cast<size_t>(i));

@@ -49,6 +49,7 @@ HttpClient::HttpClient(const std::string& host, int port, double timeout_s)
   const auto t = std::chrono::duration<double>(timeout_s);
   const auto us = std::chrono::duration_cast<std::chrono::microseconds>(t);
   impl_->client.set_keep_alive(true);
+  impl_->client.set_tcp_nodelay(true);
   impl_->client.set_connection_timeout(us);
   impl_->client.set_read_timeout(us);
   impl_->client.set_write_timeout(us);

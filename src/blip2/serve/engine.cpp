@@ -146,7 +146,7 @@ void Engine::admit(std::vector<std::shared_ptr<GenJob>>& jobs) {
   }
 }
 
-void Engine::run_beams(const std::shared_ptr<GenJob>& job) {
+void Engine::start_beams(const std::shared_ptr<GenJob>& job) {
   try {
     auto module = text_->module();
     torch::Tensor prefix;
@@ -154,17 +154,34 @@ void Engine::run_beams(const std::shared_ptr<GenJob>& job) {
     if (job->image.defined()) prefix = module->image_prefix(job->image.unsqueeze(0).to(text_->device()));
     else o.prefix_token_id = -1;
     auto ids = torch::tensor(job->prompt, torch::kLong).view({1, -1}).to(text_->device());
-    auto out = generate(*module->language_model, prefix, ids, torch::ones_like(ids), o)[0];
-    if (out.empty()) out.push_back(o.eos_token_ids.empty() ? 0 : o.eos_token_ids[0]);
-    for (size_t i = 0; i < out.size(); ++i) {
-      {
-        std::lock_guard<std::mutex> lock(job->m);
-        if (job->choices[0].done) break;  // cut at a stop string
-      }
-      deliver(job, 0, out[i], i + 1 == out.size(), -1);
-    }
+    beams_.emplace_back(job, BeamSearch(*module->language_model, prefix, ids, torch::ones_like(ids), o));
   } catch (const std::exception& e) {
     fail(job, first_line(e.what()));
+  }
+}
+
+void Engine::step_beams() {
+  for (auto it = beams_.begin(); it != beams_.end();) {
+    auto& [job, search] = *it;
+    bool done = job->cancelled.load();
+    try {
+      if (!done && search.step()) {  // finished: its best hypothesis, token by token (stop strings apply)
+        auto out = search.result()[0];
+        if (out.empty()) out.push_back(job->options.eos_token_ids.empty() ? 0 : job->options.eos_token_ids[0]);
+        for (size_t i = 0; i < out.size(); ++i) {
+          {
+            std::lock_guard<std::mutex> lock(job->m);
+            if (job->choices[0].done) break;
+          }
+          deliver(job, 0, out[i], i + 1 == out.size(), -1);
+        }
+        done = true;
+      }
+    } catch (const std::exception& e) {
+      fail(job, first_line(e.what()));
+      done = true;
+    }
+    it = done ? beams_.erase(it) : std::next(it);
   }
 }
 
@@ -175,7 +192,7 @@ void Engine::loop() {
     std::vector<std::shared_ptr<Stage1Job>> stage1;
     {
       std::unique_lock<std::mutex> lock(m_);
-      const bool busy = decoder_ && decoder_->active() > 0;
+      const bool busy = (decoder_ && decoder_->active() > 0) || !beams_.empty();
       if (!busy)
         cv_.wait_for(lock, std::chrono::milliseconds(100),
                      [&] { return stopping_ || !gen_queue_.empty() || !stage1_queue_.empty(); });
@@ -183,6 +200,7 @@ void Engine::loop() {
       // In arrival order, as many text requests as there are free rows (one that does not fit
       // waits, and so do those behind it); beam requests and stage-1 jobs always run.
       int64_t free_rows = decoder_ ? decoder_->slots() - decoder_->active() : 0;
+      int64_t free_groups = options_.max_batch - static_cast<int64_t>(beams_.size());
       while (!gen_queue_.empty()) {
         auto& j = gen_queue_.front();
         if (j->cancelled) {
@@ -190,6 +208,8 @@ void Engine::loop() {
           continue;
         }
         if (j->options.num_beams > 1) {
+          if (free_groups <= 0) break;
+          --free_groups;
           beams.push_back(j);
         } else if (j->n <= free_rows) {
           free_rows -= j->n;
@@ -222,7 +242,8 @@ void Engine::loop() {
         s->result.set_exception(std::current_exception());
       }
     }
-    for (const auto& b : beams) run_beams(b);
+    for (const auto& b : beams) start_beams(b);
+    step_beams();
     if (decoder_ && decoder_->active() > 0) {
       metrics_.decode_step(decoder_->active());
       try {

@@ -86,7 +86,8 @@ class Engine {
   };
   void loop();
   void admit(std::vector<std::shared_ptr<GenJob>>& jobs);
-  void run_beams(const std::shared_ptr<GenJob>& job);
+  void start_beams(const std::shared_ptr<GenJob>& job);
+  void step_beams();
   void deliver(const std::shared_ptr<GenJob>& job, size_t choice, int64_t token, bool row_finished, int64_t seq);
   void fail(const std::shared_ptr<GenJob>& job, const std::string& message);
 
@@ -96,6 +97,7 @@ class Engine {
   std::optional<Blip2Model> stage1_;
   std::unique_ptr<SlotDecoder> decoder_;
   std::map<int64_t, Active> active_;  // sequence id -> its request and choice
+  std::vector<std::pair<std::shared_ptr<GenJob>, BeamSearch>> beams_;  // beam groups, stepped with the rest
 
   mutable std::mutex m_;
   std::condition_variable cv_;

@@ -79,7 +79,7 @@ LoadRequest load_request(const LoadOptions& o, const std::string& kind, int vari
   if (kind == "caption") {
     r.path = "/v1/completions";
     r.body = {{"prompt", prompts[v % prompts.size()]}, {"image", o.image_base64}, {"max_tokens", o.max_tokens},
-              {"temperature", 0}};
+              {"temperature", 0}, {"num_beams", 1}};  // greedy whatever the model's default decoding
   } else if (kind == "chat_stream" || kind == "chat_sample") {
     r.path = "/v1/chat/completions";
     json content = json::array({{{"type", "text"}, {"text", prompts[(v + 1) % prompts.size()]}},

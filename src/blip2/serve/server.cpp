@@ -3,6 +3,7 @@
 #include "blip2/serve/server.h"
 
 #include <signal.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <filesystem>
@@ -46,6 +47,13 @@ void send_error(httplib::Response& res, const ApiError& e) {
 
 // The text of one SSE event.
 std::string event(const json& j) { return "data: " + j.dump() + "\n\n"; }
+
+// httplib listens with a backlog of 5 (fixed in Debian's compiled library): a burst of clients
+// connecting at once would wait for SYN retransmits. listen() again on the bound socket raises it.
+class Listener : public httplib::Server {
+ public:
+  void raise_backlog(int n) { ::listen(svr_sock_, n); }
+};
 
 class Service {
  public:
@@ -552,16 +560,18 @@ int serve(const ServeOptions& o) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   auto service = std::make_unique<Service>(o);
-  httplib::Server svr;
+  Listener svr;
   const size_t threads = o.threads > 0 ? static_cast<size_t>(o.threads) : static_cast<size_t>(o.max_batch + o.max_queue + 8);
   svr.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   svr.set_payload_max_length(static_cast<size_t>(o.max_body));
   svr.set_read_timeout(30);
   svr.set_write_timeout(30);
   svr.set_keep_alive_max_count(1000);
+  svr.set_tcp_nodelay(true);  // small responses and SSE events go out at once (no Nagle delay)
   service->routes(svr);
   const int port = o.port == 0 ? svr.bind_to_any_port(o.host) : (svr.bind_to_port(o.host, o.port) ? o.port : -1);
   check(port > 0, "serve: cannot listen on " + o.host + ":" + std::to_string(o.port) + " (in use, or not an address here)");
+  svr.raise_backlog(1024);
   std::thread listener([&] { svr.listen_after_bind(); });
   std::cout << "listening on http://" << o.host << ":" << port << std::endl;
   try {
