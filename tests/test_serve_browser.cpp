@@ -37,7 +37,8 @@ std::string state_of(const std::string& id) { return "document.getElementById('"
 }  // namespace
 
 TEST(Browser, CaptionStreamsAndLabelBarsShow) {
-  if (!browser_available()) GTEST_SKIP() << "needs /usr/bin/chromium and /usr/bin/chromedriver";
+  // scripts/setup.sh installs both: a machine without them has not been set up.
+  ASSERT_TRUE(browser_available()) << "needs /usr/bin/chromium and /usr/bin/chromedriver (run scripts/setup.sh)";
   ServerProcess srv({"--model", "tiny_stage2", "--stage1", "tiny"});
   serve::HttpClient c(srv.host(), srv.port());
   ASSERT_TRUE(srv.wait_ready(c)) << srv.process().output();
@@ -63,6 +64,8 @@ TEST(Browser, CaptionStreamsAndLabelBarsShow) {
     wd.click(wd.find("#caption-btn"));
     ASSERT_TRUE(wd.wait_until(state_of("answer") + " === 'done' || " + state_of("answer") + " === 'error'", 60));
     ASSERT_EQ(wd.attribute(answer, "data-state"), "done") << wd.text(answer);
+    // Read as a stream: the role event, at least one content event and the finish event.
+    EXPECT_GE(std::stoi(wd.attribute(answer, "data-events")), 3);
     const std::string streamed = wd.execute("return document.getElementById('answer').textContent").get<std::string>();
     EXPECT_FALSE(trim(streamed).empty());
     EXPECT_FALSE(trim(wd.text(answer)).empty());

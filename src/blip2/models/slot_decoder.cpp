@@ -104,7 +104,7 @@ SlotDecoder::Emit SlotDecoder::admit(const torch::Tensor& prefix, const std::vec
   if (o.do_sample) r.gen = sampling_generator(o.seed, dev);
   const int64_t t = pick(r, scores);
   const bool fin = done(r, t);
-  const Emit first{r.id, t, fin};
+  const Emit first{r.id, t, fin, {}};
   if (!fin) rows_.push_back(std::move(r));
   return first;
 }
@@ -160,10 +160,16 @@ std::vector<SlotDecoder::Emit> SlotDecoder::step() {
     auto& r = rows_[i];
     ++r.len;
     int64_t t = greedy[static_cast<size_t>(i)];
-    if (t >= 0) r.out.push_back(t);
-    else t = pick(r, scores.narrow(0, i, 1));
+    try {
+      if (t >= 0) r.out.push_back(t);
+      else t = pick(r, scores.narrow(0, i, 1));
+    } catch (const std::exception& e) {  // e.g. non-finite probabilities: this row alone leaves
+      out.push_back({r.id, -1, true, first_line(e.what())});
+      finished.push_back(static_cast<size_t>(i));
+      continue;
+    }
     const bool fin = done(r, t);
-    out.push_back({r.id, t, fin});
+    out.push_back({r.id, t, fin, {}});
     if (fin) finished.push_back(static_cast<size_t>(i));
   }
   for (auto it = finished.rbegin(); it != finished.rend(); ++it) remove_row(*it);

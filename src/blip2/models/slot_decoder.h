@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "blip2/models/generation.h"
@@ -25,6 +26,7 @@ class SlotDecoder {
     int64_t id;           // the sequence (as admit returned it)
     int64_t token;
     bool finished;        // EOS produced or max_new_tokens reached: the row is free again
+    std::string error;    // this row's scores could not be sampled (token -1, finished): only it fails
   };
 
   SlotDecoder(CausalLMImpl& lm, int64_t slots);

@@ -1,5 +1,7 @@
 #include "blip2/serve/engine.h"
 
+#include <set>
+
 #include "blip2/serve/openai.h"
 #include "blip2/util/common.h"
 
@@ -20,6 +22,7 @@ void Engine::start(std::optional<Blip2GenerationModel> text_model, std::optional
 }
 
 bool Engine::submit(std::shared_ptr<GenJob> job) {
+  check(job->n >= 1 && job->n <= options_.max_batch, "serve: a request's n must be in [1, max_batch]");
   {
     std::lock_guard<std::mutex> lock(m_);
     if (stopping_ || static_cast<int64_t>(gen_queue_.size() + stage1_queue_.size()) >= options_.max_queue) return false;
@@ -46,6 +49,57 @@ std::optional<std::future<nlohmann::json>> Engine::submit(Stage1Fn fn) {
   return fut;
 }
 
+void Engine::abort(const std::string& message) {
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    stopping_ = true;
+    abort_ = message;
+  }
+  cv_.notify_all();
+}
+
+void Engine::fail_everything(const std::string& message) {
+  std::deque<std::shared_ptr<GenJob>> queued;
+  std::deque<std::shared_ptr<Stage1Job>> queued1;
+  {
+    std::lock_guard<std::mutex> lock(m_);
+    queued.swap(gen_queue_);
+    queued1.swap(stage1_queue_);
+  }
+  for (const auto& j : queued) fail(j, message, 503);
+  for (const auto& j : queued1) j->result.set_exception(std::make_exception_ptr(ApiError(503, message)));
+  for (auto& [id, a] : active_) {
+    decoder_->release(id);
+    fail(a.job, message, 503);
+  }
+  active_.clear();
+  for (auto& [job, search] : beams_) fail(job, message, 503);
+  beams_.clear();
+}
+
+// Frees the rows and beam groups of requests whose client went away.
+void Engine::drop_cancelled() {
+  std::set<GenJob*> dropped;
+  for (auto it = active_.begin(); it != active_.end();) {
+    if (it->second.job->cancelled) {
+      dropped.insert(it->second.job.get());
+      decoder_->release(it->first);
+      it = active_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  for (auto it = beams_.begin(); it != beams_.end();) {
+    if (it->first->cancelled) {
+      dropped.insert(it->first.get());
+      it = beams_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (!dropped.empty()) metrics_.cancelled(static_cast<int64_t>(dropped.size()));
+}
+
 void Engine::stop() {
   {
     std::lock_guard<std::mutex> lock(m_);
@@ -60,10 +114,11 @@ int64_t Engine::queue_length() const {
   return static_cast<int64_t>(gen_queue_.size() + stage1_queue_.size());
 }
 
-void Engine::fail(const std::shared_ptr<GenJob>& job, const std::string& message) {
+void Engine::fail(const std::shared_ptr<GenJob>& job, const std::string& message, int status) {
   {
     std::lock_guard<std::mutex> lock(job->m);
     job->error = message;
+    job->error_status = status;
     job->finished = true;
     ++job->version;
   }
@@ -205,6 +260,7 @@ void Engine::loop() {
         auto& j = gen_queue_.front();
         if (j->cancelled) {
           gen_queue_.pop_front();
+          metrics_.cancelled(1);
           continue;
         }
         if (j->options.num_beams > 1) {
@@ -225,15 +281,21 @@ void Engine::loop() {
       }
       metrics_.set_queue(static_cast<int64_t>(gen_queue_.size() + stage1_queue_.size()));
     }
-    // Rows of requests whose client went away.
-    for (auto it = active_.begin(); it != active_.end();) {
-      if (it->second.job->cancelled) {
-        decoder_->release(it->first);
-        it = active_.erase(it);
-      } else {
-        ++it;
+    {
+      std::string aborting;
+      {
+        std::lock_guard<std::mutex> lock(m_);
+        aborting = abort_;
+      }
+      if (!aborting.empty()) {
+        for (const auto& j : joining) fail(j, aborting, 503);
+        for (const auto& j : beams) fail(j, aborting, 503);
+        for (auto& j : stage1) j->result.set_exception(std::make_exception_ptr(ApiError(503, aborting)));
+        fail_everything(aborting);
+        break;
       }
     }
+    drop_cancelled();
     if (!joining.empty()) admit(joining);
     for (auto& s : stage1) {
       try {
@@ -251,6 +313,18 @@ void Engine::loop() {
           auto it = active_.find(e.id);
           if (it == active_.end()) continue;
           auto a = it->second;
+          if (!e.error.empty()) {  // this row failed: its request fails, its other choices leave
+            active_.erase(it);
+            for (auto o = active_.begin(); o != active_.end();)
+              if (o->second.job == a.job) {
+                decoder_->release(o->first);
+                o = active_.erase(o);
+              } else {
+                ++o;
+              }
+            fail(a.job, e.error);
+            continue;
+          }
           deliver(a.job, a.choice, e.token, e.finished, e.id);
         }
       } catch (const std::exception& e) {

@@ -47,7 +47,8 @@ struct GenJob {
   std::mutex m;
   std::condition_variable cv;
   std::vector<Choice> choices;
-  std::string error;               // the engine failed on it (a 500)
+  std::string error;               // the engine failed on it
+  int error_status = 500;          // 503 when the server stopped before it finished
   bool finished = false;           // every choice done, or error set
   uint64_t version = 0;
   bool first_token_seen = false;
@@ -73,6 +74,9 @@ class Engine {
   std::optional<std::future<nlohmann::json>> submit(Stage1Fn fn);
   // Finishes what is queued and running, then ends the thread.
   void stop();
+  // Fails everything queued and running with `message` (a 503) and takes nothing more; stop()
+  // then returns at once (the bounded end of a SIGTERM drain).
+  void abort(const std::string& message);
   int64_t queue_length() const;
 
  private:
@@ -89,7 +93,9 @@ class Engine {
   void start_beams(const std::shared_ptr<GenJob>& job);
   void step_beams();
   void deliver(const std::shared_ptr<GenJob>& job, size_t choice, int64_t token, bool row_finished, int64_t seq);
-  void fail(const std::shared_ptr<GenJob>& job, const std::string& message);
+  void fail(const std::shared_ptr<GenJob>& job, const std::string& message, int status = 500);
+  void fail_everything(const std::string& message);
+  void drop_cancelled();
 
   EngineOptions options_;
   Metrics& metrics_;
@@ -104,6 +110,7 @@ class Engine {
   std::deque<std::shared_ptr<GenJob>> gen_queue_;
   std::deque<std::shared_ptr<Stage1Job>> stage1_queue_;
   bool stopping_ = false;
+  std::string abort_;  // set by abort()
   std::thread thread_;
 };
 

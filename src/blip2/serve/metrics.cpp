@@ -75,6 +75,11 @@ void Metrics::tokens(int64_t n) {
   tokens_ += static_cast<uint64_t>(n);
 }
 
+void Metrics::cancelled(int64_t n) {
+  std::lock_guard<std::mutex> lock(m_);
+  cancelled_ += static_cast<uint64_t>(n);
+}
+
 void Metrics::set_queue(int64_t n) {
   std::lock_guard<std::mutex> lock(m_);
   queue_ = n;
@@ -102,6 +107,9 @@ std::string Metrics::text() const {
   out += "blip2_active_sequences " + std::to_string(active_) + "\n";
   out += "# HELP blip2_tokens_generated_total Tokens generated.\n# TYPE blip2_tokens_generated_total counter\n";
   out += "blip2_tokens_generated_total " + std::to_string(tokens_) + "\n";
+  out += "# HELP blip2_cancelled_requests_total Requests whose work was dropped because the client went away.\n";
+  out += "# TYPE blip2_cancelled_requests_total counter\n";
+  out += "blip2_cancelled_requests_total " + std::to_string(cancelled_) + "\n";
   out += "# HELP blip2_decode_batch_size Rows per decode step.\n# TYPE blip2_decode_batch_size histogram\n";
   batch_.write(out, "blip2_decode_batch_size", "");
   out += "# HELP blip2_time_to_first_token_seconds From arrival to the first token.\n";

@@ -32,6 +32,7 @@ class Metrics {
   void first_token(double seconds);
   void decode_step(int64_t rows);
   void tokens(int64_t n);
+  void cancelled(int64_t n);  // requests dropped because their client went away
   void set_queue(int64_t n);
   void set_active(int64_t n);
   std::string text() const;
@@ -45,7 +46,7 @@ class Metrics {
   std::map<std::string, uint64_t> errors_;
   std::map<std::string, Histogram> latency_;
   Histogram first_token_, batch_;
-  uint64_t tokens_ = 0, steps_ = 0;
+  uint64_t tokens_ = 0, steps_ = 0, cancelled_ = 0;
   int64_t queue_ = 0, active_ = 0;
 };
 

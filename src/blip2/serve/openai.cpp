@@ -1,6 +1,7 @@
 #include "blip2/serve/openai.h"
 
 #include <algorithm>
+#include <cctype>
 #include <filesystem>
 #include <fstream>
 
@@ -36,6 +37,8 @@ json ApiError::body() const { return error_body(status, what(), param, code); }
 
 namespace {
 
+constexpr double kMinTemperature = 0.01;
+
 constexpr char kAlphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 ApiError bad(const std::string& param, const std::string& message) { return ApiError(400, message, param); }
@@ -68,9 +71,13 @@ std::string string_field(const json& body, const std::string& key) {
 void apply_generation_fields(const json& body, TextRequest& r, const char* max_key) {
   auto& o = r.options;
   if (body.contains("model")) r.model = string_field(body, "model");
+  std::optional<int64_t> max_new;
   for (const char* k : {max_key, "max_tokens"})
     if (body.contains(k) && !body.at(k).is_null()) {
-      o.max_new_tokens = int_field(body, k, 1, 1 << 20);
+      const int64_t v = int_field(body, k, 1, 1 << 20);
+      if (max_new && *max_new != v) throw bad(k, std::string("'") + k + "' differs from " + max_key);
+      max_new = v;
+      o.max_new_tokens = v;
       o.min_new_tokens = std::min(o.min_new_tokens, o.max_new_tokens);
     }
   if (body.contains("min_tokens")) {
@@ -81,6 +88,8 @@ void apply_generation_fields(const json& body, TextRequest& r, const char* max_k
   if (beams_given) o.num_beams = int_field(body, "num_beams", 1, 16);
   if (body.contains("temperature")) {
     const double t = number_field(body, "temperature", 0, 100);
+    if (t > 0 && t < kMinTemperature)  // the softmax of logits / t overflows
+      throw bad("temperature", "'temperature' must be 0 (greedy) or at least " + std::to_string(kMinTemperature));
     o.do_sample = t > 0;
     if (t > 0) o.temperature = t;
     if (o.do_sample && !beams_given) o.num_beams = 1;  // the model's default beams yield to sampling
@@ -123,6 +132,23 @@ void apply_generation_fields(const json& body, TextRequest& r, const char* max_k
 const std::vector<std::string> kGenerationFields = {"model", "max_tokens", "min_tokens", "temperature", "top_p",
                                                     "top_k", "n", "num_beams", "repetition_penalty", "stop",
                                                     "seed", "stream"};
+
+// %XX escapes of a URL path decoded; nullopt for a malformed one.
+std::optional<std::string> percent_decode(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] != '%') {
+      out += s[i];
+      continue;
+    }
+    if (i + 2 >= s.size() || !std::isxdigit(static_cast<unsigned char>(s[i + 1])) ||
+        !std::isxdigit(static_cast<unsigned char>(s[i + 2])))
+      return std::nullopt;
+    out += static_cast<char>(std::stoi(s.substr(i + 1, 2), nullptr, 16));
+    i += 2;
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -178,16 +204,20 @@ std::string image_bytes(const std::string& ref, const std::string& field, const 
   if (ref.rfind("file://", 0) == 0) {
     if (policy.allow_files.empty())
       throw ApiError(403, field + ": file:// images are refused (the server was not started with --allow-files)", field);
-    const fs::path path = ref.substr(7);
+    const auto decoded = percent_decode(ref.substr(7));
+    if (!decoded) throw bad(field, field + ": the file:// URL has a bad %-escape");
+    const fs::path path = *decoded;
     std::error_code ec;
+    // Symlinks and .. resolved first: what is read must lie under the allowed directory.
     const auto real = fs::weakly_canonical(path, ec);
     const auto root = fs::weakly_canonical(policy.allow_files, ec);
     const auto rel = real.lexically_relative(root);
     if (!path.is_absolute() || rel.empty() || rel.native().rfind("..", 0) == 0)
       throw ApiError(403, field + ": " + path.string() + " is outside the allowed directory", field);
+    if (!fs::is_regular_file(real, ec)) throw bad(field, field + ": " + path.string() + " is not a readable file");
+    if (fs::file_size(real, ec) > (64u << 20)) throw bad(field, field + ": " + path.string() + " is over 64 MiB");
     std::ifstream in(real, std::ios::binary);
-    if (!in || !fs::is_regular_file(real)) throw bad(field, field + ": cannot read " + path.string());
-    if (fs::file_size(real) > (64u << 20)) throw bad(field, field + ": " + path.string() + " is over 64 MiB");
+    if (!in) throw bad(field, field + ": cannot read " + path.string());
     return std::string(std::istreambuf_iterator<char>(in), {});
   }
   if (ref.rfind("http://", 0) == 0 || ref.rfind("https://", 0) == 0)
@@ -223,13 +253,26 @@ void only_fields(const json& body, const std::vector<std::string>& allowed, cons
       throw bad(k, where + ": the field '" + k + "' is not supported");
 }
 
-TextRequest parse_chat(const json& body, const GenerationOptions& defaults) {
+namespace {
+
+// The fields both endpoints share checked and applied over the model's defaults; `extra` are the
+// endpoint's own (checked by the caller).
+TextRequest text_request(const json& body, const GenerationOptions& defaults, std::vector<std::string> extra,
+                         const std::string& where, const char* max_key) {
   auto fields = kGenerationFields;
-  fields.insert(fields.end(), {"messages", "max_completion_tokens"});
-  only_fields(body, fields, "chat/completions");
+  fields.insert(fields.end(), extra.begin(), extra.end());
+  only_fields(body, fields, where);
   TextRequest r;
   r.options = defaults;
-  apply_generation_fields(body, r, "max_completion_tokens");
+  apply_generation_fields(body, r, max_key);
+  return r;
+}
+
+}  // namespace
+
+TextRequest parse_chat(const json& body, const GenerationOptions& defaults) {
+  TextRequest r = text_request(body, defaults, {"messages", "max_completion_tokens"}, "chat/completions",
+                               "max_completion_tokens");
   if (!body.contains("messages") || !body.at("messages").is_array() || body.at("messages").empty())
     throw bad("messages", "'messages' must be a non-empty array");
   std::vector<std::string> texts;
@@ -288,12 +331,7 @@ TextRequest parse_chat(const json& body, const GenerationOptions& defaults) {
 }
 
 TextRequest parse_completion(const json& body, const GenerationOptions& defaults) {
-  auto fields = kGenerationFields;
-  fields.insert(fields.end(), {"prompt", "image"});
-  only_fields(body, fields, "completions");
-  TextRequest r;
-  r.options = defaults;
-  apply_generation_fields(body, r, "max_tokens");
+  TextRequest r = text_request(body, defaults, {"prompt", "image"}, "completions", "max_tokens");
   if (body.contains("prompt")) {
     const auto& p = body.at("prompt");
     if (p.is_string()) r.prompt = p.get<std::string>();

@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <iostream>
@@ -43,6 +44,14 @@ void send_json(httplib::Response& res, int status, const json& body) {
 void send_error(httplib::Response& res, const ApiError& e) {
   send_json(res, e.status, e.body());
   if (e.status == 503) res.set_header("Retry-After", "1");
+}
+
+// The label a request's path is counted under: one of the served paths, else "other" (a client
+// must not be able to add series, or text, to /metrics).
+std::string endpoint_label(const std::string& path) {
+  static const std::vector<std::string> known = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions",
+                                                 "/v1/completions", "/v1/embeddings", "/v1/classify", "/v1/match"};
+  return std::find(known.begin(), known.end(), path) != known.end() ? path : "other";
 }
 
 // The text of one SSE event.
@@ -204,8 +213,11 @@ void Service::text(const httplib::Request& req, httplib::Response& res, bool& st
   const int64_t l = batch.keep.sum().item<int64_t>();
   auto ids = batch.ids.narrow(1, batch.ids.size(1) - l, l).contiguous();
   job->prompt.assign(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + l);
-  if (job->prompt.empty() && !job->image.defined())
+  if (trim_text(tr.prompt).empty() && !job->image.defined())
     throw ApiError(400, "nothing to condition on: give a text or an image", chat ? "messages" : "prompt");
+  if (tr.n > o_.max_batch)
+    throw ApiError(400, "'n' is " + std::to_string(tr.n) + " but this server decodes at most " +
+                            std::to_string(o_.max_batch) + " rows together (--max-batch)", "n");
   const int64_t p = job->image.defined() ? queries_ : 0;
   if (p + l + tr.options.max_new_tokens > context_)
     throw ApiError(400, std::to_string(p) + " image queries + " + std::to_string(l) + " prompt tokens + max_tokens " +
@@ -232,7 +244,7 @@ void Service::text(const httplib::Request& req, httplib::Response& res, bool& st
   }
   std::unique_lock<std::mutex> lock(job->m);
   job->cv.wait(lock, [&] { return job->finished; });
-  if (!job->error.empty()) throw std::runtime_error(job->error);
+  if (!job->error.empty()) throw ApiError(job->error_status, job->error);
   send_json(res, 200, finished_response(*job, chat, id, created, p + l));
 }
 
@@ -262,14 +274,15 @@ void Service::stream(httplib::Response& res, std::shared_ptr<GenJob> job, bool c
           std::string out;
           {
             std::unique_lock<std::mutex> lock(job->m);
-            job->cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return job->version != st->seen; });
+            // Woken by each new token; every 20 ms otherwise, to notice a client that went away.
+            job->cv.wait_for(lock, std::chrono::milliseconds(20), [&] { return job->version != st->seen; });
             st->seen = job->version;
             if (!st->started && chat) {
               for (size_t i = 0; i < st->sent.size(); ++i) out += chunk(i, {{"role", "assistant"}, {"content", ""}}, nullptr);
             }
             st->started = true;
             if (!job->error.empty()) {
-              out += event(error_body(500, job->error));
+              out += event(error_body(job->error_status, job->error));
               st->ended = true;
             } else {
               for (size_t i = 0; i < job->choices.size(); ++i) {
@@ -398,11 +411,15 @@ void Service::embeddings(const httplib::Request& req, httplib::Response& res) {
   const auto body = parse_body(req.body);
   check_model(body, stage1_id_, stage1_.has_value(), "stage-1 model");
   only_fields(body, {"model", "input", "encoding_format", "pooling"}, "embeddings");
-  const std::string format = body.value("encoding_format", std::string("float"));
-  if (format != "float" && format != "base64")
-    throw ApiError(400, "'encoding_format' must be float or base64", "encoding_format");
-  const std::string pooling = body.value("pooling", std::string("mean"));
-  if (pooling != "mean" && pooling != "none") throw ApiError(400, "'pooling' must be mean or none", "pooling");
+  auto choice = [&](const std::string& key, const std::string& first, const std::string& second) {
+    if (!body.contains(key)) return first;
+    const auto& v = body.at(key);
+    if (!v.is_string() || (v.get<std::string>() != first && v.get<std::string>() != second))
+      throw ApiError(400, "'" + key + "' must be \"" + first + "\" or \"" + second + "\"", key);
+    return v.get<std::string>();
+  };
+  const std::string format = choice("encoding_format", "float", "base64");
+  const std::string pooling = choice("pooling", "mean", "none");
   if (!body.contains("input")) throw ApiError(400, "'input' is required", "input");
   json input = body.at("input");
   if (input.is_string()) input = json::array({input});
@@ -468,7 +485,7 @@ void Service::embeddings(const httplib::Request& req, httplib::Response& res) {
 void Service::routes(httplib::Server& svr) {
   svr.Get("/", [](const httplib::Request&, httplib::Response& res) { res.set_content(index_html(), "text/html; charset=utf-8"); });
   svr.Get("/health", route("/health", false, [this](const auto&, auto& res, bool&) {
-    if (!ready) throw ApiError(503, "loading");
+    if (!ready) return send_json(res, 503, {{"status", "loading"}});
     send_json(res, 200, {{"status", "ok"}});
   }));
   svr.Get("/metrics", route("/metrics", true, [this](const auto&, auto& res, bool&) {
@@ -496,14 +513,14 @@ void Service::routes(httplib::Server& svr) {
     if (req.has_header("Transfer-Encoding") && req.get_header_value("Transfer-Encoding") != "identity") {
       send_json(res, 411, error_body(411, "send the body with a Content-Length (chunked bodies are refused)"));
       res.set_header("Connection", "close");  // the unread body must not be taken for the next request
-      metrics_.request(req.path, 411, 0);
+      metrics_.request(endpoint_label(req.path), 411, 0);
       return httplib::Server::HandlerResponse::Handled;
     }
     if (req.has_header("Content-Encoding") && req.get_header_value("Content-Encoding") != "identity") {
       send_json(res, 415, error_body(415, "compressed bodies (Content-Encoding: " +
                                               req.get_header_value("Content-Encoding") + ") are refused"));
       res.set_header("Connection", "close");
-      metrics_.request(req.path, 415, 0);
+      metrics_.request(endpoint_label(req.path), 415, 0);
       return httplib::Server::HandlerResponse::Handled;
     }
     return httplib::Server::HandlerResponse::Unhandled;
@@ -515,7 +532,7 @@ void Service::routes(httplib::Server& svr) {
     if (res.status == 413) msg = "the body is over the server's limit of " + std::to_string(o_.max_body) + " bytes (--max-body)";
     if (res.status == 400) msg = "malformed HTTP request";
     res.set_content(error_body(res.status, msg).dump(), "application/json");
-    if (res.status == 404 || res.status == 413) metrics_.request(res.status == 404 ? "other" : req.path, res.status, 0);
+    if (res.status == 404 || res.status == 413) metrics_.request(endpoint_label(req.path), res.status, 0);
   });
   svr.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
     std::string msg = "internal error";
@@ -535,7 +552,13 @@ void Service::drain_and_stop(httplib::Server& svr) {
   std::cerr << "[serve] stopping: finishing " << in_flight_.load() << " request(s) in flight" << std::endl;
   const auto deadline = Clock::now() + std::chrono::duration<double>(o_.drain_timeout_s);
   while (in_flight_ > 0 && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  if (in_flight_ > 0) std::cerr << "[serve] " << in_flight_.load() << " request(s) cut off after " << o_.drain_timeout_s << " s" << std::endl;
+  if (in_flight_ > 0) {
+    std::cerr << "[serve] " << in_flight_.load() << " request(s) cut off after " << o_.drain_timeout_s << " s"
+              << std::endl;
+    engine_.abort("the server stopped (SIGTERM) before this request finished");
+    const auto grace = Clock::now() + std::chrono::seconds(2);  // their answers go out
+    while (in_flight_ > 0 && Clock::now() < grace) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
   svr.stop();
   engine_.stop();
 }

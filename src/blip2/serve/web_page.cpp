@@ -207,6 +207,7 @@ async function caption() {
   const maxTokens = parseInt($("max-tokens").value, 10);
   if (Number.isFinite(maxTokens)) body.max_tokens = maxTokens;
   setState(out, "streaming", "");
+  out.dataset.events = "0";
   try {
     const res = await fetch("/v1/chat/completions", { method: "POST", headers: headers(true), body: JSON.stringify(body) });
     if (!res.ok) throw await failure(res);
@@ -224,6 +225,7 @@ async function caption() {
         const data = line.slice(5).replace(/^ /, "");
         if (data === "[DONE]") { finished = true; break; }
         const chunk = JSON.parse(data);
+        out.dataset.events = String(Number(out.dataset.events || 0) + 1);  // server-sent events read
         if (chunk.error) throw new Error(chunk.error.message || "the stream failed");
         const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
         if (delta && delta.content) out.textContent += delta.content;
