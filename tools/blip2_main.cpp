@@ -322,12 +322,14 @@ int main(int argc, char** argv) {
   server->add_option("--port", so.port, "port (0 = any free port; the 'listening on' line says which)");
   server->add_option("--api-key", so.api_key, "require 'Authorization: Bearer KEY' on /v1/* and /metrics");
   server->add_option("--max-batch", so.max_batch, "rows decoded together (1 = no batching across requests)")
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(int64_t{1}, int64_t{4096}));
   server->add_option("--max-queue", so.max_queue, "requests that may wait before 503 + Retry-After")
-      ->check(CLI::PositiveNumber);
-  server->add_option("--max-body", so.max_body, "largest request body in bytes (413 beyond)")->check(CLI::PositiveNumber);
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  server->add_option("--max-body", so.max_body, "largest request body in bytes (413 beyond)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
   server->add_option("--max-image-pixels", so.max_image_pixels,
-                     "largest image (width x height) accepted, checked before decoding")->check(CLI::PositiveNumber);
+                     "largest image (width x height) accepted, checked before decoding")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
   server->add_option("--allow-files", so.allow_files, "directory that file:// image URLs may read from");
   server->add_option("--device_target", so.device, "cpu | cuda | cuda:N")
       ->check(CLI::Validator(
@@ -337,9 +339,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"float", "int8"}));
   server->add_option("--tokenizer", so.tokenizer, "the LLM tokenizer, when it is not beside the model");
   server->add_option("--threads", so.threads, "HTTP worker threads (default max-batch + max-queue + 8)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0, 1 << 16));
   server->add_option("--drain-timeout", so.drain_timeout_s, "seconds in-flight requests may take to finish on SIGTERM")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(0.0, 86400.0));
 
   try {
     app.parse(argc, argv);
