@@ -598,5 +598,7 @@ TEST(ServeLoad, MixedConcurrentLoadHasNoServerErrorsRightAnswersAndStableMemory)
   const double rows = std::stod(m.substr(at + std::string("blip2_decode_batch_size_sum ").size()));
   EXPECT_GT(all - singles, all / 4) << m;  // a good share of the steps decoded several requests
   EXPECT_GT(rows / static_cast<double>(all), 1.5) << m;
+  // Images of concurrent requests went through the ViT together.
+  EXPECT_GT(count_at("blip2_image_batch_size_count "), count_at("blip2_image_batch_size_bucket{le=\"1\"} ")) << m;
   EXPECT_EQ(srv.process().stop(), 0);
 }

@@ -34,8 +34,9 @@ bool Engine::submit(std::shared_ptr<GenJob> job) {
   return true;
 }
 
-std::optional<std::future<nlohmann::json>> Engine::submit(Stage1Fn fn) {
+std::optional<std::future<nlohmann::json>> Engine::submit(torch::Tensor images, Stage1Fn fn) {
   auto job = std::make_shared<Stage1Job>();
+  job->images = std::move(images);
   job->fn = std::move(fn);
   auto fut = job->result.get_future();
   {
@@ -169,6 +170,7 @@ void Engine::admit(std::vector<std::shared_ptr<GenJob>>& jobs) {
   if (!images.empty()) {
     try {
       prefixes = module->image_prefix(torch::stack(images).to(text_->device()));
+      metrics_.image_batch(prefixes.size(0));
     } catch (const std::exception& e) {
       for (const auto& j : jobs) fail(j, first_line(e.what()));
       return;
@@ -201,13 +203,47 @@ void Engine::admit(std::vector<std::shared_ptr<GenJob>>& jobs) {
   }
 }
 
+void Engine::run_stage1(std::vector<std::shared_ptr<Stage1Job>>& jobs) {
+  // Every image of these requests through the ViT at once.
+  std::vector<torch::Tensor> images;
+  for (const auto& j : jobs)
+    if (j->images.defined()) images.push_back(j->images);
+  torch::Tensor embeds;
+  if (!images.empty()) {
+    try {
+      embeds = stage1_->module()->encode_image(torch::cat(images).to(stage1_->device()));
+      metrics_.image_batch(embeds.size(0));
+    } catch (...) {
+      for (auto& j : jobs) j->result.set_exception(std::current_exception());
+      return;
+    }
+  }
+  int64_t at = 0;
+  for (auto& j : jobs) {
+    try {
+      torch::Tensor mine;
+      if (j->images.defined()) {
+        mine = embeds.narrow(0, at, j->images.size(0));
+        at += j->images.size(0);
+      }
+      j->result.set_value(j->fn(*stage1_, mine));
+    } catch (...) {
+      j->result.set_exception(std::current_exception());
+    }
+  }
+}
+
 void Engine::start_beams(const std::shared_ptr<GenJob>& job) {
   try {
     auto module = text_->module();
     torch::Tensor prefix;
     auto o = job->options;
-    if (job->image.defined()) prefix = module->image_prefix(job->image.unsqueeze(0).to(text_->device()));
-    else o.prefix_token_id = -1;
+    if (job->image.defined()) {
+      prefix = module->image_prefix(job->image.unsqueeze(0).to(text_->device()));
+      metrics_.image_batch(1);
+    } else {
+      o.prefix_token_id = -1;
+    }
     auto ids = torch::tensor(job->prompt, torch::kLong).view({1, -1}).to(text_->device());
     beams_.emplace_back(job, BeamSearch(*module->language_model, prefix, ids, torch::ones_like(ids), o));
   } catch (const std::exception& e) {
@@ -297,13 +333,7 @@ void Engine::loop() {
     }
     drop_cancelled();
     if (!joining.empty()) admit(joining);
-    for (auto& s : stage1) {
-      try {
-        s->result.set_value(s->fn(*stage1_));
-      } catch (...) {
-        s->result.set_exception(std::current_exception());
-      }
-    }
+    if (!stage1.empty()) run_stage1(stage1);
     for (const auto& b : beams) start_beams(b);
     step_beams();
     if (decoder_ && decoder_->active() > 0) {

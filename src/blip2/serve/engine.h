@@ -55,7 +55,9 @@ struct GenJob {
   std::atomic<bool> cancelled{false};  // the client went away: the engine frees its rows
 };
 
-using Stage1Fn = std::function<nlohmann::json(Blip2Model&)>;
+// What a stage-1 request computes, given the model and its images through the ViT
+// (ln_vision'd, [B, N, D] on the model's device; undefined when it sent none).
+using Stage1Fn = std::function<nlohmann::json(Blip2Model&, const torch::Tensor& image_embeds)>;
 
 struct EngineOptions {
   int64_t max_batch = 8;     // decode rows (1 = no batching across requests)
@@ -70,8 +72,10 @@ class Engine {
   void start(std::optional<Blip2GenerationModel> text_model, std::optional<Blip2Model> stage1_model);
   // False when the queue is full.
   bool submit(std::shared_ptr<GenJob> job);
-  // nullopt when the queue is full; the future holds the result or the job's exception.
-  std::optional<std::future<nlohmann::json>> submit(Stage1Fn fn);
+  // A stage-1 request: its images ([B, 3, S, S] preprocessed on the CPU, or undefined) go
+  // through the ViT in one pass with those of the other stage-1 requests taken in the same
+  // iteration. nullopt when the queue is full; the future holds the result or the exception.
+  std::optional<std::future<nlohmann::json>> submit(torch::Tensor images, Stage1Fn fn);
   // Finishes what is queued and running, then ends the thread.
   void stop();
   // Fails everything queued and running with `message` (a 503) and takes nothing more; stop()
@@ -81,6 +85,7 @@ class Engine {
 
  private:
   struct Stage1Job {
+    torch::Tensor images;
     Stage1Fn fn;
     std::promise<nlohmann::json> result;
   };
@@ -96,6 +101,7 @@ class Engine {
   void fail(const std::shared_ptr<GenJob>& job, const std::string& message, int status = 500);
   void fail_everything(const std::string& message);
   void drop_cancelled();
+  void run_stage1(std::vector<std::shared_ptr<Stage1Job>>& jobs);
 
   EngineOptions options_;
   Metrics& metrics_;

@@ -36,7 +36,8 @@ void Histogram::write(std::string& out, const std::string& name, const std::stri
   out += name + "_count" + l + " " + std::to_string(count_) + "\n";
 }
 
-Metrics::Metrics() : first_token_(kSeconds), batch_({1, 2, 4, 8, 16, 32, 64, 128}) {}
+Metrics::Metrics()
+    : first_token_(kSeconds), batch_({1, 2, 4, 8, 16, 32, 64, 128}), image_batch_({1, 2, 4, 8, 16, 32, 64, 128}) {}
 
 std::string Metrics::error_kind(int status) {
   switch (status) {
@@ -68,6 +69,11 @@ void Metrics::decode_step(int64_t rows) {
   std::lock_guard<std::mutex> lock(m_);
   batch_.observe(static_cast<double>(rows));
   ++steps_;
+}
+
+void Metrics::image_batch(int64_t images) {
+  std::lock_guard<std::mutex> lock(m_);
+  image_batch_.observe(static_cast<double>(images));
 }
 
 void Metrics::tokens(int64_t n) {
@@ -112,6 +118,9 @@ std::string Metrics::text() const {
   out += "blip2_cancelled_requests_total " + std::to_string(cancelled_) + "\n";
   out += "# HELP blip2_decode_batch_size Rows per decode step.\n# TYPE blip2_decode_batch_size histogram\n";
   batch_.write(out, "blip2_decode_batch_size", "");
+  out += "# HELP blip2_image_batch_size Images encoded in one ViT pass (requests of an iteration together).\n";
+  out += "# TYPE blip2_image_batch_size histogram\n";
+  image_batch_.write(out, "blip2_image_batch_size", "");
   out += "# HELP blip2_time_to_first_token_seconds From arrival to the first token.\n";
   out += "# TYPE blip2_time_to_first_token_seconds histogram\n";
   first_token_.write(out, "blip2_time_to_first_token_seconds", "");

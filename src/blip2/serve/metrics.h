@@ -31,6 +31,7 @@ class Metrics {
   void request(const std::string& endpoint, int status, double seconds);
   void first_token(double seconds);
   void decode_step(int64_t rows);
+  void image_batch(int64_t images);  // images encoded in one ViT pass
   void tokens(int64_t n);
   void cancelled(int64_t n);  // requests dropped because their client went away
   void set_queue(int64_t n);
@@ -45,7 +46,7 @@ class Metrics {
   std::map<std::pair<std::string, int>, uint64_t> requests_;
   std::map<std::string, uint64_t> errors_;
   std::map<std::string, Histogram> latency_;
-  Histogram first_token_, batch_;
+  Histogram first_token_, batch_, image_batch_;
   uint64_t tokens_ = 0, steps_ = 0, cancelled_ = 0;
   int64_t queue_ = 0, active_ = 0;
 };

@@ -82,7 +82,7 @@ class Service {
   void stream(httplib::Response& res, std::shared_ptr<GenJob> job, bool chat, const std::string& id,
               int64_t created, Clock::time_point t0, const std::string& endpoint);
   json finished_response(GenJob& job, bool chat, const std::string& id, int64_t created, int64_t prompt_tokens) const;
-  json stage1(Stage1Fn fn);
+  json stage1(torch::Tensor images, Stage1Fn fn);
   torch::Tensor stage1_image(const json& body);
   void embeddings(const httplib::Request& req, httplib::Response& res);
   void classify(const httplib::Request& req, httplib::Response& res);
@@ -324,8 +324,8 @@ void Service::stream(httplib::Response& res, std::shared_ptr<GenJob> job, bool c
       });
 }
 
-json Service::stage1(Stage1Fn fn) {
-  auto fut = engine_.submit(std::move(fn));
+json Service::stage1(torch::Tensor images, Stage1Fn fn) {
+  auto fut = engine_.submit(std::move(images), std::move(fn));
   if (!fut) throw ApiError(503, "the server is busy (the queue is full); retry shortly");
   return fut->get();  // rethrows what the job threw
 }
@@ -368,9 +368,11 @@ void Service::classify(const httplib::Request& req, httplib::Response& res) {
     zo.itm_top_k = v.get<int64_t>();
   }
   auto image = stage1_image(body);
-  auto ranked = stage1([image, zo](Blip2Model& m) {
+  auto ranked = stage1(image, [zo](Blip2Model& m, const torch::Tensor& emb) {
     ZeroShotClassifier clf(m.module(), m.tokenizer(), zo);
-    return clf.ranked(clf.probabilities(image.to(m.device()))[0]);
+    auto mod = m.module();
+    auto feats = mod->image_features(mod->query_pass(emb, false).hidden);
+    return clf.ranked(clf.probabilities(feats, emb)[0]);
   });
   json results = json::array();
   for (const auto& r : ranked) results.push_back({{"label", r["label"]}, {"score", r["score"]}});
@@ -383,9 +385,8 @@ void Service::match(const httplib::Request& req, httplib::Response& res) {
   only_fields(body, {"model", "image", "texts"}, "match");
   const auto texts = string_list(body, "texts", 256);
   auto image = stage1_image(body);
-  auto scores = stage1([image, texts](Blip2Model& m) {
+  auto scores = stage1(image, [texts](Blip2Model& m, const torch::Tensor& emb) {
     auto mod = m.module();
-    auto emb = mod->encode_image(image.to(m.device()));
     auto [ids, keep] = m.tokenize(texts);
     const int64_t t = ids.size(0);
     auto itm = torch::softmax(mod->itm_logits(emb.expand({t, -1, -1}), ids, keep).to(torch::kFloat32), 1).select(1, 1);
@@ -447,7 +448,8 @@ void Service::embeddings(const httplib::Request& req, httplib::Response& res) {
     }
   }
   const bool pooled = pooling == "mean";
-  auto feats = stage1([texts, images, pooled](Blip2Model& m) {
+  auto feats = stage1(images.empty() ? torch::Tensor() : torch::stack(images), [texts, pooled](Blip2Model& m,
+                                                                                const torch::Tensor& emb) {
     auto rows = [](const torch::Tensor& t) {  // [N, ...] -> N float lists
       auto c = t.to(torch::kFloat32).cpu().contiguous().view({t.size(0), -1});
       json r = json::array();
@@ -456,8 +458,9 @@ void Service::embeddings(const httplib::Request& req, httplib::Response& res) {
       return r;
     };
     json out = {{"image", json::array()}, {"text", json::array()}, {"image_shape", json::array()}};
-    if (!images.empty()) {
-      auto f = m.extract_features(torch::stack(images).to(m.device()), {}, "image").image_embeds_proj;  // [B,Q,E]
+    if (emb.defined()) {  // image_embeds_proj [B, Q, E], as extract_features("image") computes it
+      auto mod = m.module();
+      auto f = mod->image_features(mod->query_pass(emb, false).hidden);
       out["image_shape"] = {f.size(1), f.size(2)};
       if (pooled) f = torch::nn::functional::normalize(f.mean(1), torch::nn::functional::NormalizeFuncOptions().dim(-1));
       out["image"] = rows(f);
