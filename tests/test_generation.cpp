@@ -273,6 +273,36 @@ TEST_P(SlotDecoding, RowsJoiningAndLeavingProduceWhatGenerateGivesEachAlone) {
     EXPECT_EQ(got[i], expected[i]) << "request " << i;
   }
 
+  // Sequences whose prompts have one length, prefilled together, are still each what generate()
+  // gives alone.
+  {
+    std::vector<std::vector<int64_t>> group_prompts = {{t.bos_token_id, 5}, {t.bos_token_id, 9}, {t.bos_token_id, 5}};
+    std::vector<GenerationOptions> group_opts;
+    auto prefix = torch::randn({3, 3, t.hidden_size}) * 0.5;
+    std::vector<std::vector<int64_t>> want;
+    for (int i = 0; i < 3; ++i) {
+      auto o = options(f);
+      o.max_new_tokens = 5 + i;
+      if (i == 1) o.repetition_penalty = 1.3;
+      if (i == 2) o.do_sample = true, o.seed = 77, o.top_k = 10;
+      group_opts.push_back(o);
+      auto ids = torch::tensor(group_prompts[i], torch::kLong).view({1, 2});
+      want.push_back(generate(lm, prefix.narrow(0, i, 1), ids, torch::ones_like(ids), o)[0]);
+    }
+    std::map<int64_t, size_t> member;
+    std::vector<std::vector<int64_t>> got_g(3);
+    auto emits = dec.admit_group(prefix, group_prompts, group_opts);
+    ASSERT_EQ(emits.size(), 3u);
+    for (size_t i = 0; i < 3; ++i) {
+      member[emits[i].id] = i;
+      got_g[i].push_back(emits[i].token);
+    }
+    for (int s = 0; s < 50 && dec.active() > 0; ++s)
+      for (const auto& e : dec.step()) got_g[member.at(e.id)].push_back(e.token);
+    for (size_t i = 0; i < 3; ++i) EXPECT_EQ(got_g[i], want[i]) << "grouped sequence " << i;
+    EXPECT_THROW(dec.admit_group({}, {{t.bos_token_id}, {t.bos_token_id, 5}}, {options(f), options(f)}), Error);
+  }
+
   // A cancelled sequence frees its row; a full decoder refuses one more.
   auto o = options(f);
   o.max_new_tokens = 20;

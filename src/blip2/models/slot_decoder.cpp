@@ -71,42 +71,71 @@ int64_t SlotDecoder::pick(Row& r, torch::Tensor scores) {
 
 SlotDecoder::Emit SlotDecoder::admit(const torch::Tensor& prefix, const std::vector<int64_t>& prompt,
                                      const GenerationOptions& o) {
-  check_generation_options(o);
-  check(o.num_beams == 1, "slot decoder: num_beams must be 1 (beam search runs through generate)");
-  check(active() < slots_, "slot decoder: all " + std::to_string(slots_) + " slots are busy");
-  torch::NoGradGuard no_grad;
+  return admit_group(prefix, {prompt}, {o})[0];
+}
+
+std::vector<SlotDecoder::Emit> SlotDecoder::admit_group(const torch::Tensor& prefix,
+                                                        const std::vector<std::vector<int64_t>>& prompts,
+                                                        const std::vector<GenerationOptions>& options) {
+  const auto k = static_cast<int64_t>(prompts.size());
+  check(k >= 1 && options.size() == prompts.size(), "slot decoder: one option set per prompt");
+  check(!prefix.defined() || prefix.size(0) == k, "slot decoder: one prefix row per prompt");
+  check(active() + k <= slots_, "slot decoder: " + std::to_string(k) + " sequences do not fit in the " +
+                                    std::to_string(slots_ - active()) + " free slots");
   const int64_t p = prefix.defined() ? prefix.size(1) : 0;
-  const int64_t l = static_cast<int64_t>(prompt.size());
+  const auto l = static_cast<int64_t>(prompts[0].size());
   check(p + l > 0, "generation: nothing to condition on (no prefix and an empty prompt)");
-  const int64_t context = o.max_context > 0 ? std::min(o.max_context, context_) : context_;
-  if (p + l + o.max_new_tokens > context)
-    throw Error("generation: " + std::to_string(p) + " image queries + a prompt of " + std::to_string(l) +
-                " tokens + max_new_tokens " + std::to_string(o.max_new_tokens) + " exceed the model's context of " +
-                std::to_string(context) + " positions");
+  int64_t need = 0;
+  for (const auto& o : options) {
+    check_generation_options(o);
+    check(o.num_beams == 1, "slot decoder: num_beams must be 1 (beam search runs through generate)");
+    const int64_t context = o.max_context > 0 ? std::min(o.max_context, context_) : context_;
+    if (p + l + o.max_new_tokens > context)
+      throw Error("generation: " + std::to_string(p) + " image queries + a prompt of " + std::to_string(l) +
+                  " tokens + max_new_tokens " + std::to_string(o.max_new_tokens) +
+                  " exceed the model's context of " + std::to_string(context) + " positions");
+    need = std::max(need, p + l + o.max_new_tokens);
+  }
+  std::vector<int64_t> flat;
+  for (const auto& pr : prompts) {
+    check(static_cast<int64_t>(pr.size()) == l, "slot decoder: prompts prefilled together must have one length");
+    flat.insert(flat.end(), pr.begin(), pr.end());
+  }
+  torch::NoGradGuard no_grad;
   const auto dev = lm_.parameters().front().device();
   const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
-  auto ids = torch::tensor(prompt, lopt.device(torch::kCPU)).to(dev).view({1, l});
+  auto ids = torch::tensor(flat, lopt.device(torch::kCPU)).to(dev).view({k, l});
   auto e = lm_.embed(ids);
   if (p) e = torch::cat({prefix.to(e.scalar_type()), e}, 1);
-  auto keep = torch::ones({1, p + l}, lopt);
-  // The prefill generate() runs at batch 1: no padding, so no mask.
+  auto keep = torch::ones({k, p + l}, lopt);
+  // As generate()'s prefill: nothing is padded (equal lengths), so no mask.
   LlmCache cache;
   cache.capacity = p + l;
   cache.unpadded = true;
   auto scores = lm_.forward(e, keep, positions_from_keep(keep, p + l), &cache, true).select(1, 0).to(torch::kFloat32);
-  reserve(p + l + o.max_new_tokens, cache);
-  const auto row = static_cast<int64_t>(rows_.size());
-  for (size_t i = 0; i < cache.layers.size(); ++i) {
-    keys_[i].select(0, row).narrow(1, 0, p + l).copy_(cache.layers[i].key.select(0, 0));
-    values_[i].select(0, row).narrow(1, 0, p + l).copy_(cache.layers[i].value.select(0, 0));
+  reserve(need, cache);
+  std::vector<Emit> out;
+  for (int64_t i = 0; i < k; ++i) {
+    const auto row = static_cast<int64_t>(rows_.size());
+    for (size_t j = 0; j < cache.layers.size(); ++j) {
+      keys_[j].select(0, row).narrow(1, 0, p + l).copy_(cache.layers[j].key.select(0, i));
+      values_[j].select(0, row).narrow(1, 0, p + l).copy_(cache.layers[j].value.select(0, i));
+    }
+    const auto& o = options[static_cast<size_t>(i)];
+    Row r{next_id_++, o, {}, ids.narrow(0, i, 1), {}, p + l, p > 0};
+    if (o.do_sample) r.gen = sampling_generator(o.seed, dev);
+    int64_t t = -1;
+    try {
+      t = pick(r, scores.narrow(0, i, 1));
+    } catch (const std::exception& ex) {  // this sequence alone fails
+      out.push_back({r.id, -1, true, first_line(ex.what())});
+      continue;
+    }
+    const bool fin = done(r, t);
+    out.push_back({r.id, t, fin, {}});
+    if (!fin) rows_.push_back(std::move(r));
   }
-  Row r{next_id_++, o, {}, ids, {}, p + l, p > 0};
-  if (o.do_sample) r.gen = sampling_generator(o.seed, dev);
-  const int64_t t = pick(r, scores);
-  const bool fin = done(r, t);
-  const Emit first{r.id, t, fin, {}};
-  if (!fin) rows_.push_back(std::move(r));
-  return first;
+  return out;
 }
 
 std::vector<SlotDecoder::Emit> SlotDecoder::step() {

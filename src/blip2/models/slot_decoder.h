@@ -35,6 +35,11 @@ class SlotDecoder {
   // ids (may be empty when there is a prefix); o.num_beams must be 1. Throws blip2::Error (nothing
   // changed) when the options are invalid, no slot is free, or the context is exceeded.
   Emit admit(const torch::Tensor& prefix, const std::vector<int64_t>& prompt, const GenerationOptions& o);
+  // Several sequences whose prompts have one length, prefilled in one batch (no padding, so each
+  // row is what it would be alone up to the rounding of a batched product): prefix [k, P, H] or
+  // undefined, k prompts and k option sets. One Emit per sequence, in order.
+  std::vector<Emit> admit_group(const torch::Tensor& prefix, const std::vector<std::vector<int64_t>>& prompts,
+                                const std::vector<GenerationOptions>& options);
   // One token for every active sequence, in row order; finished ones leave.
   std::vector<Emit> step();
   // Frees the row of a sequence (a cancelled request); unknown ids are ignored.

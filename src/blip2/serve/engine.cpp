@@ -160,6 +160,17 @@ void Engine::deliver(const std::shared_ptr<GenJob>& job, size_t choice, int64_t 
   job->cv.notify_all();
 }
 
+void Engine::abandon(const std::shared_ptr<GenJob>& job, const std::string& message) {
+  for (auto it = active_.begin(); it != active_.end();)
+    if (it->second.job == job) {
+      decoder_->release(it->first);
+      it = active_.erase(it);
+    } else {
+      ++it;
+    }
+  fail(job, message);
+}
+
 void Engine::admit(std::vector<std::shared_ptr<GenJob>>& jobs) {
   // The images of every joining request in one pass through the ViT and the Q-Former.
   std::vector<torch::Tensor> images;
@@ -176,29 +187,56 @@ void Engine::admit(std::vector<std::shared_ptr<GenJob>>& jobs) {
       return;
     }
   }
+  // Every choice of every request is a sequence; those with an image or not and prompts of one
+  // length are prefilled together.
+  struct Seq {
+    std::shared_ptr<GenJob> job;
+    size_t choice;
+    int64_t image;  // row of `prefixes`, -1 = none
+  };
+  std::map<std::pair<bool, size_t>, std::vector<Seq>> groups;
   int64_t next_image = 0;
   for (const auto& j : jobs) {
+    const int64_t img = j->image.defined() ? next_image++ : -1;
+    for (int64_t c = 0; c < j->n; ++c) groups[{img >= 0, j->prompt.size()}].push_back({j, static_cast<size_t>(c), img});
+  }
+  for (auto& [key, seqs] : groups) {
+    std::vector<std::vector<int64_t>> prompts;
+    std::vector<GenerationOptions> opts;
+    std::vector<int64_t> rows;
+    for (const auto& q : seqs) {
+      prompts.push_back(q.job->prompt);
+      auto o = q.job->options;
+      if (q.image < 0) o.prefix_token_id = -1;
+      o.seed = q.job->options.seed + static_cast<uint64_t>(q.choice);  // choice c: the next seed
+      opts.push_back(o);
+      if (q.image >= 0) rows.push_back(q.image);
+    }
     torch::Tensor prefix;
-    if (j->image.defined()) prefix = prefixes.narrow(0, next_image++, 1);
-    for (int64_t c = 0; c < j->n; ++c) {
-      auto o = j->options;
-      if (!prefix.defined()) o.prefix_token_id = -1;
-      o.seed = j->options.seed + static_cast<uint64_t>(c);  // choice c: the next seed
-      try {
-        const auto e = decoder_->admit(prefix, j->prompt, o);
-        if (!e.finished) active_[e.id] = {j, static_cast<size_t>(c)};
-        deliver(j, static_cast<size_t>(c), e.token, e.finished, e.finished ? -1 : e.id);
-      } catch (const std::exception& e) {
-        for (auto it = active_.begin(); it != active_.end();)  // its other choices leave too
-          if (it->second.job == j) {
-            decoder_->release(it->first);
-            it = active_.erase(it);
-          } else {
-            ++it;
-          }
-        fail(j, first_line(e.what()));
-        break;
+    if (key.first) prefix = prefixes.index_select(0, torch::tensor(rows, torch::kLong).to(prefixes.device()));
+    std::vector<SlotDecoder::Emit> emits;
+    try {
+      emits = decoder_->admit_group(prefix, prompts, opts);
+    } catch (const std::exception& e) {
+      for (const auto& q : seqs) abandon(q.job, first_line(e.what()));
+      continue;
+    }
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const auto& q = seqs[i];
+      const auto& e = emits[i];
+      {
+        std::lock_guard<std::mutex> lock(q.job->m);
+        if (!q.job->error.empty()) {  // an earlier choice of it failed
+          if (!e.finished) decoder_->release(e.id);
+          continue;
+        }
       }
+      if (!e.error.empty()) {
+        abandon(q.job, e.error);
+        continue;
+      }
+      if (!e.finished) active_[e.id] = {q.job, q.choice};
+      deliver(q.job, q.choice, e.token, e.finished, e.finished ? -1 : e.id);
     }
   }
 }
@@ -345,14 +383,7 @@ void Engine::loop() {
           auto a = it->second;
           if (!e.error.empty()) {  // this row failed: its request fails, its other choices leave
             active_.erase(it);
-            for (auto o = active_.begin(); o != active_.end();)
-              if (o->second.job == a.job) {
-                decoder_->release(o->first);
-                o = active_.erase(o);
-              } else {
-                ++o;
-              }
-            fail(a.job, e.error);
+            abandon(a.job, e.error);
             continue;
           }
           deliver(a.job, a.choice, e.token, e.finished, e.id);

@@ -12,6 +12,7 @@
 #include <deque>
 #include <functional>
 #include <future>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -100,6 +101,7 @@ class Engine {
   void deliver(const std::shared_ptr<GenJob>& job, size_t choice, int64_t token, bool row_finished, int64_t seq);
   void fail(const std::shared_ptr<GenJob>& job, const std::string& message, int status = 500);
   void fail_everything(const std::string& message);
+  void abandon(const std::shared_ptr<GenJob>& job, const std::string& message);  // frees its rows, fails it
   void drop_cancelled();
   void run_stage1(std::vector<std::shared_ptr<Stage1Job>>& jobs);
 
