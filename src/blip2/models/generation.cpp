@@ -331,14 +331,7 @@ Prepared prepare(CausalLMImpl& lm, const torch::Tensor& prefix, const torch::Ten
   const int64_t b = r.batch;
   const int64_t p = prefix.defined() ? prefix.size(1) : 0;
   check(p + ids.size(1) > 0, "generation: nothing to condition on (no prefix and an empty prompt)");
-  // The LLM's positions bound the context whatever the options say (OPT's are a table).
-  const int64_t context = o.max_context > 0 ? std::min(o.max_context, lm.config.max_position_embeddings)
-                                            : lm.config.max_position_embeddings;
-  if (p + ids.size(1) + o.max_new_tokens > context)
-    throw Error("generation: " + std::to_string(p) + " image queries + a prompt of " +
-                std::to_string(ids.size(1)) + " tokens + max_new_tokens " +
-                std::to_string(o.max_new_tokens) + " exceed the model's context of " +
-                std::to_string(context) + " positions");
+  check_context(lm.config, p, ids.size(1), o);
   auto e = lm.embed(ids);
   auto k = keep.to(torch::kLong);
   if (p) {
@@ -363,6 +356,16 @@ Prepared prepare(CausalLMImpl& lm, const torch::Tensor& prefix, const torch::Ten
 }
 
 }  // namespace
+
+void check_context(const TextConfig& llm, int64_t prefix, int64_t prompt, const GenerationOptions& o) {
+  // The LLM's positions bound the context whatever the options say (OPT's are a table).
+  const int64_t context = o.max_context > 0 ? std::min(o.max_context, llm.max_position_embeddings)
+                                            : llm.max_position_embeddings;
+  if (prefix + prompt + o.max_new_tokens > context)
+    throw Error("generation: " + std::to_string(prefix) + " image queries + a prompt of " + std::to_string(prompt) +
+                " tokens + max_new_tokens " + std::to_string(o.max_new_tokens) + " exceed the model's context of " +
+                std::to_string(context) + " positions");
+}
 
 at::Generator sampling_generator(uint64_t seed, torch::Device d) {
   if (d.is_cpu()) return at::detail::createCPUGenerator(seed);

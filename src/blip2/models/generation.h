@@ -85,5 +85,8 @@ torch::Tensor apply_top_k_top_p(torch::Tensor scores, int64_t top_k, double top_
 at::Generator sampling_generator(uint64_t seed, torch::Device d);
 // Refuses options generate() cannot run (one line naming the option).
 void check_generation_options(const GenerationOptions& o);
+// Refuses a prefix + prompt + max_new_tokens beyond the positions a generation may use (the
+// options' max_context, bounded by the LLM's max_position_embeddings), saying the counts.
+void check_context(const TextConfig& llm, int64_t prefix, int64_t prompt, const GenerationOptions& o);
 
 }  // namespace blip2

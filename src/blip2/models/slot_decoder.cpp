@@ -89,11 +89,7 @@ std::vector<SlotDecoder::Emit> SlotDecoder::admit_group(const torch::Tensor& pre
   for (const auto& o : options) {
     check_generation_options(o);
     check(o.num_beams == 1, "slot decoder: num_beams must be 1 (beam search runs through generate)");
-    const int64_t context = o.max_context > 0 ? std::min(o.max_context, context_) : context_;
-    if (p + l + o.max_new_tokens > context)
-      throw Error("generation: " + std::to_string(p) + " image queries + a prompt of " + std::to_string(l) +
-                  " tokens + max_new_tokens " + std::to_string(o.max_new_tokens) +
-                  " exceed the model's context of " + std::to_string(context) + " positions");
+    check_context(lm_.config, p, l, o);
     need = std::max(need, p + l + o.max_new_tokens);
   }
   std::vector<int64_t> flat;

@@ -95,7 +95,7 @@ class Service {
   std::optional<Blip2Model> stage1_;
   std::string text_id_, stage1_id_;
   GenerationOptions defaults_;
-  int64_t context_ = 0, queries_ = 0;
+  int64_t queries_ = 0;
   ImagePolicy policy_;
   std::atomic<bool> draining_{false};
   std::atomic<int64_t> in_flight_{0};
@@ -114,9 +114,6 @@ void Service::load() {
     text_ = Blip2GenerationModel::from_pretrained(o_.model, g);
     text_id_ = model_id(o_.model);
     defaults_ = text_->generation_options();
-    const auto& t = text_->config().text_config;
-    context_ = defaults_.max_context > 0 ? std::min(defaults_.max_context, t->max_position_embeddings)
-                                         : t->max_position_embeddings;
     queries_ = text_->config().qformer_config.query_length;
     std::cerr << "[serve] text model " << text_id_ << " (" << text_->source() << ")" << std::endl;
   }
@@ -219,11 +216,11 @@ void Service::text(const httplib::Request& req, httplib::Response& res, bool& st
     throw ApiError(400, "'n' is " + std::to_string(tr.n) + " but this server decodes at most " +
                             std::to_string(o_.max_batch) + " rows together (--max-batch)", "n");
   const int64_t p = job->image.defined() ? queries_ : 0;
-  if (p + l + tr.options.max_new_tokens > context_)
-    throw ApiError(400, std::to_string(p) + " image queries + " + std::to_string(l) + " prompt tokens + max_tokens " +
-                            std::to_string(tr.options.max_new_tokens) + " exceed the model's context of " +
-                            std::to_string(context_) + " positions",
-                   "max_tokens", "context_length_exceeded");
+  try {
+    check_context(*text_->config().text_config, p, l, tr.options);
+  } catch (const std::exception& e) {
+    throw ApiError(400, first_line(e.what()), "max_tokens", "context_length_exceeded");
+  }
   if (tr.options.do_sample && !tr.seeded) tr.options.seed = std::random_device{}();
   try {
     check_generation_options(tr.options);
