@@ -177,12 +177,7 @@ std::vector<std::vector<int64_t>> greedy_or_sample(Decoder& dec, const torch::Te
       scores = dec.step(fed);
     }
     scores = process(scores, ids, keep, out.narrow(1, 0, t), t, o, eos);
-    if (o.do_sample) {
-      auto probs = torch::softmax(apply_top_k_top_p(scores / o.temperature, o.top_k, o.top_p), -1);
-      fed = torch::multinomial(probs, 1, false, gen).squeeze(1);
-    } else {
-      fed = scores.argmax(-1);
-    }
+    fed = next_tokens(scores, o, gen);
     auto emitted = torch::where(finished, torch::full_like(fed, -1), fed);
     out.select(1, t).copy_(emitted);
     if (eos.numel()) {
@@ -365,6 +360,12 @@ void check_context(const TextConfig& llm, int64_t prefix, int64_t prompt, const 
     throw Error("generation: " + std::to_string(prefix) + " image queries + a prompt of " + std::to_string(prompt) +
                 " tokens + max_new_tokens " + std::to_string(o.max_new_tokens) + " exceed the model's context of " +
                 std::to_string(context) + " positions");
+}
+
+torch::Tensor next_tokens(const torch::Tensor& scores, const GenerationOptions& o, at::Generator& gen) {
+  if (!o.do_sample) return scores.argmax(-1);
+  auto probs = torch::softmax(apply_top_k_top_p(scores / o.temperature, o.top_k, o.top_p), -1);
+  return torch::multinomial(probs, 1, false, gen).squeeze(1);
 }
 
 at::Generator sampling_generator(uint64_t seed, torch::Device d) {

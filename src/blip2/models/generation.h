@@ -80,6 +80,9 @@ class BeamSearch {
 torch::Tensor apply_repetition_penalty(torch::Tensor scores, const torch::Tensor& seen,
                                        const torch::Tensor& seen_keep, double penalty);
 torch::Tensor apply_top_k_top_p(torch::Tensor scores, int64_t top_k, double top_p);
+// The next token of each row of processed fp32 scores [B, V]: argmax, or (do_sample) a draw from
+// gen after temperature, top-k and top-p. [B] long.
+torch::Tensor next_tokens(const torch::Tensor& scores, const GenerationOptions& o, at::Generator& gen);
 // The generator sampling draws from, seeded with `seed`: the CPU's stream (transformers' on the
 // CPU) or a clone of the device's own.
 at::Generator sampling_generator(uint64_t seed, torch::Device d);

@@ -57,14 +57,7 @@ int64_t SlotDecoder::pick(Row& r, torch::Tensor scores) {
   if (static_cast<int64_t>(r.out.size()) < o.min_new_tokens && !o.eos_token_ids.empty())
     scores.index_fill_(1, torch::tensor(o.eos_token_ids, lopt.device(torch::kCPU)).to(scores.device()),
                        -std::numeric_limits<float>::infinity());
-  torch::Tensor tok;
-  if (o.do_sample) {
-    auto probs = torch::softmax(apply_top_k_top_p(scores / o.temperature, o.top_k, o.top_p), -1);
-    tok = torch::multinomial(probs, 1, false, r.gen);
-  } else {
-    tok = scores.argmax(-1);
-  }
-  const int64_t t = tok.reshape({-1})[0].item<int64_t>();
+  const int64_t t = next_tokens(scores, o, r.gen)[0].item<int64_t>();
   r.out.push_back(t);
   return t;
 }
